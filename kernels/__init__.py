@@ -1,0 +1,1 @@
+"""Triton kernels of vinf_engine (installed as ``vinf_engine.kernels``)."""
