@@ -1,0 +1,180 @@
+"""vinf.ops.dual_scope_attention against a reference written independently here (dense mask,
+fp64), with poisoned halos, clip edges, 1-frame clips, tokens per frame > 1, no globals."""
+import math
+
+import pytest
+import torch
+
+import vinf_engine as vinf
+from vinf_engine.ops import attention as attention_mod
+
+
+def naive_dual_scope(q, k, v, kg, vg, *, window, pad, valid_left, valid_right, T, local_bias,
+                     global_bias, scale, dtype=torch.float64):
+    """Dense-mask dual-scope attention in ``dtype``; invalid keys are zeroed before use."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    B, FT, H, D = q.shape
+    F = FT // T
+    L = k.shape[1]
+    qf = torch.arange(FT) // T + pad
+    kf = torch.arange(L) // T
+    valid = (kf >= pad - valid_left) & (kf < pad + F + valid_right)
+    allowed = ((kf[None, :] - qf[:, None]).abs() <= window) & valid[None, :]
+    k = torch.where(valid[None, :, None, None], k, torch.zeros((), dtype=dtype))
+    v = torch.where(valid[None, :, None, None], v, torch.zeros((), dtype=dtype))
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + local_bias
+    logits = logits.masked_fill(~allowed[None, None], -math.inf)
+    vals = v
+    if kg is not None:
+        lg = torch.einsum("bqhd,bkhd->bhqk", q, kg.to(dtype)) * scale + global_bias
+        logits = torch.cat([logits, lg], dim=-1)
+        vals = torch.cat([v, vg.to(dtype)], dim=1)
+    p = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vals)
+
+
+# (B, F, T, H, D, window, pad, valid_left, valid_right, Ng)
+CASES = {
+    "interior": (3, 5, 1, 2, 8, 2, 3, 3, 3, 4),
+    "video_start": (2, 4, 1, 2, 8, 3, 3, 0, 3, 2),
+    "video_end": (2, 4, 1, 2, 8, 3, 3, 3, 0, 2),
+    "whole_video": (2, 6, 1, 2, 8, 5, 5, 0, 0, 0),
+    "one_frame_clip": (2, 1, 1, 2, 8, 2, 2, 1, 2, 3),
+    "one_frame_video": (1, 1, 1, 1, 4, 0, 0, 0, 0, 0),
+    "tokens_per_frame": (1, 3, 4, 2, 8, 1, 2, 2, 1, 5),
+    "tokens_odd": (2, 5, 3, 1, 8, 2, 2, 1, 2, 3),
+    "no_globals": (2, 5, 1, 3, 16, 2, 2, 2, 2, 0),
+    "window_zero": (2, 5, 1, 1, 8, 0, 2, 1, 2, 3),
+    "pad_zero": (2, 6, 3, 2, 8, 0, 0, 0, 0, 2),
+    "half_halo": (2, 7, 2, 2, 8, 3, 4, 1, 4, 3),
+}
+
+
+def make(case, dtype, poison=float("nan"), seed=0):
+    B, F, T, H, D, w, pad, vl, vr, Ng = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, F * T, H, D, generator=g)
+    k = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
+    v = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
+    kf = torch.arange(k.shape[1]) // T
+    invalid = (kf < pad - vl) | (kf >= pad + F + vr)
+    k[:, invalid] = poison
+    v[:, invalid] = poison
+    kg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
+    vg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
+    cast = lambda t: None if t is None else t.to(dtype)
+    kw = dict(window=w, pad=pad, valid_left=vl, valid_right=vr)
+    return (cast(q), cast(k), cast(v), cast(kg), cast(vg)), kw, T
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("poison", [float("nan"), 1e30])
+def test_matches_independent_reference(name, poison):
+    (q, k, v, kg, vg), kw, T = make(CASES[name], torch.float32, poison)
+    out = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, local_bias=0.7,
+                                        global_bias=-0.4, **kw)
+    ref = naive_dual_scope(q, k, v, kg, vg, T=T, local_bias=0.7, global_bias=-0.4,
+                           scale=q.shape[-1] ** -0.5, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp64_is_exact_and_scale_is_used():
+    (q, k, v, kg, vg), kw, T = make(CASES["tokens_odd"], torch.float64)
+    out = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, scale=0.3,
+                                        local_bias=1.5, **kw)
+    ref = naive_dual_scope(q, k, v, kg, vg, T=T, local_bias=1.5, global_bias=0.0, scale=0.3, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    default = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, local_bias=1.5, **kw)
+    assert not torch.allclose(out, default), "an explicit scale must change the result"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_naive_error(dtype):
+    # FlashAttention's rule: error vs fp64 at most 2x that of a naive same-precision version.
+    (q, k, v, kg, vg), kw, T = make(CASES["half_halo"], dtype)
+    out = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, **kw)
+    args = dict(T=T, local_bias=0.0, global_bias=0.0, scale=q.shape[-1] ** -0.5, **kw)
+    exact = naive_dual_scope(q, k, v, kg, vg, **args)
+    naive = naive_dual_scope(q, k, v, kg, vg, dtype=dtype, **args)
+    assert out.dtype == dtype
+    err = (out.double() - exact).abs().max()
+    naive_err = (naive.double() - exact).abs().max()
+    assert err <= 2 * naive_err + 1e-3
+
+
+def test_chunked_reference_matches(monkeypatch):
+    # A tiny chunk budget forces many query-frame chunks with their own key slices.
+    (q, k, v, kg, vg), kw, T = make(CASES["tokens_per_frame"], torch.float64)
+    whole = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, **kw)
+    monkeypatch.setattr(attention_mod, "_REF_CHUNK_ELEMS", 64)
+    chunked = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, **kw)
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+
+
+def test_global_bias_and_local_bias_shift_weight():
+    (q, k, v, kg, vg), kw, T = make(CASES["interior"], torch.float64)
+    base = vinf.ops.dual_scope_attention(q, k, v, kg, vg, **kw)
+    to_global = vinf.ops.dual_scope_attention(q, k, v, kg, vg, global_bias=30.0, **kw)
+    to_local = vinf.ops.dual_scope_attention(q, k, v, kg, vg, local_bias=30.0, **kw)
+    # A huge global bias leaves (almost) only the global scope: the output becomes the
+    # softmax over global keys alone.
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kg) * 8 ** -0.5
+    want = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vg)
+    torch.testing.assert_close(to_global, want, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(to_local, base)
+    assert not torch.allclose(to_local, to_global)
+
+
+def good_args():
+    (q, k, v, kg, vg), kw, T = make(CASES["interior"], torch.float32, seed=3)
+    return dict(q=q, k=k, v=v, k_global=kg, v_global=vg, **kw)
+
+
+BAD = [
+    ("window", dict(window=4)),                      # > pad
+    ("window", dict(window=-1)),
+    ("window", dict(window=2.0)),
+    ("valid_left", dict(valid_left=4)),
+    ("valid_right", dict(valid_right=-1)),
+    ("pad", dict(pad=-1)),
+    ("tokens_per_frame", dict(tokens_per_frame=0)),
+    ("tokens_per_frame", dict(tokens_per_frame=2)),  # 5 query tokens are not whole frames
+    ("k must", dict(k="short")),
+    ("v must", dict(v="wide")),
+    ("k_global and v_global", dict(v_global=None)),
+    ("k_global must", dict(k_global="heads")),
+    ("v_global must", dict(v_global="len")),
+    ("k has dtype", dict(k="f64")),
+    ("q must be 4-D", dict(q="3d")),
+    ("q must be a floating", dict(q="int")),
+    ("scale", dict(scale=float("nan"))),
+    ("local_bias", dict(local_bias=float("inf"))),
+    ("global_bias", dict(global_bias="x")),
+]
+
+
+@pytest.mark.parametrize("needle,change", BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])
+def test_bad_arguments_raise_value_error_naming_them(needle, change):
+    a = good_args()
+    for key, val in change.items():
+        if val == "short":
+            a[key] = a[key][:, 1:]
+        elif val == "wide":
+            a[key] = torch.cat([a[key], a[key][..., :1]], dim=-1)
+        elif val == "heads":
+            a[key] = a[key][:, :, :1]
+        elif val == "len":
+            a[key] = a[key][:, 1:]
+        elif val == "f64":
+            a[key] = a[key].double()
+        elif val == "3d":
+            a[key] = a[key][0]
+        elif val == "int":
+            a[key] = a[key].long()
+        else:
+            a[key] = val
+    q, k, v, kg, vg = (a.pop(n) for n in ("q", "k", "v", "k_global", "v_global"))
+    with pytest.raises(ValueError, match=needle):
+        vinf.ops.dual_scope_attention(q, k, v, kg, vg, **a)

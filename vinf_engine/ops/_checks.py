@@ -1,0 +1,35 @@
+"""Argument checks shared by the ops: every failure is a ValueError naming the argument."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_int(name: str, v, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return v
+
+
+def check_real(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def check_tensor(name: str, t, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 math for fp16/bf16/fp32 inputs; fp64 inputs stay fp64 (the test oracle's precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

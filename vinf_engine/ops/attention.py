@@ -1,0 +1,151 @@
+"""Dual-scope attention: a banded local scope plus a shared global scope in one softmax.
+
+Layout (``T = tokens_per_frame``; ``T = 1`` for UNet temporal attention, where ``B`` is
+batch x spatial positions; ``T = h*w`` for DiT 3-D attention):
+
+    q        (B, F*T, H, D)             the clip's queries
+    k, v     (B, (F + 2*pad)*T, H, D)   the clip's keys with ``pad`` halo frames on each side;
+                                        query frame ``i`` is aligned with key frame ``i + pad``
+    k_global (B, Ng, H, D)              keys/values every query sees (optional)
+
+A query token in frame ``i`` sees a key token in padded frame ``j`` iff
+``|j - (i + pad)| <= window`` and ``pad - valid_left <= j < pad + F + valid_right``, plus all
+``Ng`` global tokens. Logits are ``scale * q.k``, plus ``local_bias`` on local keys and
+``global_bias`` on global keys. Keys outside the valid halo are never read: they are frames
+beyond the video's ends and must not act as zero keys.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_int, check_real, check_tensor, compute_dtype
+
+__all__ = ["dual_scope_attention", "dual_scope_attention_reference", "check_dual_scope_args"]
+
+# Elements of one chunk of fp32 logits in the reference: bounds its memory to ~256 MiB.
+_REF_CHUNK_ELEMS = 1 << 26
+
+
+def check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left, valid_right,
+                          tokens_per_frame, local_bias, global_bias, scale):
+    """Validate the contract; returns ``(F, T, scale)``. Every failure names the argument."""
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
+    T = check_int("tokens_per_frame", tokens_per_frame, 1)
+    check_int("window", window, 0)
+    check_int("pad", pad, 0)
+    check_int("valid_left", valid_left, 0)
+    check_int("valid_right", valid_right, 0)
+    if window > pad:
+        raise ValueError(f"window ({window}) must be <= pad ({pad})")
+    if valid_left > pad:
+        raise ValueError(f"valid_left ({valid_left}) must be <= pad ({pad})")
+    if valid_right > pad:
+        raise ValueError(f"valid_right ({valid_right}) must be <= pad ({pad})")
+    check_real("local_bias", local_bias)
+    check_real("global_bias", global_bias)
+    B, FT, H, D = q.shape
+    if FT == 0 or FT % T:
+        raise ValueError(
+            f"q's sequence length ({FT}) must be a positive multiple of tokens_per_frame ({T})")
+    F = FT // T
+    want = (B, (F + 2 * pad) * T, H, D)
+    if tuple(k.shape) != want:
+        raise ValueError(f"k must have shape (B, (F + 2*pad)*T, H, D) = {want}, got {tuple(k.shape)}")
+    if tuple(v.shape) != want:
+        raise ValueError(f"v must have shape {want} like k, got {tuple(v.shape)}")
+    if (k_global is None) != (v_global is None):
+        raise ValueError("k_global and v_global must be given together")
+    tensors = [("q", q), ("k", k), ("v", v)]
+    if k_global is not None:
+        check_tensor("k_global", k_global, 4)
+        check_tensor("v_global", v_global, 4)
+        Bg, Ng, Hg, Dg = k_global.shape
+        if (Bg, Hg, Dg) != (B, H, D):
+            raise ValueError(f"k_global must have shape (B, Ng, H, D) = ({B}, Ng, {H}, {D}), "
+                             f"got {tuple(k_global.shape)}")
+        if v_global.shape != k_global.shape:
+            raise ValueError(f"v_global must have the shape of k_global {tuple(k_global.shape)}, "
+                             f"got {tuple(v_global.shape)}")
+        tensors += [("k_global", k_global), ("v_global", v_global)]
+    for name, t in tensors[1:]:
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, q has {q.dtype}: they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q is on {q.device}: they must match")
+    if scale is None:
+        scale = D ** -0.5
+    else:
+        scale = check_real("scale", scale)
+    return F, T, scale
+
+
+def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, window, pad,
+                                   valid_left, valid_right, tokens_per_frame=1, local_bias=0.0,
+                                   global_bias=0.0, scale=None):
+    """Plain-PyTorch dual-scope attention: the CPU path and every kernel's oracle.
+
+    Processes query frames in chunks and slices each chunk's keys to its band intersected
+    with the valid halo, so invalid keys are never read and memory stays bounded for DiT
+    sizes. Math in fp32 (fp64 for fp64 inputs); returns q's dtype, shape ``(B, F*T, H, D)``.
+    """
+    F, T, scale = check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left,
+                                        valid_right, tokens_per_frame, local_bias, global_bias,
+                                        scale)
+    B, _, H, D = q.shape
+    cdt = compute_dtype(q.dtype)
+    lo, hi = pad - valid_left, pad + F + valid_right          # valid padded key frames [lo, hi)
+    Ng = 0 if k_global is None else k_global.shape[1]
+    if Ng:
+        kg = k_global.to(cdt).transpose(1, 2)                 # (B, H, Ng, D)
+        vg = v_global.to(cdt).transpose(1, 2)
+    chunk = F
+    while chunk > 1 and B * H * chunk * T * ((chunk + 2 * window) * T + Ng) > _REF_CHUNK_ELEMS:
+        chunk = (chunk + 1) // 2
+    out = torch.empty_like(q)
+    dev = q.device
+    for f0 in range(0, F, chunk):
+        f1 = min(F, f0 + chunk)
+        j0, j1 = max(lo, f0 + pad - window), min(hi, f1 + pad + window)
+        qc = q[:, f0 * T:f1 * T].to(cdt).transpose(1, 2)      # (B, H, nq, D)
+        kc = k[:, j0 * T:j1 * T].to(cdt).transpose(1, 2)      # (B, H, nk, D)
+        vc = v[:, j0 * T:j1 * T].to(cdt).transpose(1, 2)
+        s = (qc @ kc.transpose(-1, -2)) * scale + local_bias
+        qf = torch.arange(f0, f1, device=dev).repeat_interleave(T) + pad
+        kf = torch.arange(j0, j1, device=dev).repeat_interleave(T)
+        s = s.masked_fill((kf[None, :] - qf[:, None]).abs() > window, float("-inf"))
+        if Ng:
+            s = torch.cat([s, (qc @ kg.transpose(-1, -2)) * scale + global_bias], dim=-1)
+            vc = torch.cat([vc, vg], dim=-2)
+        # Every row holds its own frame (distance 0, always valid): no all -inf rows.
+        o = torch.softmax(s, dim=-1) @ vc
+        out[:, f0 * T:f1 * T] = o.transpose(1, 2).to(q.dtype)
+    return out
+
+
+def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, valid_left,
+                         valid_right, tokens_per_frame=1, local_bias=0.0, global_bias=0.0,
+                         scale=None):
+    """Dual-scope attention (see the module docstring for the layout and the mask).
+
+    Parameters
+    ----------
+    q : (B, F*T, H, D) tensor
+    k, v : (B, (F + 2*pad)*T, H, D) tensors, same dtype and device as ``q``
+    k_global, v_global : (B, Ng, H, D) tensors or None
+    window : int, ``0 <= window <= pad``
+    pad : int, halo frames on each side of ``k``/``v``
+    valid_left, valid_right : int in ``[0, pad]``, how many halo frames on each side exist
+    tokens_per_frame : int >= 1
+    local_bias, global_bias : float, added to local / global logits
+    scale : float or None (``D ** -0.5``)
+
+    Returns
+    -------
+    (B, F*T, H, D) tensor of q's dtype.
+    """
+    return dual_scope_attention_reference(
+        q, k, v, k_global, v_global, window=window, pad=pad, valid_left=valid_left,
+        valid_right=valid_right, tokens_per_frame=tokens_per_frame, local_bias=local_bias,
+        global_bias=global_bias, scale=scale)

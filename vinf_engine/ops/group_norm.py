@@ -1,0 +1,140 @@
+"""GroupNorm whose statistics can span a whole video split across ranks.
+
+Three steps, so that a cross-rank reduction fits between them:
+
+    partials  (N, G, 2) fp64 per rank: [sum x, sum x^2] of each group, the second computed
+              about the local mean (two-pass) so it carries no cancellation of its own
+    reduce    one all-reduce (sum) of the partials plus the element count
+    apply     y = act((x - mean) * rstd * weight + bias), math in fp32, output in x's dtype
+
+Statistics merge in fp64: with the sum of squares formed as M2 + n*mean^2 per rank, the
+cancellation in var = E[x^2] - mean^2 costs ~1e-16 * (mean/std)^2 relative, which stays far
+below fp32 resolution even when |mean|/std is in the thousands.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_int, check_real, check_tensor, compute_dtype
+
+__all__ = ["group_norm", "group_norm_partials", "group_norm_finalize", "group_norm_apply",
+           "check_group_norm_args"]
+
+_ACTIVATIONS = (None, "silu")
+
+
+def check_group_norm_args(x, num_groups, weight, bias, eps, activation):
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (N, C, *), got shape {tuple(x.shape)}")
+    G = check_int("num_groups", num_groups, 1)
+    C = x.shape[1]
+    if C % G:
+        raise ValueError(f"num_groups ({G}) must divide the channels of x ({C})")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t, 1)
+            if t.shape[0] != C:
+                raise ValueError(f"{name} must have shape ({C},), got {tuple(t.shape)}")
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device}, x is on {x.device}")
+    if check_real("eps", eps) <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+
+
+def group_norm_partials(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
+    """Per-group ``[sum x, sum x^2]`` of ``x`` (N, C, *) as an (N, G, 2) fp64 tensor, and the
+    number of elements in each group."""
+    N = x.shape[0]
+    xs = x.reshape(N, num_groups, -1).to(torch.float64)
+    n = xs.shape[-1]
+    s1 = xs.sum(-1)
+    m = s1 / max(n, 1)
+    s2 = (xs - m[..., None]).square().sum(-1) + s1 * m
+    return torch.stack([s1, s2], dim=-1), n
+
+
+def group_norm_finalize(partials: torch.Tensor, count, eps: float):
+    """(mean, rstd), each (N, G) fp64, from summed partials and the summed element count."""
+    mean = partials[..., 0] / count
+    var = (partials[..., 1] / count - mean.square()).clamp_min(0.0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def group_norm_apply(x, mean, rstd, weight=None, bias=None, activation=None):
+    """``act((x - mean) * rstd * weight + bias)`` for x (N, C, *) and (N, G) statistics."""
+    N, C = x.shape[:2]
+    G = mean.shape[1]
+    cdt = compute_dtype(x.dtype)
+    xs = x.reshape(N, G, -1).to(cdt)
+    y = (xs - mean.to(cdt)[..., None]) * rstd.to(cdt)[..., None]
+    y = y.reshape(N, C, -1)
+    if weight is not None:
+        y = y * weight.to(cdt)[:, None]
+    if bias is not None:
+        y = y + bias.to(cdt)[:, None]
+    if activation == "silu":
+        y = F.silu(y)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _check_same_across(x, num_groups, activation, group):
+    """Every rank must normalize the same (N, C, spatial) with the same groups: one small
+    all-gather so that a mismatch is a clear error on every rank, not a hung all-reduce."""
+    import torch.distributed as dist
+    spatial = 1
+    for s in x.shape[3:]:
+        spatial *= s
+    dev = x.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    mine = torch.tensor([x.dim(), x.shape[0], x.shape[1], spatial, num_groups,
+                         _ACTIVATIONS.index(activation)], dtype=torch.float64, device=dev)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    rows = [tuple(int(v) for v in t.tolist()) for t in every]
+    if any(r != rows[0] for r in rows):
+        raise ValueError(
+            "group_norm: ranks disagree on (ndim, N, C, spatial size, num_groups, activation): "
+            + ", ".join(f"rank {i}: {r}" for i, r in enumerate(rows)))
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
+               process_group=None):
+    """GroupNorm (+ optional SiLU), statistics over the whole video when distributed.
+
+    Parameters
+    ----------
+    x : (N, C, F, *) tensor; with ``process_group``, dim 2 is the frame axis along which the
+        ranks' tensors concatenate (each rank may hold a different number of frames)
+    num_groups : int dividing C
+    weight, bias : (C,) tensors or None
+    eps : float > 0
+    activation : None or ``"silu"``
+    process_group : torch.distributed group or None (local statistics). Collective: every
+        rank of the group must call it with the same N, C, spatial size and groups.
+
+    Returns
+    -------
+    Tensor like ``x``: ``F.group_norm`` (+ activation) of the frame-wise concatenation of every
+    rank's ``x``, sliced back to this rank.
+    """
+    check_group_norm_args(x, num_groups, weight, bias, eps, activation)
+    partials, n = group_norm_partials(x, num_groups)
+    count = n
+    if process_group is not None:
+        import torch.distributed as dist
+        if dist.get_world_size(process_group) > 1:
+            if x.dim() < 3:
+                raise ValueError(f"x must be (N, C, F, *) to be normalized across ranks, "
+                                 f"got shape {tuple(x.shape)}")
+            _check_same_across(x, num_groups, activation, process_group)
+            flat = torch.cat([partials.flatten(), partials.new_tensor([float(n)])])
+            if dist.get_backend(process_group) == "gloo":
+                flat = flat.cpu()
+            dist.all_reduce(flat, group=process_group)
+            flat = flat.to(partials.device)
+            partials, count = flat[:-1].view_as(partials), flat[-1]
+    mean, rstd = group_norm_finalize(partials, count, eps)
+    return group_norm_apply(x, mean, rstd, weight, bias, activation)
