@@ -1,0 +1,34 @@
+"""Frame exchange across real gloo ranks: any rank can ask for any frames, including past
+its neighbours, in one batch per call."""
+import pytest
+import torch
+
+import vinf_engine as vinf
+from vinf_engine.parallel import attention_plan
+from helpers import run_ranks
+from workers import gather_rank
+
+
+@pytest.mark.parametrize("sizes", [(4, 3), (1, 4, 2), (2, 1, 3, 1)])
+def test_gather_frames_returns_exactly_the_wanted_frames(sizes):
+    results = run_ranks(gather_rank, len(sizes), sizes)
+    Ft = sum(sizes)
+    video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10 + torch.arange(3.0)
+    sent = received = 0
+    for got, wants, counters in results:
+        torch.testing.assert_close(got, video[:, list(wants)], rtol=0, atol=0)
+        sent += counters["bytes_sent"]
+        received += counters["bytes_received"]
+        assert counters["collectives"] <= 1
+    assert sent == received
+
+
+def test_attention_plan_reaches_past_a_neighbour():
+    lay = vinf.ClipLayout.from_sizes([3, 1, 1, 4])
+    plan = attention_plan(lay, 3, 4, 2)
+    assert plan.window == 4
+    left = [plan.wants[3][i] for i in plan.left]
+    assert left == [1, 2, 3, 4]            # frames of ranks 0, 1 and 2
+    assert [plan.wants[3][i] for i in plan.glob] == list(vinf.global_frames(9, 2))
+    whole = attention_plan(vinf.ClipLayout(9, 1), 0, 100, 0)
+    assert whole.window == 8 and whole.left == () and whole.right == ()

@@ -1,0 +1,122 @@
+"""Functions each spawned rank runs (importable by name in the child processes)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import vinf_engine as vinf
+from helpers import tiny_unet, unet_inputs
+
+
+def split(x: torch.Tensor, sizes, rank, dim=2):
+    s = sum(sizes[:rank])
+    return x.narrow(dim, s, sizes[rank])
+
+
+def gn_video(frames: int):
+    g = torch.Generator().manual_seed(7)
+    x = 100.0 + 0.5 * torch.randn(2, 8, frames, 3, 5, generator=g)
+    w = torch.randn(8, generator=g)
+    b = torch.randn(8, generator=g)
+    return x, w, b
+
+
+def group_norm_rank(rank, world, sizes):
+    x, w, b = gn_video(sum(sizes))
+    out = vinf.ops.group_norm(split(x, sizes, rank), 4, w, b, eps=1e-5, activation="silu",
+                              process_group=dist.group.WORLD)
+    # Ranks that disagree on the spatial size: the same clear error on every rank.
+    bad = split(x, sizes, rank)[..., : 5 - (rank == world - 1)]
+    try:
+        vinf.ops.group_norm(bad, 4, process_group=dist.group.WORLD)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    return out, err
+
+
+def gather_rank(rank, world, sizes):
+    layout = vinf.ClipLayout.from_sizes(sizes)
+    Ft = layout.num_frames
+    video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10
+    video = video + torch.arange(3.0)
+    wants = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(100 + r)
+        n = int(torch.randint(0, Ft + 1, (1,), generator=g))
+        wants.append(tuple(sorted(torch.randperm(Ft, generator=g)[:n].tolist())))
+    comm = vinf.ClipComm()
+    got = comm.gather_frames(split(video, sizes, rank, dim=1).contiguous(), 1, layout, wants)
+    return got, wants[rank], comm.counters.snapshot()
+
+
+CASE_CONFIGS = {
+    "dual": dict(window=4, num_global=3, phase_t=500, phase_bias=2.0),
+    "dual_no_global": dict(window=2, num_global=0, phase_t=500, phase_bias=2.0),
+    "local_gn": dict(window=4, num_global=3, phase_t=500, phase_bias=2.0, sync_groupnorm=False),
+}
+TIMESTEPS = (900, 100)
+
+
+def run_engine(model, sizes, rank, frames, configs, timesteps=TIMESTEPS, process_group=None):
+    """Outputs of the parallelized model on this rank's clip, per (config, timestep)."""
+    x, ctx = unet_inputs(frames)
+    clip = split(x, sizes, rank)
+    out = {}
+    for name, cfg in configs.items():
+        vinf.parallelize(model, vinf.DualScopeConfig(**cfg), process_group)
+        with torch.no_grad():
+            for t in timesteps:
+                out[name, t] = model(clip, t, encoder_hidden_states=ctx).sample
+        vinf.unparallelize(model)
+    return out
+
+
+def unet_rank(rank, world, sizes, configs):
+    return run_engine(tiny_unet(), sizes, rank, sum(sizes), configs)
+
+
+def expect_error(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def bad_input_rank(rank, world):
+    """Every rank must see the same clear error, and the model must stay unpatched."""
+    from diffusers.models.resnet import TemporalConvLayer
+    model = tiny_unet()
+    x, ctx = unet_inputs(6)
+    clip = split(x, (3, 3), rank)
+    res = {}
+
+    # A model that is not a UNet3D on one rank only.
+    res["not_unet"] = expect_error(lambda: vinf.parallelize(
+        model if rank == 0 else torch.nn.Linear(2, 2), vinf.DualScopeConfig()))
+    res["not_unet_unpatched"] = getattr(model, "vinf_engine", None) is None
+    # Ranks holding different configs.
+    res["config"] = expect_error(lambda: vinf.parallelize(
+        model, vinf.DualScopeConfig(window=4 + rank)))
+    res["config_unpatched"] = (getattr(model, "vinf_engine", None) is None and all(
+        type(m) is TemporalConvLayer for m in model.modules() if isinstance(m, TemporalConvLayer)))
+    # Not a DualScopeConfig.
+    res["config_type"] = expect_error(lambda: vinf.parallelize(
+        model, {"window": 4} if rank == 1 else vinf.DualScopeConfig()))
+
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2))
+    with torch.no_grad():
+        # Different resolutions on different ranks.
+        res["resolution"] = expect_error(lambda: model(
+            clip if rank == 0 else clip[..., :4, :4], 10, encoder_hidden_states=ctx))
+        # Fewer frames than ranks: rank 1 has nothing to hold.
+        res["no_frames"] = expect_error(lambda: model(
+            clip if rank == 0 else clip[:, :, :0], 10, encoder_hidden_states=ctx))
+        # Ranks at different timesteps.
+        res["timestep"] = expect_error(lambda: model(clip, 10 + rank, encoder_hidden_states=ctx))
+        # After all those refusals the engine still works and agrees with one process.
+        res["after"] = model(clip, 10, encoder_hidden_states=ctx).sample
+    res["twice"] = expect_error(lambda: vinf.parallelize(model, vinf.DualScopeConfig()))
+    return res

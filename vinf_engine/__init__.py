@@ -1,0 +1,17 @@
+"""vinf_engine: long videos from short-clip video diffusion models, split across GPUs by time.
+
+    import vinf_engine as vinf
+    model = vinf.parallelize(unet, vinf.DualScopeConfig(window=8, num_global=16))
+    out = model(my_clip, t, encoder_hidden_states=emb).sample   # on every rank, its own clip
+"""
+from . import ops
+from .comm import ClipComm, CommCounters
+from .config import DualScopeConfig
+from .layout import ClipLayout, global_frames
+from .noise import initial_noise
+from .parallel import ClipParallel, parallelize, unparallelize
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "DualScopeConfig", "ClipLayout", "global_frames", "ClipComm", "CommCounters",
+           "ClipParallel", "parallelize", "unparallelize", "initial_noise"]

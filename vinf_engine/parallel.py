@@ -1,0 +1,279 @@
+"""The clip-parallel engine: per-step agreement, frame exchanges and whole-video statistics.
+
+One ``ClipParallel`` per parallelized model. Patched modules call it for everything that
+crosses a clip boundary; it owns the communicator, the layout of the current step and the
+exchange plans derived from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .comm import ClipComm
+from .config import DualScopeConfig
+from .layout import ClipLayout, global_frames
+from .ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
+
+__all__ = ["ClipParallel", "parallelize", "unparallelize"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What one rank's temporal attention needs beyond its own frames, for one layout."""
+
+    wants: tuple          # per rank: the global frames it gathers (halos and global scope)
+    window: int           # the window clipped to the video: min(window, F - 1)
+    left: tuple           # positions in wants[me] of the left halo, in frame order
+    right: tuple          # ... of the right halo
+    glob: tuple           # ... of the global frames, in global-scope order
+
+
+@lru_cache(maxsize=64)
+def attention_plan(layout: ClipLayout, rank: int, window: int, num_global: int) -> AttentionPlan:
+    F = layout.num_frames
+    w = min(window, F - 1)
+    g = global_frames(F, num_global)
+    wants = []
+    for r in range(layout.world_size):
+        s, e = layout.start(r), layout.end(r)
+        wants.append(tuple(sorted(set(range(max(0, s - w), s)) | set(range(e, min(F, e + w)))
+                                  | set(g))))
+    s, e = layout.start(rank), layout.end(rank)
+    pos = {f: i for i, f in enumerate(wants[rank])}
+    return AttentionPlan(
+        wants=tuple(wants), window=w,
+        left=tuple(pos[f] for f in range(max(0, s - w), s)),
+        right=tuple(pos[f] for f in range(e, min(F, e + w))),
+        glob=tuple(pos[f] for f in g))
+
+
+@lru_cache(maxsize=64)
+def halo_wants(layout: ClipLayout, halo: int) -> tuple:
+    F = layout.num_frames
+    return tuple(tuple(range(max(0, layout.start(r) - halo), layout.start(r)))
+                 + tuple(range(layout.end(r), min(F, layout.end(r) + halo)))
+                 for r in range(layout.world_size))
+
+
+@dataclass
+class AttentionContext:
+    ext: torch.Tensor            # (N, valid_left + F + valid_right, C): halo, own frames, halo
+    valid_left: int
+    valid_right: int
+    window: int
+    glob: torch.Tensor | None    # (N, Ng, C) global-scope frames, or None
+
+
+class ClipParallel:
+    """Everything a patched model needs to run one clip of a long video.
+
+    Parameters
+    ----------
+    config : DualScopeConfig
+    comm : ClipComm
+    """
+
+    def __init__(self, config: DualScopeConfig, comm: ClipComm):
+        self.config = config
+        self.comm = comm
+        self.layout: ClipLayout | None = None
+        self.timestep: float | None = None
+        self.local_bias = 0.0
+        self.global_bias = 0.0
+        self._undo = []
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    # ---------------------------------------------------------------- per step
+    def begin_step(self, sample: torch.Tensor, timestep) -> ClipLayout:
+        """Agree with the other ranks on this step's layout and timestep.
+
+        ``sample`` is this rank's clip ``(B, C, F, H, W)``. One small all-gather on the control
+        plane; every rank raises the same ``ValueError`` if the ranks disagree, so no data-plane
+        collective is ever entered with mismatched shapes.
+        """
+        # Nothing may raise before the agreement: a rank that refused alone would leave the
+        # others waiting in it. Local problems travel with the row and fail every rank.
+        local, row = None, (0, 0, 0, 0, 0, -1, None)
+        try:
+            if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+                shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+                raise ValueError(f"sample must be this rank's clip (B, C, F, H, W), got {shape}")
+            t = _scalar_timestep(timestep)
+            B, C, F, H, W = sample.shape
+            dt = _DTYPES.index(sample.dtype) if sample.dtype in _DTYPES else -1
+            row = (F, B, C, H, W, dt, t)
+        except ValueError as e:
+            local = str(e)
+        rows = self.comm.agree((local, row))
+        bad = [f"rank {r}: {err}" for r, (err, _) in enumerate(rows) if err]
+        if bad:
+            raise ValueError("clip-parallel step refused: " + "; ".join(bad))
+        rows = [row for _, row in rows]
+        t = rows[self.rank][6]
+        problems = []
+        empty = [r for r, row in enumerate(rows) if row[0] < 1]
+        if empty:
+            problems.append(f"rank(s) {empty} hold no frames: the video needs at least one frame "
+                            f"per rank ({len(rows)} ranks, {sum(r[0] for r in rows)} frames)")
+        for what, cols in (("(batch, channels, height, width)", slice(1, 5)),
+                           ("dtype", slice(5, 6)), ("timestep", slice(6, 7))):
+            vals = [row[cols] for row in rows]
+            if any(v != vals[0] for v in vals):
+                problems.append(f"ranks disagree on the clip's {what}: "
+                                + ", ".join(f"rank {r}: {v}" for r, v in enumerate(vals)))
+        if problems:
+            raise ValueError("clip-parallel step refused: " + "; ".join(problems))
+        self.layout = ClipLayout.from_sizes([row[0] for row in rows])
+        self.timestep = t
+        self.local_bias, self.global_bias = self.config.biases(t)
+        return self.layout
+
+    def _require_step(self) -> ClipLayout:
+        if self.layout is None:
+            raise RuntimeError("no step in progress: call the parallelized model itself, "
+                               "which agrees on the step's layout before any layer runs")
+        return self.layout
+
+    # ---------------------------------------------------------------- exchanges
+    def attention_context(self, h: torch.Tensor) -> AttentionContext:
+        """Halo and global-scope frames for temporal attention over ``h`` (N, F, C)."""
+        layout = self._require_step()
+        plan = attention_plan(layout, self.rank, self.config.window, self.config.num_global)
+        got = self.comm.gather_frames(h, 1, layout, plan.wants)
+        parts = []
+        if plan.left:
+            parts.append(_take(got, plan.left))
+        parts.append(h)
+        if plan.right:
+            parts.append(_take(got, plan.right))
+        ext = torch.cat(parts, dim=1) if len(parts) > 1 else h
+        glob = _take(got, plan.glob) if plan.glob else None
+        return AttentionContext(ext, len(plan.left), len(plan.right), plan.window, glob)
+
+    def frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> tuple[torch.Tensor, int, int]:
+        """``x`` extended by up to ``halo`` frames on each side from the neighbouring clips
+        (fewer at the video's ends); returns ``(ext, lo, hi)``, the global frame range held."""
+        layout = self._require_step()
+        s, e = layout.start(self.rank), layout.end(self.rank)
+        lo, hi = max(0, s - halo), min(layout.num_frames, e + halo)
+        if self.world_size == 1 or halo == 0:
+            return x, lo, hi
+        got = self.comm.gather_frames(x, dim, layout, halo_wants(layout, halo))
+        n_left = s - lo
+        ext = torch.cat([got.narrow(dim, 0, n_left), x, got.narrow(dim, n_left, hi - e)], dim=dim)
+        return ext, lo, hi
+
+    # ---------------------------------------------------------------- statistics
+    def group_norm(self, x, norm: torch.nn.GroupNorm, own: slice | None = None,
+                   activation: str | None = None) -> torch.Tensor:
+        """GroupNorm of ``x`` (N, C, F, H, W) with statistics over the whole video.
+
+        ``own`` selects, along the frame axis, the frames this rank owns when ``x`` also holds
+        halo frames: statistics count each frame of the video exactly once.
+        """
+        x_own = x if own is None else x[:, :, own]
+        partials, count = group_norm_partials(x_own, norm.num_groups)
+        if self.config.sync_groupnorm and self.world_size > 1:
+            flat = torch.cat([partials.flatten(), partials.new_tensor([float(count)])])
+            self.comm.all_reduce_(flat)
+            partials, count = flat[:-1].view_as(partials), flat[-1]
+        mean, rstd = group_norm_finalize(partials, count, norm.eps)
+        return group_norm_apply(x, mean, rstd, norm.weight, norm.bias, activation)
+
+    # ---------------------------------------------------------------- patching
+    def on_undo(self, fn):
+        self._undo.append(fn)
+
+    def detach(self):
+        """Undo every patch, newest first."""
+        while self._undo:
+            self._undo.pop()()
+
+
+def _take(t: torch.Tensor, positions: tuple) -> torch.Tensor:
+    start = positions[0]
+    if positions == tuple(range(start, start + len(positions))):
+        return t.narrow(1, start, len(positions))
+    return t.index_select(1, torch.tensor(positions, device=t.device))
+
+
+def _scalar_timestep(timestep) -> float:
+    if isinstance(timestep, torch.Tensor):
+        flat = timestep.detach().reshape(-1).to("cpu", torch.float64)
+        if flat.numel() == 0:
+            raise ValueError("timestep is an empty tensor")
+        if not bool((flat == flat[0]).all()):
+            raise ValueError("timestep differs across the batch; the phase bias needs one "
+                             f"timestep per call, got {flat.tolist()}")
+        return float(flat[0])
+    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        return float(timestep)
+    raise ValueError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+
+
+def parallelize(model, config: DualScopeConfig | None = None, process_group=None, *,
+                timeout=None):
+    """Make ``model`` run one clip of a long video per rank; patches it in place.
+
+    Collective: every rank of ``process_group`` (default: the whole world, or a single
+    process when ``torch.distributed`` is not initialized) calls it with the same model and
+    config. Afterwards each rank calls ``model(...)`` on its own clip, clips in rank order.
+    If any rank's model or config is unsupported or differs, every rank raises the same
+    ``ValueError`` and every model is left unpatched.
+
+    Returns the model.
+    """
+    from .models import adapter_for
+    if config is None:
+        config = DualScopeConfig()
+    local_error = None
+    adapter = None
+    if not isinstance(config, DualScopeConfig):
+        local_error = f"config must be a vinf_engine.DualScopeConfig, got {type(config).__name__}"
+    elif getattr(model, "vinf_engine", None) is not None:
+        local_error = "model is already parallelized (call vinf_engine.unparallelize first)"
+    else:
+        adapter = adapter_for(model)
+        if isinstance(adapter, str):
+            local_error, adapter = adapter, None
+    comm = ClipComm(process_group, timeout=timeout)
+    fingerprint = None if adapter is None else (config.as_tuple(), adapter.fingerprint(model))
+    rows = comm.agree((local_error, fingerprint))
+    errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(rows) if err]
+    if errors:
+        raise ValueError("parallelize refused: " + "; ".join(errors))
+    if any(fp != rows[0][1] for _, fp in rows):
+        diff = [r for r, (_, fp) in enumerate(rows) if fp != rows[0][1]]
+        raise ValueError(f"parallelize refused: rank(s) {diff} hold a different config or model "
+                         f"than rank 0 (config {rows[0][1][0]} on rank 0)")
+    engine = ClipParallel(config, comm)
+    if comm.world_size > 1:
+        # Touch the data plane once so that a broken link fails here, not mid-step, and so
+        # that NCCL's first collective is one every rank joins.
+        device = next(model.parameters()).device if comm.backend != "gloo" else "cpu"
+        comm.all_reduce_(torch.zeros(1, device=device))
+        comm.counters.reset()
+    adapter.patch(model, engine)
+    model.vinf_engine = engine
+    engine.on_undo(lambda: delattr(model, "vinf_engine"))
+    return model
+
+
+def unparallelize(model):
+    """Restore a parallelized model to its original modules. Returns the model."""
+    engine = getattr(model, "vinf_engine", None)
+    if engine is None:
+        raise ValueError("model is not parallelized")
+    engine.detach()
+    return model
