@@ -17,6 +17,7 @@ beyond the video's ends and must not act as zero keys.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F_
 
 from ._checks import check_int, check_real, check_tensor, compute_dtype
 
@@ -109,17 +110,19 @@ def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, win
         f1 = min(F, f0 + chunk)
         j0, j1 = max(lo, f0 + pad - window), min(hi, f1 + pad + window)
         qc = q[:, f0 * T:f1 * T].to(cdt).transpose(1, 2)      # (B, H, nq, D)
-        kc = k[:, j0 * T:j1 * T].to(cdt).transpose(1, 2)      # (B, H, nk, D)
+        kc = k[:, j0 * T:j1 * T].to(cdt).transpose(1, 2)      # (B, H, nk, D): valid keys only
         vc = v[:, j0 * T:j1 * T].to(cdt).transpose(1, 2)
-        s = (qc @ kc.transpose(-1, -2)) * scale + local_bias
         qf = torch.arange(f0, f1, device=dev).repeat_interleave(T) + pad
         kf = torch.arange(j0, j1, device=dev).repeat_interleave(T)
-        s = s.masked_fill((kf[None, :] - qf[:, None]).abs() > window, float("-inf"))
+        band = (kf[None, :] - qf[:, None]).abs() <= window
+        bias = torch.full(band.shape, float("-inf"), dtype=cdt, device=dev)
+        bias.masked_fill_(band, local_bias)
         if Ng:
-            s = torch.cat([s, (qc @ kg.transpose(-1, -2)) * scale + global_bias], dim=-1)
-            vc = torch.cat([vc, vg], dim=-2)
+            bias = torch.cat([bias, bias.new_full((bias.shape[0], Ng), global_bias)], dim=1)
+            kc = torch.cat([kc, kg], dim=2)
+            vc = torch.cat([vc, vg], dim=2)
         # Every row holds its own frame (distance 0, always valid): no all -inf rows.
-        o = torch.softmax(s, dim=-1) @ vc
+        o = F_.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, scale=scale)
         out[:, f0 * T:f1 * T] = o.transpose(1, 2).to(q.dtype)
     return out
 
