@@ -1,12 +1,6 @@
 """Shared test tools: tiny random diffusers models and real multi-process gloo runs."""
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import pickle
-import tempfile
-import traceback
-
 import torch
 
 TINY_UNET = dict(
@@ -41,52 +35,10 @@ def unet_inputs(frames: int, seed: int = 1, batch: int = 2, hw: int = 8):
     return x, ctx
 
 
-def _child(rank, world, init_file, out_file, fn, args):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    result = None
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world)
-        result = ("ok", fn(rank, world, *args))
-    except BaseException as e:  # noqa: BLE001 - report everything to the parent
-        result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-    finally:
-        with open(out_file, "wb") as f:
-            pickle.dump(result, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_ranks(fn, world: int, *args, timeout: float = 180.0) -> list:
-    """Run ``fn(rank, world, *args)`` in ``world`` real processes joined by gloo; return each
-    rank's result. A rank that raises makes this raise with its traceback."""
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "init")
-        outs = [os.path.join(tmp, f"out{r}") for r in range(world)]
-        procs = [ctx.Process(target=_child, args=(r, world, init, outs[r], fn, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        if hung:
-            raise TimeoutError(f"ranks {hung} did not finish within {timeout}s")
-        results = []
-        for r, path in enumerate(outs):
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
-            if status != "ok":
-                raise RuntimeError(f"rank {r} failed: {value}")
-            results.append(value)
-        return results
+    """``fn(rank, world, *args)`` on ``world`` real processes joined by gloo, one thread each."""
+    from vinf_engine.launch import run_local
+    return run_local(fn, world, *args, timeout=timeout, threads=1)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -29,9 +29,10 @@ class CommCounters:
     p2p_ops: int = 0          # individual sends and receives inside those batches
     bytes_sent: int = 0
     bytes_received: int = 0
+    control: int = 0          # control-plane agreements (CPU, gloo), one per model call
 
     def reset(self):
-        self.collectives = self.p2p_ops = self.bytes_sent = self.bytes_received = 0
+        self.collectives = self.p2p_ops = self.bytes_sent = self.bytes_received = self.control = 0
 
     def snapshot(self) -> dict:
         return asdict(self)
@@ -72,6 +73,7 @@ class ClipComm:
         if self.world_size == 1:
             return [obj]
         import torch.distributed as dist
+        self.counters.control += 1
         out = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.ctrl)
         return out
