@@ -1,0 +1,20 @@
+# Two entry points for a newcomer: `make bench` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: requirements-cpu.txt setup.py pyproject.toml CMakeLists.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-cpu.txt
+	$(PY) -m pip install -q -e .
+	touch $@
+
+.PHONY: setup bench test
+setup: $(VENV)/.installed
+
+bench: setup
+	$(PY) bench/throughput.py
+
+test: setup
+	$(PY) -m pytest -q

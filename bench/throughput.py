@@ -1,0 +1,236 @@
+"""The main benchmark: a long video denoised by the clip-parallel engine, side by side with the
+same algorithm on one rank and with plain diffusers on the whole video, in one run.
+
+    python bench/throughput.py                      # CPU: tiny random UNet3D, 2 gloo ranks
+    python bench/throughput.py --device cuda        # GPUs: 1.41B ModelScope/VideoCrafter2 shape,
+                                                    # 320x512, bf16, one rank per GPU (NCCL)
+
+Reports frame-steps per second, peak memory per rank, collectives and bytes per UNet step, and
+how far the R-rank output is from the 1-rank output (partition invariance). Writes JSON.
+Weights are random (never downloaded): the timings do not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+import vinf_engine as vinf
+from vinf_engine.launch import run_local
+
+PRESETS = {
+    # Four levels like the real model, narrow channels: every operator the engine replaces
+    # runs at every level, in about a minute per configuration on 2 CPU cores.
+    "tiny": dict(
+        unet=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=32,
+                  attention_head_dim=8, norm_num_groups=8),
+        latent_hw=(24, 24), text_len=8, frames=48, steps=4, dtype="float32"),
+    # ModelScope T2V / Zeroscope / VideoCrafter2 UNet (1.41B) at 320x512 (latent 40x64).
+    "modelscope": dict(
+        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                  cross_attention_dim=1024, attention_head_dim=64, norm_num_groups=32),
+        latent_hw=(40, 64), text_len=77, frames=64, steps=5, dtype="bfloat16"),
+}
+
+
+def build_unet(preset: dict, device, dtype):
+    from diffusers import UNet3DConditionModel
+    from diffusers.utils import logging as dlogging
+    dlogging.set_verbosity_error()
+    torch.manual_seed(0)
+    m = UNet3DConditionModel(
+        sample_size=preset["latent_hw"][0], in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3, **preset["unet"])
+    # diffusers zero-initialises the last conv of each temporal conv stack; give it values
+    # so that the temporal path is not an identity in the output comparison.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # peak RSS, KiB on Linux
+
+
+def denoise(rank, world, opts):
+    """One rank's share: its clip of the video through ``steps`` CFG denoising steps."""
+    from diffusers import DPMSolverMultistepScheduler
+    preset = PRESETS[opts["preset"]]
+    device = torch.device(f"cuda:{rank}" if opts["device"] == "cuda" else "cpu")
+    dtype = getattr(torch, preset["dtype"])
+    frames, steps = opts["frames"], opts["steps"]
+    h, w = preset["latent_hw"]
+    model = build_unet(preset, device, dtype)
+    if opts["mode"] == "engine":
+        vinf.parallelize(model, vinf.DualScopeConfig(**opts["config"]))
+    layout = vinf.ClipLayout(frames, world)
+    latents = vinf.initial_noise(opts["seed"], (1, 4, frames, h, w), layout.frames(rank),
+                                 device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(opts["seed"] + 1)
+    text = torch.randn(2, preset["text_len"], preset["unet"]["cross_attention_dim"],
+                       generator=g).to(device, dtype)          # (uncond, cond) embeddings
+    sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")
+    sched.set_timesteps(steps, device=device)
+    guidance = 9.0
+
+    def unet(x, t):
+        eps = model(torch.cat([x, x]), t, encoder_hidden_states=text).sample
+        uncond, cond = eps.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if world > 1:
+            torch.distributed.barrier()
+
+    with torch.no_grad():
+        unet(latents, sched.timesteps[0])                       # warm-up, not timed
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        engine = getattr(model, "vinf_engine", None)
+        if engine is not None:
+            engine.comm.counters.reset()
+        t0 = time.perf_counter()
+        for t in sched.timesteps:
+            latents = sched.step(unet(latents, t), t, latents).prev_sample
+        sync()
+        seconds = time.perf_counter() - t0
+    counters = engine.comm.counters.snapshot() if engine is not None else None
+    return dict(seconds=seconds, peak_mib=peak_memory_mib(device), counters=counters,
+                latents=latents.float().cpu())
+
+
+def run(name, mode, world, opts, threads):
+    args = dict(opts, mode=mode)
+    backend = "nccl" if opts["device"] == "cuda" else "gloo"
+    t0 = time.perf_counter()
+    try:
+        res = run_local(denoise, world, args, backend=backend, threads=threads, timeout=3600)
+    except RuntimeError as e:
+        oom = "out of memory" in str(e).lower()
+        print(f"  {name}: {'out of memory' if oom else 'FAILED'}", flush=True)
+        if not oom:
+            print(str(e)[-2000:], file=sys.stderr)
+        return dict(name=name, mode=mode, ranks=world, error="out of memory" if oom else str(e)[-500:])
+    wall = max(r["seconds"] for r in res)
+    row = dict(name=name, mode=mode, ranks=world, threads_per_rank=threads, frames=opts["frames"],
+               steps=opts["steps"], seconds=wall,
+               frame_steps_per_s=opts["frames"] * opts["steps"] / wall,
+               peak_mib_per_rank=[round(r["peak_mib"], 1) for r in res],
+               launch_seconds=time.perf_counter() - t0)
+    if res[0]["counters"] is not None:
+        # One UNet call per denoising step (classifier-free guidance rides in the batch).
+        per = opts["steps"]
+        row["collectives_per_step"] = max(r["counters"]["collectives"] for r in res) / per
+        row["p2p_ops_per_step"] = max(r["counters"]["p2p_ops"] for r in res) / per
+        row["control_per_step"] = max(r["counters"]["control"] for r in res) / per
+        row["mib_sent_per_step"] = max(r["counters"]["bytes_sent"] for r in res) / per / 2**20
+        row["mib_received_per_step"] = max(r["counters"]["bytes_received"] for r in res) / per / 2**20
+    row["_latents"] = torch.cat([r["latents"] for r in res], dim=2)
+    print(f"  {name}: {wall:.2f} s", flush=True)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                    help="model shape (default: tiny on cpu, modelscope on cuda)")
+    ap.add_argument("--frames", type=int, default=None, help="frames of the whole video (latent)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps")
+    ap.add_argument("--ranks", type=int, default=None,
+                    help="ranks for the engine (default: 2 on cpu, every GPU on cuda)")
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--num-global", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-diffusers", action="store_true", help="leave out plain diffusers")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/out/throughput-<device>.json)")
+    a = ap.parse_args(argv)
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    preset_name = a.preset or ("tiny" if a.device == "cpu" else "modelscope")
+    preset = PRESETS[preset_name]
+    ranks = a.ranks or (2 if a.device == "cpu" else torch.cuda.device_count())
+    if a.device == "cuda" and ranks > torch.cuda.device_count():
+        ap.error(f"--ranks {ranks}: only {torch.cuda.device_count()} GPUs (one rank per GPU)")
+    frames = a.frames or preset["frames"]
+    steps = a.steps or preset["steps"]
+    if frames < ranks:
+        ap.error(f"--frames {frames} is fewer than --ranks {ranks}")
+    config = dict(window=a.window, num_global=a.num_global)
+    vinf.DualScopeConfig(**config)                             # validate before spawning
+    opts = dict(device=a.device, preset=preset_name, frames=frames, steps=steps, seed=a.seed,
+                config=config)
+    cores = os.cpu_count() or 1
+    one = None if a.device == "cuda" else cores                # threads for a lone process
+    each = None if a.device == "cuda" else max(1, cores // ranks)
+
+    print(f"vinf_engine throughput: {preset_name} UNet3D, {frames} frames, {steps} steps, "
+          f"{a.device}, window {a.window}, {a.num_global} global frames", flush=True)
+    rows = []
+    if ranks > 1:
+        rows.append(run(f"engine, {ranks} ranks", "engine", ranks, opts, each))
+    rows.append(run("engine, 1 rank", "engine", 1, opts, one))
+    if not a.skip_diffusers:
+        rows.append(run("diffusers, whole video", "diffusers", 1, opts, one))
+
+    ok = [r for r in rows if "error" not in r]
+    engines = [r for r in ok if r["mode"] == "engine"]
+    invariance = None
+    if len(engines) == 2:
+        x, y = engines[0]["_latents"], engines[1]["_latents"]
+        invariance = float((x - y).abs().max() / y.abs().max())
+    for r in rows:
+        r.pop("_latents", None)
+
+    gpu = torch.cuda.get_device_name() if a.device == "cuda" else None
+    report = dict(benchmark="throughput", date=time.strftime("%Y-%m-%d"), device=a.device, gpu=gpu,
+                  cpu=platform.processor() or platform.machine(), cores=cores,
+                  torch=torch.__version__, preset=preset_name, frames=frames, steps=steps,
+                  config=config, rows=rows,
+                  max_rel_diff_R_ranks_vs_1_rank=invariance)
+    print()
+    head = f"{'run':<24}{'s':>8}{'frame-steps/s':>15}{'peak MiB/rank':>16}{'coll/step':>11}{'p2p/step':>10}{'MiB sent/step':>15}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<24}  {r['error'][:60]}")
+            continue
+        mem = max(r["peak_mib_per_rank"])
+        coll = f"{r['collectives_per_step']:.0f}" if "collectives_per_step" in r else "-"
+        p2p = f"{r['p2p_ops_per_step']:.0f}" if "p2p_ops_per_step" in r else "-"
+        sent = f"{r['mib_sent_per_step']:.2f}" if "mib_sent_per_step" in r else "-"
+        print(f"{r['name']:<24}{r['seconds']:>8.2f}{r['frame_steps_per_s']:>15.2f}{mem:>16.0f}"
+              f"{coll:>11}{p2p:>10}{sent:>15}")
+    if invariance is not None:
+        print(f"\nmax |out(R={ranks}) - out(R=1)| / max |out(R=1)| = {invariance:.2e}")
+    mem_note = "GPU max_memory_allocated" if a.device == "cuda" else "peak RSS of the rank's process"
+    print(f"peak memory: {mem_note}; collectives count data-plane launches (one batched p2p = 1)")
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
+                                f"throughput-{a.device}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}")
+    failed = [r for r in rows if "error" in r and r["error"] != "out of memory"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
