@@ -178,3 +178,21 @@ def test_bad_arguments_raise_value_error_naming_them(needle, change):
     q, k, v, kg, vg = (a.pop(n) for n in ("q", "k", "v", "k_global", "v_global"))
     with pytest.raises(ValueError, match=needle):
         vinf.ops.dual_scope_attention(q, k, v, kg, vg, **a)
+
+
+@pytest.mark.parametrize("name", ["interior", "tokens_odd", "video_end"])
+def test_lse_merges_disjoint_scopes_exactly(name):
+    # Local-only and global-only partial results merged by their log-sum-exp equal the joint
+    # softmax: what lets the engine attend locally while global frames are still in flight.
+    (q, k, v, kg, vg), kw, T = make(CASES[name], torch.float64, poison=0.0)
+    joint = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, local_bias=0.3,
+                                          global_bias=1.1, **kw)
+    local, lse_l = vinf.ops.dual_scope_attention(q, k, v, tokens_per_frame=T, local_bias=0.3,
+                                                 return_lse=True, **kw)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kg) * q.shape[-1] ** -0.5 + 1.1
+    lse_g = torch.logsumexp(s, dim=-1)
+    glob = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vg)
+    w_l = torch.sigmoid(lse_l.double() - lse_g).transpose(1, 2)[..., None]
+    merged = w_l * local + (1 - w_l) * glob
+    assert lse_l.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse_l.dtype == torch.float32
+    torch.testing.assert_close(merged, joint, rtol=1e-6, atol=1e-6)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F_
 
+from . import dispatch
 from ._checks import check_int, check_real, check_tensor, compute_dtype
 
 __all__ = ["dual_scope_attention", "dual_scope_attention_reference", "check_dual_scope_args"]
@@ -84,12 +85,13 @@ def check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left, 
 
 def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, window, pad,
                                    valid_left, valid_right, tokens_per_frame=1, local_bias=0.0,
-                                   global_bias=0.0, scale=None):
+                                   global_bias=0.0, scale=None, return_lse=False):
     """Plain-PyTorch dual-scope attention: the CPU path and every kernel's oracle.
 
     Processes query frames in chunks and slices each chunk's keys to its band intersected
     with the valid halo, so invalid keys are never read and memory stays bounded for DiT
-    sizes. Math in fp32 (fp64 for fp64 inputs); returns q's dtype, shape ``(B, F*T, H, D)``.
+    sizes. Math in fp32 (fp64 for fp64 inputs); returns q's dtype, shape ``(B, F*T, H, D)``,
+    and with ``return_lse`` also the log-sum-exp of each row's logits, ``(B, H, F*T)`` fp32.
     """
     F, T, scale = check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left,
                                         valid_right, tokens_per_frame, local_bias, global_bias,
@@ -105,6 +107,7 @@ def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, win
     while chunk > 1 and B * H * chunk * T * ((chunk + 2 * window) * T + Ng) > _REF_CHUNK_ELEMS:
         chunk = (chunk + 1) // 2
     out = torch.empty_like(q)
+    lse = torch.empty(B, H, F * T, dtype=torch.float32, device=q.device) if return_lse else None
     dev = q.device
     for f0 in range(0, F, chunk):
         f1 = min(F, f0 + chunk)
@@ -122,14 +125,20 @@ def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, win
             kc = torch.cat([kc, kg], dim=2)
             vc = torch.cat([vc, vg], dim=2)
         # Every row holds its own frame (distance 0, always valid): no all -inf rows.
-        o = F_.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, scale=scale)
+        if return_lse:
+            s = (qc @ kc.transpose(-1, -2)) * scale + bias
+            row_lse = torch.logsumexp(s, dim=-1)
+            o = torch.softmax(s, dim=-1) @ vc
+            lse[:, :, f0 * T:f1 * T] = row_lse.float()
+        else:
+            o = F_.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, scale=scale)
         out[:, f0 * T:f1 * T] = o.transpose(1, 2).to(q.dtype)
-    return out
+    return (out, lse) if return_lse else out
 
 
 def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, valid_left,
                          valid_right, tokens_per_frame=1, local_bias=0.0, global_bias=0.0,
-                         scale=None):
+                         scale=None, return_lse=False):
     """Dual-scope attention (see the module docstring for the layout and the mask).
 
     Parameters
@@ -143,12 +152,22 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
     tokens_per_frame : int >= 1
     local_bias, global_bias : float, added to local / global logits
     scale : float or None (``D ** -0.5``)
+    return_lse : bool, also return the log-sum-exp of each query's logits, so that partial
+        results over disjoint key sets can be merged exactly
 
     Returns
     -------
-    (B, F*T, H, D) tensor of q's dtype.
+    (B, F*T, H, D) tensor of q's dtype; with ``return_lse``, also (B, H, F*T) fp32.
     """
-    return dual_scope_attention_reference(
-        q, k, v, k_global, v_global, window=window, pad=pad, valid_left=valid_left,
-        valid_right=valid_right, tokens_per_frame=tokens_per_frame, local_bias=local_bias,
-        global_bias=global_bias, scale=scale)
+    F, T, scale = check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left,
+                                        valid_right, tokens_per_frame, local_bias, global_bias,
+                                        scale)
+    key = (q.dtype, q.shape[0], F, T, q.shape[2], q.shape[3], pad, window,
+           0 if k_global is None else k_global.shape[1], bool(return_lse))
+    return dispatch.call(
+        "dual_scope_attention", key, q, k, v, k_global, v_global, window=window, pad=pad,
+        valid_left=valid_left, valid_right=valid_right, tokens_per_frame=tokens_per_frame,
+        local_bias=local_bias, global_bias=global_bias, scale=scale, return_lse=bool(return_lse))
+
+
+dispatch.register("dual_scope_attention", "reference", dual_scope_attention_reference)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
 from ._checks import check_int, check_real, check_tensor, compute_dtype
 
 __all__ = ["group_norm", "group_norm_partials", "group_norm_finalize", "group_norm_apply",
-           "check_group_norm_args"]
+           "group_norm_partials_reference", "group_norm_apply_reference", "check_group_norm_args"]
 
 _ACTIVATIONS = (None, "silu")
 
@@ -45,7 +46,7 @@ def check_group_norm_args(x, num_groups, weight, bias, eps, activation):
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
 
 
-def group_norm_partials(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
+def group_norm_partials_reference(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
     """Per-group ``[sum x, sum x^2]`` of ``x`` (N, C, *) as an (N, G, 2) fp64 tensor, and the
     number of elements in each group."""
     N = x.shape[0]
@@ -64,7 +65,7 @@ def group_norm_finalize(partials: torch.Tensor, count, eps: float):
     return mean, torch.rsqrt(var + eps)
 
 
-def group_norm_apply(x, mean, rstd, weight=None, bias=None, activation=None):
+def group_norm_apply_reference(x, mean, rstd, weight=None, bias=None, activation=None):
     """``act((x - mean) * rstd * weight + bias)`` for x (N, C, *) and (N, G) statistics."""
     N, C = x.shape[:2]
     G = mean.shape[1]
@@ -79,6 +80,24 @@ def group_norm_apply(x, mean, rstd, weight=None, bias=None, activation=None):
     if activation == "silu":
         y = F.silu(y)
     return y.reshape(x.shape).to(x.dtype)
+
+
+def group_norm_partials(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
+    """Per-group ``[sum x, sum x^2]`` of ``x`` (N, C, *): (N, G, 2) fp64, and the element
+    count of each group. Dispatched (see ``dispatch``)."""
+    key = (x.dtype, tuple(x.shape), x.is_contiguous(), num_groups)
+    return dispatch.call("group_norm_partials", key, x, num_groups)
+
+
+def group_norm_apply(x, mean, rstd, weight=None, bias=None, activation=None):
+    """``act((x - mean) * rstd * weight + bias)``. Dispatched (see ``dispatch``)."""
+    key = (x.dtype, tuple(x.shape), x.is_contiguous(), mean.shape[1], weight is not None,
+           bias is not None, activation)
+    return dispatch.call("group_norm_apply", key, x, mean, rstd, weight, bias, activation)
+
+
+dispatch.register("group_norm_partials", "reference", group_norm_partials_reference)
+dispatch.register("group_norm_apply", "reference", group_norm_apply_reference)
 
 
 def _check_same_across(x, num_groups, activation, group):
