@@ -59,22 +59,78 @@ CASE_CONFIGS = {
 TIMESTEPS = (900, 100)
 
 
-def run_engine(model, sizes, rank, frames, configs, timesteps=TIMESTEPS, process_group=None):
-    """Outputs of the parallelized model on this rank's clip, per (config, timestep)."""
+def run_engine(model, sizes, rank, frames, configs, timesteps=TIMESTEPS, modes=("overlap",)):
+    """Outputs of the parallelized model on this rank's clip, per (config, timestep), and per
+    communication mode when several are asked for (keys then end with the mode)."""
     x, ctx = unet_inputs(frames)
     clip = split(x, sizes, rank)
     out = {}
-    for name, cfg in configs.items():
-        vinf.parallelize(model, vinf.DualScopeConfig(**cfg), process_group)
+    for mode in modes:
+        for name, cfg in configs.items():
+            vinf.parallelize(model, vinf.DualScopeConfig(**cfg), comm_mode=mode)
+            with torch.no_grad():
+                for t in timesteps:
+                    key = (name, t) if len(modes) == 1 else (name, t, mode)
+                    out[key] = model(clip, t, encoder_hidden_states=ctx).sample
+            vinf.unparallelize(model)
+    return out
+
+
+def unet_rank(rank, world, sizes, configs, modes=("overlap",)):
+    return run_engine(tiny_unet(), sizes, rank, sum(sizes), configs, modes=modes)
+
+
+def counting_rank(rank, world, sizes, mode):
+    """One step's data-plane counters, and the number of patched layers."""
+    from diffusers.models.resnet import TemporalConvLayer
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    model = tiny_unet()
+    n_conv = sum(isinstance(m, TemporalConvLayer) for m in model.modules())
+    n_ttm = sum(isinstance(m, TransformerTemporalModel) for m in model.modules())
+    x, ctx = unet_inputs(sum(sizes))
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2), comm_mode=mode)
+    model.vinf_engine.comm.counters.reset()
+    with torch.no_grad():
+        model(split(x, sizes, rank), 900, encoder_hidden_states=ctx)
+    return model.vinf_engine.comm.counters.snapshot(), n_conv, n_ttm
+
+
+def stale_rank(rank, world, sizes):
+    """Three calls in stale and in overlap mode: the same input twice, then a changed one."""
+    model = tiny_unet()
+    x, ctx = unet_inputs(sum(sizes))
+    drift = unet_inputs(sum(sizes), seed=5)[0]
+    clip, dclip = split(x, sizes, rank), split(drift, sizes, rank)
+    out = {}
+    for mode in ("overlap", "stale"):
+        vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2), comm_mode=mode)
         with torch.no_grad():
-            for t in timesteps:
-                out[name, t] = model(clip, t, encoder_hidden_states=ctx).sample
+            for step, amount in enumerate((0.0, 0.0, 0.05)):
+                out[mode, step] = model(clip + amount * dclip, 900,
+                                        encoder_hidden_states=ctx).sample
         vinf.unparallelize(model)
     return out
 
 
-def unet_rank(rank, world, sizes, configs):
-    return run_engine(tiny_unet(), sizes, rank, sum(sizes), configs)
+def stalled_rank(rank, world, stall_s):
+    """Rank 1 stalls inside a step; rank 0 must fail within the engine timeout."""
+    import time
+    model = tiny_unet()
+    x, ctx = unet_inputs(6)
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2), timeout=2.0)
+    clip = split(x, (3, 3), rank)
+    if rank == 1:
+        # Join the step's agreement, then stall before the first exchange.
+        model.vinf_engine.comm.agree((None, (3, 2, 4, 8, 8, 0, 10.0)))
+        time.sleep(stall_s)
+        return "stalled"
+    t0 = time.time()
+    try:
+        with torch.no_grad():
+            model(clip, 10, encoder_hidden_states=ctx)
+    except RuntimeError as e:
+        return str(e), time.time() - t0
+    return None, time.time() - t0
 
 
 def expect_error(fn):

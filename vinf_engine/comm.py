@@ -1,22 +1,28 @@
 """Communication for clip parallelism: one object owns the process group and its counters.
 
 Data plane (the group given by the user; NCCL on GPUs, gloo on CPUs): frame exchanges as one
-batch of point-to-point transfers and all-reduces of GroupNorm statistics. Control plane (a
-gloo group over the same ranks, on the CPU): the small agreements made before any data moves,
-so that ranks that disagree fail with a clear error instead of hanging in a mismatched
-collective, and so that checking costs no device synchronisation.
+batch of point-to-point transfers and all-reduces of GroupNorm statistics, posted
+asynchronously (``Pending``) so that compute proceeds while they are in flight; on NCCL they
+run on the process group's own stream and ``Pending.wait`` makes the compute stream wait for
+them without blocking the host. Control plane (a gloo group over the same ranks, on the CPU):
+the small agreements made before any data moves, so that ranks that disagree fail with a clear
+error instead of hanging in a mismatched collective, at no device synchronisation.
+
+Every wait is bounded by ``timeout``: a rank that dies or stalls makes the others raise a
+``RuntimeError`` that says so, never a silent hang.
 """
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, asdict
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Callable, Sequence
 
 import torch
 
 from .layout import ClipLayout
 
-__all__ = ["ClipComm", "CommCounters"]
+__all__ = ["ClipComm", "CommCounters", "FramePlan", "Pending"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
@@ -25,17 +31,78 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 class CommCounters:
     """What crossed the data plane since the last ``reset``."""
 
-    collectives: int = 0      # launches: an all-reduce, or one batch of point-to-point ops
+    collectives: int = 0      # launches: an all-reduce, an all-gather, or one batch of p2p ops
     p2p_ops: int = 0          # individual sends and receives inside those batches
     bytes_sent: int = 0
     bytes_received: int = 0
     control: int = 0          # control-plane agreements (CPU, gloo), one per model call
+    device_syncs: int = 0     # host-device synchronisations made by the communication
 
     def reset(self):
-        self.collectives = self.p2p_ops = self.bytes_sent = self.bytes_received = self.control = 0
+        for k in asdict(self):
+            setattr(self, k, 0)
 
     def snapshot(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Who sends which frames to whom, for one layout and one ``wants`` (global frames each
+    rank asks for). Every rank derives the same plan without asking anyone."""
+
+    n_out: int                 # frames this rank receives in total (own ones copied locally)
+    local_pos: tuple           # positions in the result filled from this rank's own frames
+    local_idx: tuple           # ... and which of its local frames fill them
+    sends: tuple               # (peer, local frame indices to send)
+    recvs: tuple               # (peer, positions in the result the peer's frames fill)
+
+
+@lru_cache(maxsize=256)
+def frame_plan(layout: ClipLayout, rank: int, wants: tuple) -> FramePlan:
+    start, own = layout.start(rank), layout.frames(rank)
+    mine = wants[rank]
+    local_pos = tuple(i for i, f in enumerate(mine) if f in own)
+    sends, recvs = [], []
+    for peer in range(layout.world_size):
+        if peer == rank:
+            continue
+        send = tuple(f - start for f in wants[peer] if f in own)
+        if send:
+            sends.append((peer, send))
+        pos = tuple(i for i, f in enumerate(mine) if layout.owner(f) == peer)
+        if pos:
+            recvs.append((peer, pos))
+    return FramePlan(len(mine), local_pos, tuple(mine[i] - start for i in local_pos),
+                     tuple(sends), tuple(recvs))
+
+
+class Pending:
+    """Communication in flight. ``wait()`` returns its result (idempotent)."""
+
+    def __init__(self, works: list, finish: Callable, timeout: datetime.timedelta, what: str,
+                 rank: int):
+        self._works, self._finish, self._timeout = works, finish, timeout
+        self._what, self._rank = what, rank
+        self._done, self._result = False, None
+
+    @classmethod
+    def ready(cls, value):
+        return cls([], lambda: value, DEFAULT_TIMEOUT, "", 0)
+
+    def wait(self):
+        if not self._done:
+            for w in self._works:
+                try:
+                    w.wait(self._timeout)
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        f"vinf_engine: {self._what} on rank {self._rank} failed or did not "
+                        f"complete within {self._timeout.total_seconds():g} s; a peer rank "
+                        f"probably died or stalled ({e})") from e
+            self._result = self._finish()
+            self._works, self._done = [], True
+        return self._result
 
 
 class ClipComm:
@@ -48,7 +115,10 @@ class ClipComm:
     def __init__(self, process_group=None, *, timeout: datetime.timedelta | None = None):
         import torch.distributed as dist
         self.counters = CommCounters()
+        if isinstance(timeout, (int, float)):
+            timeout = datetime.timedelta(seconds=timeout)
         self.timeout = timeout or DEFAULT_TIMEOUT
+        self._index_cache: dict = {}
         if process_group is None and not (dist.is_available() and dist.is_initialized()):
             self.group = self.ctrl = None
             self.rank, self.world_size = 0, 1
@@ -61,11 +131,10 @@ class ClipComm:
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
-        if self.backend == "gloo":
-            self.ctrl = self.group
-        else:
-            self.ctrl = dist.new_group(self._global, backend="gloo", timeout=self.timeout,
-                                       use_local_synchronization=True)
+        # A gloo group of our own: CPU agreements, bounded by our timeout whatever the data
+        # plane's backend and timeout are.
+        self.ctrl = dist.new_group(self._global, backend="gloo", timeout=self.timeout,
+                                   use_local_synchronization=True) if self.world_size > 1 else None
 
     # ---------------------------------------------------------------- control plane
     def agree(self, obj) -> list:
@@ -75,92 +144,146 @@ class ClipComm:
         import torch.distributed as dist
         self.counters.control += 1
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.ctrl)
+        try:
+            dist.all_gather_object(out, obj, group=self.ctrl)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"vinf_engine: rank {self.rank} could not agree with the other ranks within "
+                f"{self.timeout.total_seconds():g} s; a peer rank probably died or stalled ({e})") from e
         return out
 
     # ---------------------------------------------------------------- data plane
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the ranks, in place."""
-        if self.world_size == 1:
-            return t
-        import torch.distributed as dist
-        self.counters.collectives += 1
-        n = t.numel() * t.element_size()
-        self.counters.bytes_sent += n
-        self.counters.bytes_received += n
-        if self.backend == "gloo" and t.device.type != "cpu":
-            host = t.cpu()
-            dist.all_reduce(host, group=self.group)
-            t.copy_(host)
-        else:
-            dist.all_reduce(t, group=self.group)
+    def _index(self, idx: tuple, device) -> torch.Tensor:
+        # Index tensors live on the device once per plan: building them per call would be a
+        # host-to-device copy, i.e. a synchronisation, on every exchange.
+        key = (idx, device)
+        t = self._index_cache.get(key)
+        if t is None:
+            t = self._index_cache[key] = torch.tensor(idx, dtype=torch.long, device=device)
         return t
+
+    def _count(self, ops_sent: int, ops_recv: int, sent: int, received: int, launches: int = 1):
+        c = self.counters
+        c.collectives += launches
+        c.p2p_ops += ops_sent + ops_recv
+        c.bytes_sent += sent
+        c.bytes_received += received
+
+    def post_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
+                    what: str = "frame exchange") -> Pending:
+        """Start fetching frames ``wants[self.rank]`` (global indices, in that order) of the
+        distributed video; ``x`` holds this rank's clip, frames along ``dim``.
+
+        Every rank passes the same ``wants`` (what each rank asks for), so each knows what to
+        send to whom without asking. All transfers go out as one batch, both directions at
+        once; a frame is sent at most once per receiver however many scopes need it.
+        """
+        plan = frame_plan(layout, self.rank, wants)
+        if x.shape[dim] != layout.sizes[self.rank]:
+            raise ValueError(f"x holds {x.shape[dim]} frames along dim {dim}, but rank "
+                             f"{self.rank} owns {layout.sizes[self.rank]}")
+        shape = list(x.shape)
+        shape[dim] = plan.n_out
+        out = x.new_empty(shape)
+        if plan.local_pos:
+            out.index_copy_(dim, self._index(plan.local_pos, x.device),
+                            x.index_select(dim, self._index(plan.local_idx, x.device)))
+        if not plan.sends and not plan.recvs:
+            return Pending.ready(out)
+        import torch.distributed as dist
+        ops, recvs, sent, received = [], [], 0, 0
+        for peer, idx in plan.sends:
+            buf = x.index_select(dim, self._index(idx, x.device))
+            ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
+            sent += buf.numel() * buf.element_size()
+        for peer, pos in plan.recvs:
+            shape[dim] = len(pos)
+            buf = x.new_empty(shape)
+            ops.append(dist.P2POp(dist.irecv, buf, self._global[peer], self.group))
+            recvs.append((pos, buf))
+            received += buf.numel() * buf.element_size()
+        self._count(len(plan.sends), len(plan.recvs), sent, received)
+        works = dist.batch_isend_irecv(ops)
+
+        def finish():
+            for pos, buf in recvs:
+                out.index_copy_(dim, self._index(pos, x.device), buf)
+            return out
+        return Pending(works, finish, self.timeout, what, self.rank)
 
     def gather_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout,
                       wants: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Frames ``wants[self.rank]`` (global indices, in that order) of the distributed video.
+        """``post_frames(...).wait()``."""
+        return self.post_frames(x, dim, layout, tuple(tuple(w) for w in wants)).wait()
 
-        ``x`` holds this rank's clip, frames along ``dim``. ``wants[r]`` is what rank ``r``
-        asks for: every rank passes the same ``wants``, so each knows what to send to whom
-        without asking. All transfers go out as one batch, in both directions at once; a frame
-        is sent at most once per receiver however many scopes need it.
-        """
-        me = self.rank
-        start, own = layout.start(me), layout.frames(me)
-        if x.shape[dim] != len(own):
-            raise ValueError(f"x holds {x.shape[dim]} frames along dim {dim}, "
-                             f"but rank {me} owns {len(own)}")
-        mine = list(wants[me])
-        shape = list(x.shape)
-        shape[dim] = len(mine)
-        out = x.new_empty(shape)
-        pos_local = [i for i, f in enumerate(mine) if f in own]
-        if pos_local:
-            idx = torch.tensor([mine[i] - start for i in pos_local], device=x.device)
-            out.index_copy_(dim, torch.tensor(pos_local, device=x.device), x.index_select(dim, idx))
-        if self.world_size == 1 or len(pos_local) == len(mine):
-            if self.world_size > 1:
-                self._send_only(x, dim, layout, wants)
-            return out
+    def post_all_reduce(self, t: torch.Tensor, what: str = "statistics all-reduce") -> Pending:
+        """Start summing ``t`` over the ranks, in place; ``wait()`` returns ``t``."""
+        if self.world_size == 1:
+            return Pending.ready(t)
         import torch.distributed as dist
-        ops, recvs = self._send_ops(x, dim, layout, wants), []
-        for peer in range(self.world_size):
-            if peer == me:
-                continue
-            pos = [i for i, f in enumerate(mine) if layout.owner(f) == peer]
-            if pos:
-                shape[dim] = len(pos)
-                buf = x.new_empty(shape)
-                ops.append(dist.P2POp(dist.irecv, buf, self._global[peer], self.group))
-                recvs.append((pos, buf))
-                self.counters.bytes_received += buf.numel() * buf.element_size()
-        self._run(ops)
-        for pos, buf in recvs:
-            out.index_copy_(dim, torch.tensor(pos, device=x.device), buf)
+        n = t.numel() * t.element_size()
+        self._count(0, 0, n, n)
+        if self.backend == "gloo" and t.device.type != "cpu":
+            host = t.cpu()
+            work = dist.all_reduce(host, group=self.group, async_op=True)
+            return Pending([work], lambda: t.copy_(host), self.timeout, what, self.rank)
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+        return Pending([work], lambda: t, self.timeout, what, self.rank)
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place."""
+        return self.post_all_reduce(t).wait()
+
+    # ---------------------------------------------------------------- the published pattern
+    def blocking_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
+                        what: str = "frame exchange") -> torch.Tensor:
+        """The same result as ``post_frames(...).wait()``, moved the way the published
+        prototype moves it: one blocking transfer per peer, then a device synchronisation.
+        Kept as the side-by-side baseline (``comm_mode="blocking"``)."""
+        import torch.distributed as dist
+        plan = frame_plan(layout, self.rank, wants)
+        shape = list(x.shape)
+        shape[dim] = plan.n_out
+        out = x.new_empty(shape)
+        if plan.local_pos:
+            out.index_copy_(dim, self._index(plan.local_pos, x.device),
+                            x.index_select(dim, self._index(plan.local_idx, x.device)))
+        sends, recvs = dict(plan.sends), dict(plan.recvs)
+        for peer in sorted(set(sends) | set(recvs)):
+            ops, got = [], None
+            sent = received = 0
+            if peer in sends:
+                buf = x.index_select(dim, self._index(sends[peer], x.device))
+                ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
+                sent = buf.numel() * buf.element_size()
+            if peer in recvs:
+                shape[dim] = len(recvs[peer])
+                got = x.new_empty(shape)
+                ops.append(dist.P2POp(dist.irecv, got, self._global[peer], self.group))
+                received = got.numel() * got.element_size()
+            self._count(int(peer in sends), int(peer in recvs), sent, received)
+            Pending(dist.batch_isend_irecv(ops), lambda: None, self.timeout, what, self.rank).wait()
+            if got is not None:
+                out.index_copy_(dim, self._index(recvs[peer], x.device), got)
+            self.device_sync(x.device)
         return out
 
-    def _send_ops(self, x, dim, layout, wants):
+    def blocking_all_gather(self, t: torch.Tensor, what: str = "context all-gather") -> list:
+        """Every rank's ``t`` (same shape everywhere), blocking, then a device sync."""
         import torch.distributed as dist
-        me, start, own = self.rank, layout.start(self.rank), layout.frames(self.rank)
-        ops = []
-        for peer in range(self.world_size):
-            if peer == me:
-                continue
-            send = [f - start for f in wants[peer] if f in own]
-            if send:
-                buf = x.index_select(dim, torch.tensor(send, device=x.device)).contiguous()
-                ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
-                self.counters.bytes_sent += buf.numel() * buf.element_size()
-        return ops
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        n = t.numel() * t.element_size()
+        self._count(0, 0, n * (self.world_size - 1), n * (self.world_size - 1))
+        src = t.cpu() if self.backend == "gloo" and t.device.type != "cpu" else t
+        bufs = [torch.empty_like(src) for _ in range(self.world_size)]
+        work = dist.all_gather(bufs, src.contiguous(), group=self.group, async_op=True)
+        Pending([work], lambda: None, self.timeout, what, self.rank).wait()
+        for o, b in zip(out, bufs):
+            o.copy_(b)
+        self.device_sync(t.device)
+        return out
 
-    def _send_only(self, x, dim, layout, wants):
-        self._run(self._send_ops(x, dim, layout, wants))
-
-    def _run(self, ops):
-        if not ops:
-            return
-        import torch.distributed as dist
-        self.counters.collectives += 1
-        self.counters.p2p_ops += len(ops)
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    def device_sync(self, device):
+        if device.type == "cuda":
+            self.counters.device_syncs += 1
+            torch.cuda.synchronize(device)

@@ -11,10 +11,11 @@ from functools import lru_cache
 
 import torch
 
-from .comm import ClipComm
+from .comm import ClipComm, Pending
 from .config import DualScopeConfig
 from .layout import ClipLayout, global_frames
 from .ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
+from .scheduler import MODES, CommScheduler
 
 __all__ = ["ClipParallel", "parallelize", "unparallelize"]
 
@@ -61,11 +62,18 @@ def halo_wants(layout: ClipLayout, halo: int) -> tuple:
 
 @dataclass
 class AttentionContext:
-    ext: torch.Tensor            # (N, valid_left + F + valid_right, C): halo, own frames, halo
-    valid_left: int
-    valid_right: int
-    window: int
+    left: torch.Tensor           # (N, valid_left, C): halo frames before the clip
+    right: torch.Tensor          # (N, valid_right, C): halo frames after it
     glob: torch.Tensor | None    # (N, Ng, C) global-scope frames, or None
+    window: int                  # the window clipped to the video
+
+    @property
+    def valid_left(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def valid_right(self) -> int:
+        return self.right.shape[1]
 
 
 class ClipParallel:
@@ -75,11 +83,14 @@ class ClipParallel:
     ----------
     config : DualScopeConfig
     comm : ClipComm
+    mode : str, one of ``scheduler.MODES``
     """
 
-    def __init__(self, config: DualScopeConfig, comm: ClipComm):
+    def __init__(self, config: DualScopeConfig, comm: ClipComm, mode: str = "overlap"):
         self.config = config
         self.comm = comm
+        self.scheduler = CommScheduler(comm, mode)
+        self.mode = mode
         self.layout: ClipLayout | None = None
         self.timestep: float | None = None
         self.local_bias = 0.0
@@ -135,6 +146,7 @@ class ClipParallel:
         if problems:
             raise ValueError("clip-parallel step refused: " + "; ".join(problems))
         self.layout = ClipLayout.from_sizes([row[0] for row in rows])
+        self.scheduler.begin_step(self.layout)
         self.timestep = t
         self.local_bias, self.global_bias = self.config.biases(t)
         return self.layout
@@ -146,49 +158,93 @@ class ClipParallel:
         return self.layout
 
     # ---------------------------------------------------------------- exchanges
-    def attention_context(self, h: torch.Tensor) -> AttentionContext:
-        """Halo and global-scope frames for temporal attention over ``h`` (N, F, C)."""
-        layout = self._require_step()
-        plan = attention_plan(layout, self.rank, self.config.window, self.config.num_global)
-        got = self.comm.gather_frames(h, 1, layout, plan.wants)
-        parts = []
-        if plan.left:
-            parts.append(_take(got, plan.left))
-        parts.append(h)
-        if plan.right:
-            parts.append(_take(got, plan.right))
-        ext = torch.cat(parts, dim=1) if len(parts) > 1 else h
-        glob = _take(got, plan.glob) if plan.glob else None
-        return AttentionContext(ext, len(plan.left), len(plan.right), plan.window, glob)
+    def attention_plan(self) -> AttentionPlan:
+        return attention_plan(self._require_step(), self.rank, self.config.window,
+                              self.config.num_global)
 
-    def frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> tuple[torch.Tensor, int, int]:
-        """``x`` extended by up to ``halo`` frames on each side from the neighbouring clips
-        (fewer at the video's ends); returns ``(ext, lo, hi)``, the global frame range held."""
+    def start_attention_context(self, h: torch.Tensor) -> Pending:
+        """Start fetching halo and global-scope frames of ``h`` (N, F, C), the input of a
+        temporal attention; ``wait()`` gives an ``AttentionContext``."""
+        layout = self._require_step()
+        plan = self.attention_plan()
+        got = self.scheduler.frames(h, 1, layout, plan.wants, "attention context exchange")
+
+        def finish():
+            g = got.wait()
+            empty = g.narrow(1, 0, 0)
+            return AttentionContext(
+                left=_take(g, plan.left) if plan.left else empty,
+                right=_take(g, plan.right) if plan.right else empty,
+                glob=_take(g, plan.glob) if plan.glob else None, window=plan.window)
+        return Pending([], finish, self.comm.timeout, "", self.rank)
+
+    def start_frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> Pending:
+        """Start extending ``x`` by up to ``halo`` frames on each side from the neighbouring
+        clips (fewer at the video's ends); ``wait()`` gives ``(ext, lo, hi)``, ``[lo, hi)``
+        the global frame range ``ext`` holds."""
         layout = self._require_step()
         s, e = layout.start(self.rank), layout.end(self.rank)
         lo, hi = max(0, s - halo), min(layout.num_frames, e + halo)
-        if self.world_size == 1 or halo == 0:
-            return x, lo, hi
-        got = self.comm.gather_frames(x, dim, layout, halo_wants(layout, halo))
-        n_left = s - lo
-        ext = torch.cat([got.narrow(dim, 0, n_left), x, got.narrow(dim, n_left, hi - e)], dim=dim)
-        return ext, lo, hi
+        if lo == s and hi == e:
+            return Pending.ready((x, lo, hi))
+        got = self.scheduler.frames(x, dim, layout, halo_wants(layout, halo), "temporal halo exchange")
+
+        def finish():
+            g = got.wait()
+            n_left = s - lo
+            ext = torch.cat([g.narrow(dim, 0, n_left), x, g.narrow(dim, n_left, hi - e)], dim=dim)
+            return ext, lo, hi
+        return Pending([], finish, self.comm.timeout, "", self.rank)
+
+    def frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> tuple[torch.Tensor, int, int]:
+        return self.start_frame_halo(x, dim, halo).wait()
+
+    def blocking_global_frames(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Global-scope frames of ``t`` (N, F, ...), the published way: each rank contributes
+        the global frames it owns (padded to the largest share) to one blocking all-gather
+        per tensor. For ``comm_mode="blocking"`` only."""
+        layout = self._require_step()
+        g = global_frames(layout.num_frames, self.config.num_global)
+        if not g:
+            return None
+        if self.world_size == 1:
+            return t.index_select(1, self.comm._index(g, t.device))
+        owned = [[f for f in g if layout.owner(f) == r] for r in range(self.world_size)]
+        width = max(len(o) for o in owned)
+        start = layout.start(self.rank)
+        mine = t.new_zeros((t.shape[0], width) + tuple(t.shape[2:]))
+        if owned[self.rank]:
+            mine[:, :len(owned[self.rank])] = t.index_select(
+                1, self.comm._index(tuple(f - start for f in owned[self.rank]), t.device))
+        parts = self.comm.blocking_all_gather(mine)
+        return torch.cat([p[:, :len(o)] for p, o in zip(parts, owned) if o], dim=1)
 
     # ---------------------------------------------------------------- statistics
+    def start_stats(self, x_own: torch.Tensor, norm: torch.nn.GroupNorm) -> Pending:
+        """Start the whole-video GroupNorm statistics of ``x_own`` (N, C, F, H, W), this
+        rank's own frames; ``wait()`` gives ``(mean, rstd)``, each (N, G) fp64."""
+        partials, count = group_norm_partials(x_own, norm.num_groups)
+        if not (self.config.sync_groupnorm and self.world_size > 1):
+            return Pending.ready(group_norm_finalize(partials, count, norm.eps))
+        flat = torch.cat([partials.flatten(), partials.new_tensor([float(count)])])
+        summed = self.scheduler.all_reduce(flat, "GroupNorm statistics all-reduce")
+
+        def finish():
+            tot = summed.wait()
+            return group_norm_finalize(tot[:-1].view_as(partials), tot[-1], norm.eps)
+        return Pending([], finish, self.comm.timeout, "", self.rank)
+
     def group_norm(self, x, norm: torch.nn.GroupNorm, own: slice | None = None,
-                   activation: str | None = None) -> torch.Tensor:
+                   activation: str | None = None, stats: tuple | None = None) -> torch.Tensor:
         """GroupNorm of ``x`` (N, C, F, H, W) with statistics over the whole video.
 
         ``own`` selects, along the frame axis, the frames this rank owns when ``x`` also holds
-        halo frames: statistics count each frame of the video exactly once.
+        halo frames: statistics count each frame of the video exactly once. ``stats`` passes
+        statistics already gathered with ``start_stats``.
         """
-        x_own = x if own is None else x[:, :, own]
-        partials, count = group_norm_partials(x_own, norm.num_groups)
-        if self.config.sync_groupnorm and self.world_size > 1:
-            flat = torch.cat([partials.flatten(), partials.new_tensor([float(count)])])
-            self.comm.all_reduce_(flat)
-            partials, count = flat[:-1].view_as(partials), flat[-1]
-        mean, rstd = group_norm_finalize(partials, count, norm.eps)
+        if stats is None:
+            stats = self.start_stats(x if own is None else x[:, :, own], norm).wait()
+        mean, rstd = stats
         return group_norm_apply(x, mean, rstd, norm.weight, norm.bias, activation)
 
     # ---------------------------------------------------------------- patching
@@ -223,7 +279,7 @@ def _scalar_timestep(timestep) -> float:
 
 
 def parallelize(model, config: DualScopeConfig | None = None, process_group=None, *,
-                timeout=None):
+                comm_mode: str = "overlap", timeout=None):
     """Make ``model`` run one clip of a long video per rank; patches it in place.
 
     Collective: every rank of ``process_group`` (default: the whole world, or a single
@@ -231,6 +287,13 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     config. Afterwards each rank calls ``model(...)`` on its own clip, clips in rank order.
     If any rank's model or config is unsupported or differs, every rank raises the same
     ``ValueError`` and every model is left unpatched.
+
+    ``comm_mode`` is how exchanges move (``scheduler.MODES``): ``"overlap"`` (default, exact),
+    ``"blocking"`` (the published prototype's pattern, exact, for comparison), ``"stale"``
+    (previous step's halos, context and statistics; approximate), ``"loopback"`` (timing
+    only: exchanges replaced by local copies; wrong output). ``timeout`` (seconds or a
+    timedelta, default 5 minutes) bounds every wait on another rank: a rank that dies or
+    stalls makes the others raise instead of hanging.
 
     Returns the model.
     """
@@ -241,6 +304,8 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     adapter = None
     if not isinstance(config, DualScopeConfig):
         local_error = f"config must be a vinf_engine.DualScopeConfig, got {type(config).__name__}"
+    elif comm_mode not in MODES:
+        local_error = f"comm_mode must be one of {MODES}, got {comm_mode!r}"
     elif getattr(model, "vinf_engine", None) is not None:
         local_error = "model is already parallelized (call vinf_engine.unparallelize first)"
     else:
@@ -248,7 +313,8 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         if isinstance(adapter, str):
             local_error, adapter = adapter, None
     comm = ClipComm(process_group, timeout=timeout)
-    fingerprint = None if adapter is None else (config.as_tuple(), adapter.fingerprint(model))
+    fingerprint = None if adapter is None else (config.as_tuple(), comm_mode,
+                                                adapter.fingerprint(model))
     rows = comm.agree((local_error, fingerprint))
     errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(rows) if err]
     if errors:
@@ -257,7 +323,7 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         diff = [r for r, (_, fp) in enumerate(rows) if fp != rows[0][1]]
         raise ValueError(f"parallelize refused: rank(s) {diff} hold a different config or model "
                          f"than rank 0 (config {rows[0][1][0]} on rank 0)")
-    engine = ClipParallel(config, comm)
+    engine = ClipParallel(config, comm, comm_mode)
     if comm.world_size > 1:
         # Touch the data plane once so that a broken link fails here, not mid-step, and so
         # that NCCL's first collective is one every rank joins.

@@ -25,6 +25,7 @@ from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
 from .. import ops
+from ..parallel import halo_wants
 
 __all__ = ["UNet3DAdapter", "ClipGroupNorm", "ClipTemporalConvLayer", "DualScopeAttnProcessor"]
 
@@ -42,7 +43,11 @@ class DualScopeAttnProcessor:
     """Temporal self-attention over ``(B*H*W, F, C)`` as dual-scope attention.
 
     The attention *input* crosses ranks (halo and global frames), not K and V: one tensor
-    instead of two, projected locally by the receiver.
+    instead of two, projected locally by the receiver. The exchange is posted first; while it
+    is in flight this rank projects its own frames and attends the query frames whose window
+    needs no halo (``w <= i < F - w``) to its own keys. When the context arrives, the edge
+    frames attend locally and globally in one softmax, and the interior frames' global scope
+    joins their local result through a log-sum-exp merge: the same joint softmax, in parts.
     """
 
     def __init__(self, engine):
@@ -54,37 +59,92 @@ class DualScopeAttnProcessor:
             raise ValueError("temporal attention under clip parallelism takes neither "
                              "encoder_hidden_states nor an attention_mask")
         eng = self.engine
-        N, Fc, _ = hidden_states.shape
-        ctx = eng.attention_context(hidden_states)
-        H = attn.heads
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(ctx.ext)
-        v = attn.to_v(ctx.ext)
-        D = q.shape[-1] // H
-        q, k, v = (t.unflatten(-1, (H, D)) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        pad = ctx.window
-        # Frames past the video's ends are masked by the op, never read: zeros are filler.
-        fill = (0, 0, 0, 0, pad - ctx.valid_left, pad - ctx.valid_right)
-        k, v = F.pad(k, fill), F.pad(v, fill)
-        kg = vg = None
-        if ctx.glob is not None:
-            kg = attn.to_k(ctx.glob).unflatten(-1, (H, D))
-            vg = attn.to_v(ctx.glob).unflatten(-1, (H, D))
-            if attn.norm_k is not None:
-                kg = attn.norm_k(kg)
-        out = ops.dual_scope_attention(
-            q, k, v, kg, vg, window=ctx.window, pad=pad, valid_left=ctx.valid_left,
-            valid_right=ctx.valid_right, local_bias=eng.local_bias, global_bias=eng.global_bias,
-            scale=attn.scale)
+        if eng.mode == "blocking":
+            out = self._blocking(attn, hidden_states)
+        else:
+            out = self._overlapped(attn, hidden_states)
         out = attn.to_out[0](out.flatten(2))
         out = attn.to_out[1](out)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _project(attn, x, which):
+        H = attn.heads
+        if which == "q":
+            t = attn.to_q(x).unflatten(-1, (H, -1))
+            return attn.norm_q(t) if attn.norm_q is not None else t
+        k = attn.to_k(x).unflatten(-1, (H, -1))
+        v = attn.to_v(x).unflatten(-1, (H, -1))
+        return (attn.norm_k(k) if attn.norm_k is not None else k), v
+
+    def _attend(self, attn, q, k_pad, v_pad, kg, vg, a, b, w, n_left, n_right, Fc):
+        """Query frames ``[a, b)`` of the clip against padded keys (local frame ``i`` at
+        ``i + w``) and the global scope."""
+        eng = self.engine
+        return ops.dual_scope_attention(
+            q[:, a:b], k_pad[:, a:b + 2 * w], v_pad[:, a:b + 2 * w], kg, vg, window=w, pad=w,
+            valid_left=min(w, a + n_left), valid_right=min(w, Fc - b + n_right),
+            local_bias=eng.local_bias, global_bias=eng.global_bias, scale=attn.scale)
+
+    def _overlapped(self, attn, h):
+        eng = self.engine
+        Fc = h.shape[1]
+        pending = eng.start_attention_context(h)                 # in flight from here
+        w = eng.attention_plan().window
+        q = self._project(attn, h, "q")
+        k, v = self._project(attn, h, "kv")
+        interior = eng.world_size > 1 and Fc > 2 * w
+        if interior:
+            o_mid, lse_mid = ops.dual_scope_attention(
+                q[:, w:Fc - w], k, v, window=w, pad=w, valid_left=w, valid_right=w,
+                local_bias=eng.local_bias, scale=attn.scale, return_lse=True)
+        ctx = pending.wait()
+        kl, vl = self._project(attn, ctx.left, "kv")
+        kr, vr = self._project(attn, ctx.right, "kv")
+        kg = vg = None
+        if ctx.glob is not None:
+            kg, vg = self._project(attn, ctx.glob, "kv")
+        nl, nr = ctx.valid_left, ctx.valid_right
+        # Frames past the video's ends are masked by the op, never read: zeros are filler.
+        fill = (0, 0, 0, 0, w - nl, w - nr)
+        k_pad = F.pad(torch.cat([kl, k, kr], dim=1), fill)
+        v_pad = F.pad(torch.cat([vl, v, vr], dim=1), fill)
+        if not interior:
+            return self._attend(attn, q, k_pad, v_pad, kg, vg, 0, Fc, w, nl, nr, Fc)
+        first = self._attend(attn, q, k_pad, v_pad, kg, vg, 0, w, w, nl, nr, Fc)
+        last = self._attend(attn, q, k_pad, v_pad, kg, vg, Fc - w, Fc, w, nl, nr, Fc)
+        if kg is not None:
+            o_glob, lse_glob = ops.attention_with_lse(q[:, w:Fc - w], kg, vg, scale=attn.scale,
+                                                      bias=eng.global_bias)
+            o_mid = ops.merge_attention(o_mid, lse_mid, o_glob, lse_glob)
+        return torch.cat([first, o_mid, last], dim=1)
+
+    def _blocking(self, attn, h):
+        """The published prototype's data movement: K and V projected locally, then each of
+        them fetched from every neighbour separately (one blocking transfer per tensor and
+        peer, a device sync after each), and the global frames' K and V all-gathered."""
+        eng = self.engine
+        layout = eng.layout
+        Fc = h.shape[1]
+        w = eng.attention_plan().window
+        q = self._project(attn, h, "q")
+        k, v = self._project(attn, h, "kv")
+        wants = halo_wants(layout, w)
+        nl = layout.start(eng.rank) - max(0, layout.start(eng.rank) - w)
+        if eng.world_size > 1 and any(wants):
+            kh = eng.comm.blocking_frames(k, 1, layout, wants, "halo exchange (K)")
+            vh = eng.comm.blocking_frames(v, 1, layout, wants, "halo exchange (V)")
+        else:
+            kh, vh = k[:, :0], v[:, :0]
+        nr = kh.shape[1] - nl
+        kg = eng.blocking_global_frames(k)
+        vg = eng.blocking_global_frames(v)
+        fill = (0, 0, 0, 0, w - nl, w - nr)
+        k_pad = F.pad(torch.cat([kh[:, :nl], k, kh[:, nl:]], dim=1), fill)
+        v_pad = F.pad(torch.cat([vh[:, :nl], v, vh[:, nl:]], dim=1), fill)
+        return self._attend(attn, q, k_pad, v_pad, kg, vg, 0, Fc, w, nl, nr, Fc)
 
 
 def _conv_stack(layer) -> list:
@@ -98,25 +158,44 @@ def _conv_stack(layer) -> list:
 
 class ClipTemporalConvLayer(TemporalConvLayer):
     """``TemporalConvLayer`` on one clip: a single halo exchange of exactly the stack's
-    receptive field, then every conv runs on the extended range (``ops.temporal_conv``), zero
-    padding only at the true video ends; GroupNorm statistics count own frames only."""
+    receptive field, in flight together with the first GroupNorm's statistics; then every
+    conv runs on the extended range (``ops.temporal_conv``), zero padding only at the true
+    video ends, GroupNorm statistics counting own frames only. In ``blocking`` mode, the
+    published pattern instead: a one-frame halo exchange before each conv."""
 
     def forward(self, hidden_states, num_frames: int = 1):
         eng = self._vinf
         BF, C, H, W = hidden_states.shape
         x = hidden_states.reshape(BF // num_frames, num_frames, C, H, W).permute(0, 2, 1, 3, 4)
         stack = _conv_stack(self)
-        halo = sum(seq[-1].kernel_size[0] // 2 for seq in stack)
         layout = eng.layout
         s, e = layout.start(eng.rank), layout.end(eng.rank)
-        h, lo, hi = eng.frame_halo(x, 2, halo)
-        for seq in stack:
-            h = eng.group_norm(h, seq[0], own=slice(s - lo, e - lo), activation="silu")
-            for m in seq[2:-1]:   # dropout (identity in eval)
-                h = m(h)
-            conv = seq[-1]
-            h, lo, hi = ops.temporal_conv(h, conv.weight, conv.bias, lo=lo, hi=hi,
-                                          num_frames=layout.num_frames)
+        if eng.mode == "blocking":
+            h = x
+            for seq in stack:
+                h = eng.group_norm(h, seq[0], activation="silu")
+                for m in seq[2:-1]:
+                    h = m(h)
+                conv = seq[-1]
+                h, lo, hi = eng.frame_halo(h, 2, conv.kernel_size[0] // 2)
+                h, lo, hi = ops.temporal_conv(h, conv.weight, conv.bias, lo=lo, hi=hi,
+                                              num_frames=layout.num_frames)
+        else:
+            halo = sum(seq[-1].kernel_size[0] // 2 for seq in stack)
+            pending_halo = eng.start_frame_halo(x, 2, halo)
+            stats = eng.start_stats(x, stack[0][0]).wait()
+            h, lo, hi = pending_halo.wait()
+            for i, seq in enumerate(stack):
+                h = eng.group_norm(h, seq[0], own=slice(s - lo, e - lo), activation="silu",
+                                   stats=stats if i == 0 else None)
+                for m in seq[2:-1]:   # dropout (identity in eval)
+                    h = m(h)
+                conv = seq[-1]
+                h, lo, hi = ops.temporal_conv(h, conv.weight, conv.bias, lo=lo, hi=hi,
+                                              num_frames=layout.num_frames)
+        if not (lo <= s and e <= hi):
+            raise RuntimeError(f"temporal conv halo too small: got frames [{lo}, {hi}), "
+                               f"clip is [{s}, {e})")
         h = x + h[:, :, s - lo:e - lo]
         return h.permute(0, 2, 1, 3, 4).reshape(BF, C, H, W)
 

@@ -1,0 +1,160 @@
+"""How each exchange of a denoising step moves: the engine's communication modes.
+
+    overlap   (default) exchanges are posted asynchronously as soon as their input exists and
+              waited for only where their result is needed; the attention of query frames
+              whose window needs no halo runs meanwhile (see models/unet3d.py). Exact.
+    blocking  the published prototype's pattern: one blocking transfer per tensor and peer,
+              a device synchronisation after each. Exact; kept as the side-by-side baseline.
+    stale     DistriFusion-style: halos and global context come from the previous denoising
+              step (this step's are posted and left in flight), GroupNorm statistics are the
+              previous step's totals corrected with this step's local partials. Nothing waits
+              on a peer after the first step; the output drifts from exact (the benchmark
+              reports how far). Off by default.
+    loopback  exchanges replaced by local copies of the same size: for timing only (the
+              output is wrong), it gives the step time with communication removed, from which
+              the benchmark derives the exposed communication time of the other modes.
+
+The scheduler relies on the process group's own communication stream (ProcessGroupNCCL's):
+posting an exchange enqueues it there behind the compute that produced its input, and
+``Pending.wait`` makes the compute stream wait on it, so no mode except ``blocking`` ever
+synchronises the host with the device.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .comm import ClipComm, Pending, frame_plan
+from .layout import ClipLayout
+
+__all__ = ["CommScheduler", "MODES"]
+
+MODES = ("overlap", "blocking", "stale", "loopback")
+
+
+class CommScheduler:
+    """Moves one step's exchanges according to ``mode``; owns the stale state of ``stale``."""
+
+    def __init__(self, comm: ClipComm, mode: str = "overlap"):
+        if mode not in MODES:
+            raise ValueError(f"comm_mode must be one of {MODES}, got {mode!r}")
+        self.comm, self.mode = comm, mode
+        self._layout: ClipLayout | None = None
+        self._seq = 0
+        self._stale: dict = {}
+        self.record = False      # when True, ``log`` gets one entry per exchange (see below)
+        self.log: list[dict] = []
+
+    def _tracked(self, pending: Pending, kind: str, x: torch.Tensor, before: tuple) -> Pending:
+        """Log an exchange: its kind, bytes, frames, and the compute window between posting
+        it and waiting for it (wall clock on CPU, CUDA events on GPUs; ``window_ms``)."""
+        if not self.record:
+            return pending
+        c = self.comm.counters
+        entry = dict(kind=kind, launches=c.collectives - before[0],
+                     bytes_sent=c.bytes_sent - before[1], bytes_received=c.bytes_received - before[2])
+        cuda = x.device.type == "cuda"
+        if cuda:
+            entry["_ev"] = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+            entry["_ev"][0].record()
+        else:
+            entry["_t0"] = time.perf_counter()
+        self.log.append(entry)
+        inner = pending.wait
+
+        def wait():
+            if "_t1" not in entry and "_waited" not in entry:
+                if cuda:
+                    entry["_ev"][1].record()
+                else:
+                    entry["_t1"] = time.perf_counter()
+                entry["_waited"] = True
+            return inner()
+        pending.wait = wait
+        return pending
+
+    def take_log(self) -> list[dict]:
+        """The logged exchanges since the last call, with ``window_ms`` resolved."""
+        out = []
+        for e in self.log:
+            e = dict(e)
+            if "_ev" in e:
+                e["_ev"][1].synchronize()
+                e["window_ms"] = e["_ev"][0].elapsed_time(e["_ev"][1])
+            else:
+                e["window_ms"] = (e.get("_t1", e["_t0"]) - e["_t0"]) * 1e3
+            for k in ("_ev", "_t0", "_t1", "_waited"):
+                e.pop(k, None)
+            out.append(e)
+        self.log = []
+        return out
+
+    def _counters(self) -> tuple:
+        c = self.comm.counters
+        return c.collectives, c.bytes_sent, c.bytes_received
+
+    def begin_step(self, layout: ClipLayout):
+        """Exchanges are numbered in call order within a step; ``stale`` pairs exchange ``i``
+        of this step with exchange ``i`` of the previous one (same layer, same shape)."""
+        self._seq = 0
+        if layout != self._layout:
+            self._stale.clear()
+            self._layout = layout
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
+               what: str) -> Pending:
+        """Frames ``wants[rank]`` of the distributed video, as a ``Pending``."""
+        before = self._counters()
+        return self._tracked(self._frames(x, dim, layout, wants, what), what, x, before)
+
+    def _frames(self, x, dim, layout, wants, what) -> Pending:
+        if self.mode == "overlap" or self.comm.world_size == 1:
+            return self.comm.post_frames(x, dim, layout, wants, what)
+        if self.mode == "blocking":
+            return Pending.ready(self.comm.blocking_frames(x, dim, layout, wants, what))
+        plan = frame_plan(layout, self.comm.rank, wants)
+        if self.mode == "loopback":
+            n = x.shape[dim]
+            idx = self.comm._index(tuple(i % n for i in range(plan.n_out)), x.device)
+            return Pending.ready(x.index_select(dim, idx))
+        # stale
+        key = ("frames", self._next())
+        prev = self._stale.get(key)
+        self._stale[key] = self.comm.post_frames(x, dim, layout, wants, what)
+        if prev is None:                      # first step: nothing older to use
+            return self._stale[key]
+        out = prev.wait().clone()
+        if plan.local_pos:                    # own frames are always fresh
+            out.index_copy_(dim, self.comm._index(plan.local_pos, x.device),
+                            x.index_select(dim, self.comm._index(plan.local_idx, x.device)))
+        return Pending.ready(out)
+
+    def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
+        """The sum of ``t`` over the ranks, as a ``Pending`` (``t`` may be reduced in place:
+        use the waited result, not ``t``)."""
+        before = self._counters()
+        return self._tracked(self._all_reduce(t, what), what, t, before)
+
+    def _all_reduce(self, t, what) -> Pending:
+        if self.mode == "overlap" or self.comm.world_size == 1:
+            return self.comm.post_all_reduce(t, what)
+        if self.mode == "blocking":
+            out = self.comm.post_all_reduce(t, what).wait()
+            self.comm.device_sync(t.device)
+            return Pending.ready(out)
+        if self.mode == "loopback":
+            return Pending.ready(t.clone())
+        # stale: previous total, corrected by how this rank's own share changed since.
+        key = ("sum", self._next())
+        prev = self._stale.get(key)
+        local = t.clone()
+        self._stale[key] = (self.comm.post_all_reduce(t, what), local)
+        if prev is None:
+            return self._stale[key][0]
+        total, old_local = prev[0].wait(), prev[1]
+        return Pending.ready(total - old_local + local)
