@@ -23,6 +23,11 @@ import torch
 
 import vinf_engine as vinf
 from vinf_engine.launch import run_local
+from vinf_engine.scheduler import MODES
+
+
+def rel_diff(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
 
 PRESETS = {
     # Four levels like the real model, narrow channels: every operator the engine replaces
@@ -65,84 +70,104 @@ def peak_memory_mib(device) -> float:
 
 
 def denoise(rank, world, opts):
-    """One rank's share: its clip of the video through ``steps`` CFG denoising steps."""
+    """One rank's share: its clip of the video through ``steps`` CFG denoising steps, once per
+    communication mode asked for (the same model, parallelized anew for each)."""
     from diffusers import DPMSolverMultistepScheduler
     preset = PRESETS[opts["preset"]]
     device = torch.device(f"cuda:{rank}" if opts["device"] == "cuda" else "cpu")
     dtype = getattr(torch, preset["dtype"])
     frames, steps = opts["frames"], opts["steps"]
-    h, w = preset["latent_hw"]
+    h, w = opts["latent_hw"]
     model = build_unet(preset, device, dtype)
-    if opts["mode"] == "engine":
-        vinf.parallelize(model, vinf.DualScopeConfig(**opts["config"]))
     layout = vinf.ClipLayout(frames, world)
-    latents = vinf.initial_noise(opts["seed"], (1, 4, frames, h, w), layout.frames(rank),
-                                 device=device, dtype=dtype)
     g = torch.Generator().manual_seed(opts["seed"] + 1)
     text = torch.randn(2, preset["text_len"], preset["unet"]["cross_attention_dim"],
                        generator=g).to(device, dtype)          # (uncond, cond) embeddings
-    sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")
-    sched.set_timesteps(steps, device=device)
     guidance = 9.0
-
-    def unet(x, t):
-        eps = model(torch.cat([x, x]), t, encoder_hidden_states=text).sample
-        uncond, cond = eps.chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if world > 1:
-            torch.distributed.barrier()
-
-    with torch.no_grad():
-        unet(latents, sched.timesteps[0])                       # warm-up, not timed
-        sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    results = {}
+    for mode in opts["modes"]:
+        if mode != "diffusers":
+            vinf.parallelize(model, vinf.DualScopeConfig(**opts["config"]), comm_mode=mode)
         engine = getattr(model, "vinf_engine", None)
+        latents = vinf.initial_noise(opts["seed"], (1, 4, frames, h, w), layout.frames(rank),
+                                     device=device, dtype=dtype)
+        sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")
+        sched.set_timesteps(steps)           # CPU timesteps: reading them costs no device sync
+
+        def unet(x, t):
+            eps = model(torch.cat([x, x]), t, encoder_hidden_states=text).sample
+            uncond, cond = eps.chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if world > 1:
+                torch.distributed.barrier()
+
+        with torch.no_grad():
+            unet(latents, sched.timesteps[0])                   # warm-up, not timed
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if engine is not None:
+                engine.comm.counters.reset()
+            log = []
+            t0 = time.perf_counter()
+            for i, t in enumerate(sched.timesteps):
+                if engine is not None and i == len(sched.timesteps) - 1:
+                    engine.scheduler.record = True              # log the last step's exchanges
+                latents = sched.step(unet(latents, t), t, latents).prev_sample
+            sync()
+            seconds = time.perf_counter() - t0
+            if engine is not None:
+                engine.scheduler.record = False
+                log = engine.scheduler.take_log()
+        results[mode] = dict(
+            seconds=seconds, peak_mib=peak_memory_mib(device), log=log,
+            counters=engine.comm.counters.snapshot() if engine is not None else None,
+            latents=latents.float().cpu())
         if engine is not None:
-            engine.comm.counters.reset()
-        t0 = time.perf_counter()
-        for t in sched.timesteps:
-            latents = sched.step(unet(latents, t), t, latents).prev_sample
-        sync()
-        seconds = time.perf_counter() - t0
-    counters = engine.comm.counters.snapshot() if engine is not None else None
-    return dict(seconds=seconds, peak_mib=peak_memory_mib(device), counters=counters,
-                latents=latents.float().cpu())
+            vinf.unparallelize(model)
+    return results
 
 
-def run(name, mode, world, opts, threads):
-    args = dict(opts, mode=mode)
+def run(label, modes, world, opts, threads):
+    """Spawn ``world`` ranks running every mode in ``modes``; one table row per mode."""
     backend = "nccl" if opts["device"] == "cuda" else "gloo"
-    t0 = time.perf_counter()
     try:
-        res = run_local(denoise, world, args, backend=backend, threads=threads, timeout=3600)
+        res = run_local(denoise, world, dict(opts, modes=modes), backend=backend,
+                        threads=threads, timeout=3600)
     except RuntimeError as e:
         oom = "out of memory" in str(e).lower()
-        print(f"  {name}: {'out of memory' if oom else 'FAILED'}", flush=True)
+        print(f"  {label}: {'out of memory' if oom else 'FAILED'}", flush=True)
         if not oom:
             print(str(e)[-2000:], file=sys.stderr)
-        return dict(name=name, mode=mode, ranks=world, error="out of memory" if oom else str(e)[-500:])
-    wall = max(r["seconds"] for r in res)
-    row = dict(name=name, mode=mode, ranks=world, threads_per_rank=threads, frames=opts["frames"],
-               steps=opts["steps"], seconds=wall,
-               frame_steps_per_s=opts["frames"] * opts["steps"] / wall,
-               peak_mib_per_rank=[round(r["peak_mib"], 1) for r in res],
-               launch_seconds=time.perf_counter() - t0)
-    if res[0]["counters"] is not None:
-        # One UNet call per denoising step (classifier-free guidance rides in the batch).
-        per = opts["steps"]
-        row["collectives_per_step"] = max(r["counters"]["collectives"] for r in res) / per
-        row["p2p_ops_per_step"] = max(r["counters"]["p2p_ops"] for r in res) / per
-        row["control_per_step"] = max(r["counters"]["control"] for r in res) / per
-        row["mib_sent_per_step"] = max(r["counters"]["bytes_sent"] for r in res) / per / 2**20
-        row["mib_received_per_step"] = max(r["counters"]["bytes_received"] for r in res) / per / 2**20
-    row["_latents"] = torch.cat([r["latents"] for r in res], dim=2)
-    print(f"  {name}: {wall:.2f} s", flush=True)
-    return row
+        return [dict(name=f"{label}, {m}" if m != "diffusers" else label, mode=m, ranks=world,
+                     error="out of memory" if oom else str(e)[-500:]) for m in modes]
+    rows = []
+    per = opts["steps"]      # one UNet call per denoising step (CFG rides in the batch)
+    for mode in modes:
+        rr = [r[mode] for r in res]
+        wall = max(r["seconds"] for r in rr)
+        name = label if mode == "diffusers" else f"{label}, {mode}"
+        row = dict(name=name, mode=mode, ranks=world, threads_per_rank=threads,
+                   frames=opts["frames"], steps=per, seconds=wall,
+                   frame_steps_per_s=opts["frames"] * per / wall,
+                   peak_mib_per_rank=[round(r["peak_mib"], 1) for r in rr])
+        if rr[0]["counters"] is not None:
+            c = [r["counters"] for r in rr]
+            row["collectives_per_step"] = max(x["collectives"] for x in c) / per
+            row["p2p_ops_per_step"] = max(x["p2p_ops"] for x in c) / per
+            row["device_syncs_per_step"] = max(x["device_syncs"] for x in c) / per
+            row["control_per_step"] = max(x["control"] for x in c) / per
+            row["mib_sent_per_step"] = max(x["bytes_sent"] for x in c) / per / 2**20
+            row["mib_received_per_step"] = max(x["bytes_received"] for x in c) / per / 2**20
+            row["exchanges_last_step"] = rr[0]["log"]           # rank 0's, for --project
+        row["_latents"] = torch.cat([r["latents"] for r in rr], dim=2)
+        rows.append(row)
+        print(f"  {name}: {wall:.2f} s", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -157,6 +182,11 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--num-global", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="overlap,blocking,stale,loopback",
+                    help="communication modes of the R-rank engine, comma-separated "
+                         "(loopback = exchanges replaced by local copies: the no-comm baseline)")
+    ap.add_argument("--latent", default=None,
+                    help="latent HxW, e.g. 8x8 (default: the preset's; 40x64 for modelscope)")
     ap.add_argument("--skip-diffusers", action="store_true", help="leave out plain diffusers")
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/throughput-<device>.json)")
     a = ap.parse_args(argv)
@@ -174,8 +204,19 @@ def main(argv=None):
         ap.error(f"--frames {frames} is fewer than --ranks {ranks}")
     config = dict(window=a.window, num_global=a.num_global)
     vinf.DualScopeConfig(**config)                             # validate before spawning
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"--modes: unknown {bad}; choose from {MODES}")
+    latent_hw = preset["latent_hw"]
+    if a.latent:
+        try:
+            latent_hw = tuple(int(v) for v in a.latent.lower().split("x"))
+            assert len(latent_hw) == 2 and min(latent_hw) >= 1
+        except (ValueError, AssertionError):
+            ap.error(f"--latent must look like 8x8, got {a.latent!r}")
     opts = dict(device=a.device, preset=preset_name, frames=frames, steps=steps, seed=a.seed,
-                config=config)
+                config=config, latent_hw=latent_hw)
     cores = os.cpu_count() or 1
     one = None if a.device == "cuda" else cores                # threads for a lone process
     each = None if a.device == "cuda" else max(1, cores // ranks)
@@ -184,42 +225,54 @@ def main(argv=None):
           f"{a.device}, window {a.window}, {a.num_global} global frames", flush=True)
     rows = []
     if ranks > 1:
-        rows.append(run(f"engine, {ranks} ranks", "engine", ranks, opts, each))
-    rows.append(run("engine, 1 rank", "engine", 1, opts, one))
+        rows += run(f"engine {ranks} ranks", modes, ranks, opts, each)
+    rows += run("engine 1 rank", ["overlap"], 1, opts, one)
     if not a.skip_diffusers:
-        rows.append(run("diffusers, whole video", "diffusers", 1, opts, one))
+        rows += run("diffusers, whole video", ["diffusers"], 1, opts, one)
 
-    ok = [r for r in rows if "error" not in r]
-    engines = [r for r in ok if r["mode"] == "engine"]
-    invariance = None
-    if len(engines) == 2:
-        x, y = engines[0]["_latents"], engines[1]["_latents"]
-        invariance = float((x - y).abs().max() / y.abs().max())
+    ok = {r["name"]: r for r in rows if "error" not in r}
+    one_rank = ok.get("engine 1 rank, overlap")
+    exact = ok.get(f"engine {ranks} ranks, overlap")
+    invariance = stale_drift = None
+    if one_rank and exact:
+        invariance = rel_diff(exact["_latents"], one_rank["_latents"])
+    stale = ok.get(f"engine {ranks} ranks, stale")
+    if stale and (exact or one_rank):
+        stale_drift = rel_diff(stale["_latents"], (exact or one_rank)["_latents"])
+    loop = ok.get(f"engine {ranks} ranks, loopback")
     for r in rows:
         r.pop("_latents", None)
+        if loop and "error" not in r and r["mode"] in ("overlap", "blocking", "stale") and r["ranks"] == ranks:
+            r["exposed_comm_ms_per_step"] = (r["seconds"] - loop["seconds"]) / steps * 1e3
 
     gpu = torch.cuda.get_device_name() if a.device == "cuda" else None
     report = dict(benchmark="throughput", date=time.strftime("%Y-%m-%d"), device=a.device, gpu=gpu,
                   cpu=platform.processor() or platform.machine(), cores=cores,
                   torch=torch.__version__, preset=preset_name, frames=frames, steps=steps,
-                  config=config, rows=rows,
-                  max_rel_diff_R_ranks_vs_1_rank=invariance)
+                  latent_hw=latent_hw, config=config, rows=rows,
+                  max_rel_diff_R_ranks_vs_1_rank=invariance,
+                  stale_max_rel_drift_vs_exact=stale_drift)
     print()
-    head = f"{'run':<24}{'s':>8}{'frame-steps/s':>15}{'peak MiB/rank':>16}{'coll/step':>11}{'p2p/step':>10}{'MiB sent/step':>15}"
+    head = (f"{'run':<30}{'s':>8}{'frame-steps/s':>15}{'peak MiB/rank':>15}{'launches':>10}"
+            f"{'syncs':>7}{'MiB recv':>10}{'exposed ms':>12}   (per step)")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['name']:<24}  {r['error'][:60]}")
+            print(f"{r['name']:<30}  {r['error'][:60]}")
             continue
-        mem = max(r["peak_mib_per_rank"])
-        coll = f"{r['collectives_per_step']:.0f}" if "collectives_per_step" in r else "-"
-        p2p = f"{r['p2p_ops_per_step']:.0f}" if "p2p_ops_per_step" in r else "-"
-        sent = f"{r['mib_sent_per_step']:.2f}" if "mib_sent_per_step" in r else "-"
-        print(f"{r['name']:<24}{r['seconds']:>8.2f}{r['frame_steps_per_s']:>15.2f}{mem:>16.0f}"
-              f"{coll:>11}{p2p:>10}{sent:>15}")
+        def col(key, fmt):
+            return format(r[key], fmt) if key in r else "-"
+        print(f"{r['name']:<30}{r['seconds']:>8.2f}{r['frame_steps_per_s']:>15.2f}"
+              f"{max(r['peak_mib_per_rank']):>15.0f}{col('collectives_per_step', '.0f'):>10}"
+              f"{col('device_syncs_per_step', '.0f'):>7}{col('mib_received_per_step', '.2f'):>10}"
+              f"{col('exposed_comm_ms_per_step', '.1f'):>12}")
     if invariance is not None:
-        print(f"\nmax |out(R={ranks}) - out(R=1)| / max |out(R=1)| = {invariance:.2e}")
+        print(f"\nmax |out(R={ranks}, overlap) - out(R=1)| / max |out(R=1)| = {invariance:.2e}")
+    if stale_drift is not None:
+        print(f"stale mode drift from exact: max rel {stale_drift:.2e}")
+    print("launches: data-plane collectives (one batch of p2p transfers = 1); exposed: step time "
+          "minus the loopback run's (exchanges replaced by local copies of the same size)")
     mem_note = "GPU max_memory_allocated" if a.device == "cuda" else "peak RSS of the rank's process"
     print(f"peak memory: {mem_note}; collectives count data-plane launches (one batched p2p = 1)")
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
