@@ -16,6 +16,8 @@ beyond the video's ends and must not act as zero keys.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F_
 
@@ -136,10 +138,55 @@ def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, win
     return (out, lse) if return_lse else out
 
 
+def _reference_op(q, k, v, k_global, v_global, window, pad, valid_left, valid_right,
+                  tokens_per_frame, local_bias, global_bias, scale, return_lse):
+    """The reference with the custom op's positional signature and its two outputs."""
+    res = dual_scope_attention_reference(
+        q, k, v, k_global, v_global, window=window, pad=pad, valid_left=valid_left,
+        valid_right=valid_right, tokens_per_frame=tokens_per_frame, local_bias=local_bias,
+        global_bias=global_bias, scale=scale, return_lse=return_lse)
+    return res if return_lse else (res, q.new_empty((0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("vinf::dual_scope_attention", mutates_args=())
+def _dual_scope_attention_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_global: Optional[torch.Tensor],
+        v_global: Optional[torch.Tensor], window: int, pad: int, valid_left: int,
+        valid_right: int, tokens_per_frame: int, local_bias: float, global_bias: float,
+        scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op as torch.compile and CUDA graphs see it: (out (B, F*T, H, D) contiguous,
+    lse (B, H, F*T) fp32, or an empty (0,) tensor without ``return_lse``). Arguments are
+    checked by the public function; the backend is chosen by ``dispatch``."""
+    FT = q.shape[1]
+    key = (q.dtype, q.shape[0], FT // tokens_per_frame, tokens_per_frame, q.shape[2],
+           q.shape[3], pad, window, 0 if k_global is None else k_global.shape[1], return_lse)
+    res = dispatch.call(
+        "dual_scope_attention", key, q, k, v, k_global, v_global, window=window, pad=pad,
+        valid_left=valid_left, valid_right=valid_right, tokens_per_frame=tokens_per_frame,
+        local_bias=local_bias, global_bias=global_bias, scale=scale, return_lse=return_lse)
+    out, lse = res if return_lse else (res, q.new_empty((0,), dtype=torch.float32))
+    return out.contiguous(), lse
+
+
+@_dual_scope_attention_op.register_fake
+def _(q, k, v, k_global, v_global, window, pad, valid_left, valid_right, tokens_per_frame,
+      local_bias, global_bias, scale, return_lse):
+    B, FT, H, D = q.shape
+    lse_shape = (B, H, FT) if return_lse else (0,)
+    return q.new_empty((B, FT, H, D)), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+dispatch.reference_autograd(_dual_scope_attention_op, _reference_op)
+
+
 def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, valid_left,
                          valid_right, tokens_per_frame=1, local_bias=0.0, global_bias=0.0,
                          scale=None, return_lse=False):
     """Dual-scope attention (see the module docstring for the layout and the mask).
+
+    Runs as the torch.library op ``torch.ops.vinf.dual_scope_attention`` (traceable by
+    ``torch.compile(fullgraph=True)``, capturable in CUDA graphs) on the backend that
+    ``dispatch`` picks: the reference on CPU, the Triton or CUDA kernels on GPUs.
 
     Parameters
     ----------
@@ -162,12 +209,10 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
     F, T, scale = check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left,
                                         valid_right, tokens_per_frame, local_bias, global_bias,
                                         scale)
-    key = (q.dtype, q.shape[0], F, T, q.shape[2], q.shape[3], pad, window,
-           0 if k_global is None else k_global.shape[1], bool(return_lse))
-    return dispatch.call(
-        "dual_scope_attention", key, q, k, v, k_global, v_global, window=window, pad=pad,
-        valid_left=valid_left, valid_right=valid_right, tokens_per_frame=tokens_per_frame,
-        local_bias=local_bias, global_bias=global_bias, scale=scale, return_lse=bool(return_lse))
+    out, lse = _dual_scope_attention_op(q, k, v, k_global, v_global, window, pad, valid_left,
+                                        valid_right, T, float(local_bias), float(global_bias),
+                                        float(scale), bool(return_lse))
+    return (out, lse) if return_lse else out
 
 
 dispatch.register("dual_scope_attention", "reference", dual_scope_attention_reference)

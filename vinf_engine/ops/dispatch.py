@@ -147,3 +147,30 @@ def _time(fn, args, kwargs, reps: int = 5) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def reference_autograd(op, reference: Callable):
+    """Give the torch.library custom op ``op`` gradients by recomputing ``reference`` (same
+    arguments and outputs as ``op``, plain PyTorch) under autograd. The kernels are
+    forward-only; this keeps every op as differentiable as its reference path was."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
+        ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]
+        ctx.save_for_backward(*[a for a, t in zip(inputs, ctx.is_tensor) if t])
+
+    def backward(ctx, *grads):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved).detach().requires_grad_(True) if t else o
+                for t, o in zip(ctx.is_tensor, ctx.others)]
+        with torch.enable_grad():
+            outs = reference(*args)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        used = [(o, g) for o, g in zip(outs, grads) if g is not None and o.numel()]
+        wrt = [a for a in args if isinstance(a, torch.Tensor)]
+        got = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used],
+                                  allow_unused=True) if used else [None] * len(wrt)
+        got = iter(got)
+        return tuple(next(got) if isinstance(a, torch.Tensor) else None for a in args)
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -13,6 +13,8 @@ below fp32 resolution even when |mean|/std is in the thousands.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -82,18 +84,59 @@ def group_norm_apply_reference(x, mean, rstd, weight=None, bias=None, activation
     return y.reshape(x.shape).to(x.dtype)
 
 
+def _group_count(x: torch.Tensor, num_groups: int) -> int:
+    return x.numel() // max(1, x.shape[0] * num_groups)
+
+
+@torch.library.custom_op("vinf::group_norm_partials", mutates_args=())
+def _group_norm_partials_op(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(N, G, 2) fp64 partials of x (N, C, *) on the backend ``dispatch`` picks."""
+    key = (x.dtype, tuple(x.shape), tuple(x.stride()), num_groups)
+    partials, _ = dispatch.call("group_norm_partials", key, x, num_groups)
+    return partials
+
+
+@_group_norm_partials_op.register_fake
+def _(x, num_groups):
+    return x.new_empty((x.shape[0], num_groups, 2), dtype=torch.float64)
+
+
+dispatch.reference_autograd(_group_norm_partials_op,
+                            lambda x, g: group_norm_partials_reference(x, g)[0])
+
+
+@torch.library.custom_op("vinf::group_norm_apply", mutates_args=())
+def _group_norm_apply_op(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         activation: Optional[str]) -> torch.Tensor:
+    """``act((x - mean) * rstd * weight + bias)`` on the backend ``dispatch`` picks; the
+    result has x's memory format (``torch.empty_like``)."""
+    key = (x.dtype, tuple(x.shape), tuple(x.stride()), mean.shape[1], weight is not None,
+           bias is not None, activation)
+    y = dispatch.call("group_norm_apply", key, x, mean, rstd, weight, bias, activation)
+    if y.stride() != torch.empty_like(x, device="meta").stride():
+        y = torch.empty_like(x).copy_(y)      # the reference returns NCDHW for channels-last x
+    return y
+
+
+@_group_norm_apply_op.register_fake
+def _(x, mean, rstd, weight, bias, activation):
+    return torch.empty_like(x)
+
+
+dispatch.reference_autograd(_group_norm_apply_op, group_norm_apply_reference)
+
+
 def group_norm_partials(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
     """Per-group ``[sum x, sum x^2]`` of ``x`` (N, C, *): (N, G, 2) fp64, and the element
-    count of each group. Dispatched (see ``dispatch``)."""
-    key = (x.dtype, tuple(x.shape), x.is_contiguous(), num_groups)
-    return dispatch.call("group_norm_partials", key, x, num_groups)
+    count of each group. Runs as ``torch.ops.vinf.group_norm_partials`` (see ``dispatch``)."""
+    return _group_norm_partials_op(x, num_groups), _group_count(x, num_groups)
 
 
 def group_norm_apply(x, mean, rstd, weight=None, bias=None, activation=None):
-    """``act((x - mean) * rstd * weight + bias)``. Dispatched (see ``dispatch``)."""
-    key = (x.dtype, tuple(x.shape), x.is_contiguous(), mean.shape[1], weight is not None,
-           bias is not None, activation)
-    return dispatch.call("group_norm_apply", key, x, mean, rstd, weight, bias, activation)
+    """``act((x - mean) * rstd * weight + bias)`` for x (N, C, *), mean and rstd (N, G),
+    weight and bias (C,) or None. Runs as ``torch.ops.vinf.group_norm_apply``."""
+    return _group_norm_apply_op(x, mean, rstd, weight, bias, activation)
 
 
 dispatch.register("group_norm_partials", "reference", group_norm_partials_reference)
