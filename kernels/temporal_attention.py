@@ -1,0 +1,189 @@
+"""Dual-scope attention for ``tokens_per_frame == 1``: UNet temporal attention.
+
+The batch is huge (batch x spatial positions x heads: 12,800 sequences and more) and each
+sequence is short (16-64 query frames, a band of ~100 local keys, 8-16 global keys). One
+program takes ``SEQ`` whole sequences (consecutive heads of one position, adjacent in memory)
+and a block of ``BLOCK_F`` query frames; the band of local keys that block can see and all the
+global keys each fit one tile, so the softmax is computed in one pass, without the running
+max and rescaling of flash attention. Sequences sit on grid axis 0 (no 65,535 limit) and every
+base offset is 64-bit. q, k, v are read in their given strides: the engine passes
+``(B, F, H, D)`` views of the projection outputs, never transposed copies, and the local and
+global keys are never concatenated.
+
+Masks: a query in frame ``f`` sees padded key frame ``j`` iff ``|j - (f + pad)| <= window`` and
+``lo <= j < hi`` (the halo frames that exist); keys outside ``[lo, hi)`` are never loaded, so
+whatever the caller left there (zeros, NaN) cannot leak.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import interpreting, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _temporal_attn_fwd(
+    Q, K, V, KG, VG, O, LSE,
+    stride_qb, stride_qf, stride_qh, stride_qd,      # q  (B, F, H, D)
+    stride_kb, stride_kf, stride_kh, stride_kd,      # k  (B, F + 2*pad, H, D)
+    stride_vb, stride_vf, stride_vh, stride_vd,      # v  (B, F + 2*pad, H, D)
+    stride_gb, stride_gn, stride_gh, stride_gd,      # k_global (B, Ng, H, D)
+    stride_wb, stride_wn, stride_wh, stride_wd,      # v_global (B, Ng, H, D)
+    stride_ob, stride_of, stride_oh, stride_od,      # out (B, F, H, D)
+    num_seqs, H, F, Ng, pad, window, lo, hi,
+    qk_scale, local_bias, global_bias,               # scale and biases times log2(e)
+    HEAD_DIM: tl.constexpr, SEQ: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_F >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16,
+                     "tl.dot needs every tile dimension >= 16")
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    seq = tl.program_id(0).to(tl.int64) * SEQ + tl.arange(0, SEQ)            # (SEQ,) = b*H + h
+    seq_ok = seq < num_seqs
+    b = seq // H
+    h = seq % H
+    f0 = tl.program_id(1) * BLOCK_F
+    f = f0 + tl.arange(0, BLOCK_F)                                           # query frames
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    # The band this query block can see starts at padded frame f0 + pad - window.
+    j = f0 + pad - window + tl.arange(0, BLOCK_K)
+    j_ok = (j >= lo) & (j < hi)
+
+    ok_s = seq_ok[:, None, None]
+    f3 = f[None, :, None]
+    d3 = d[None, None, :]
+    j3 = j[None, :, None]
+    q_ok = ok_s & (f3 < F) & d_ok[None, None, :]
+    q = tl.load(Q + b[:, None, None] * stride_qb + h[:, None, None] * stride_qh
+                + f3.to(tl.int64) * stride_qf + d3 * stride_qd, mask=q_ok, other=0.0)
+    kv_ok = ok_s & j_ok[None, :, None] & d_ok[None, None, :]
+    k = tl.load(K + b[:, None, None] * stride_kb + h[:, None, None] * stride_kh
+                + j3.to(tl.int64) * stride_kf + d3 * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b[:, None, None] * stride_vb + h[:, None, None] * stride_vh
+                + j3.to(tl.int64) * stride_vf + d3 * stride_vd, mask=kv_ok, other=0.0)
+
+    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PRECISION)  # (SEQ, BF, BK)
+    s = s * qk_scale + local_bias
+    dist = j[None, None, :] - (f[None, :, None] + pad)
+    band = (dist <= window) & (dist >= -window) & j_ok[None, None, :]
+    s = tl.where(band, s, float("-inf"))
+    m = tl.max(s, axis=2)
+    if HAS_GLOBAL:
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < Ng
+        g3 = g[None, :, None]
+        kvg_ok = ok_s & g_ok[None, :, None] & d_ok[None, None, :]
+        kg = tl.load(KG + b[:, None, None] * stride_gb + h[:, None, None] * stride_gh
+                     + g3.to(tl.int64) * stride_gn + d3 * stride_gd, mask=kvg_ok, other=0.0)
+        vg = tl.load(VG + b[:, None, None] * stride_wb + h[:, None, None] * stride_wh
+                     + g3.to(tl.int64) * stride_wn + d3 * stride_wd, mask=kvg_ok, other=0.0)
+        sg = tl.dot(q, tl.permute(kg, (0, 2, 1)), input_precision=DOT_PRECISION)
+        sg = tl.where(g_ok[None, None, :], sg * qk_scale + global_bias, float("-inf"))
+        m = tl.maximum(m, tl.max(sg, axis=2))
+    # Rows past the clip (padding of the tile) may see no key at all: keep them finite.
+    m = tl.maximum(m, -1e30)
+    p = tl.math.exp2(s - m[:, :, None])
+    l = tl.sum(p, axis=2)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if HAS_GLOBAL:
+        pg = tl.math.exp2(sg - m[:, :, None])
+        l += tl.sum(pg, axis=2)
+        acc = tl.dot(pg.to(vg.dtype), vg, acc, input_precision=DOT_PRECISION)
+    l = tl.where(l > 0.0, l, 1.0)
+    out = acc / l[:, :, None]
+    tl.store(O + b[:, None, None] * stride_ob + h[:, None, None] * stride_oh
+             + f3.to(tl.int64) * stride_of + d3 * stride_od, out.to(O.dtype.element_ty),
+             mask=q_ok)
+    if RETURN_LSE:
+        # lse (B, H, F) contiguous: row seq = b*H + h, column f. Natural log.
+        lse = (m + tl.math.log2(l)) * 0.6931471805599453
+        tl.store(LSE + seq[:, None] * F + f[None, :], lse, mask=seq_ok[:, None] & (f[None, :] < F))
+
+
+# Logits (and P) elements one program holds: ~64 fp32 registers per thread at 4 warps.
+_TILE_ELEMS = 8192
+
+
+def pick_blocks(F: int, window: int, Ng: int, D: int) -> dict:
+    """Tile sizes for ``_temporal_attn_fwd``; each choice and its reason.
+
+    - BLOCK_F: the query block whose key tile (its band, ``BLOCK_F + 2*window`` frames, rounded
+      up to a power of two) wastes the fewest padded logits per sequence; ties go to the larger
+      block (fewer programs). At least 16, the smallest tl.dot tile.
+    - SEQ: as many whole sequences per program as keep the logits tile within _TILE_ELEMS and
+      the q/out tiles as large: more bytes in flight per program, and a program reads
+      consecutive heads, which are adjacent rows in memory. Under the interpreter SEQ stays
+      small so tiny test batches still span several programs.
+    """
+    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_G = max(16, next_pow2(Ng)) if Ng else 16
+    best = None
+    for bf in (16, 32, 64):
+        rows = min(bf, F)
+        bk = max(16, next_pow2(rows + 2 * window))
+        cost = math.ceil(F / bf) * bf * (bk + (BLOCK_G if Ng else 0))
+        if best is None or cost <= best[0]:
+            best = (cost, bf, bk)
+        if bf >= F:
+            break
+    _, BLOCK_F, BLOCK_K = best
+    per_seq = BLOCK_F * max(BLOCK_K + (BLOCK_G if Ng else 0), BLOCK_D)
+    SEQ = 1
+    while SEQ < 16 and 2 * SEQ * per_seq <= _TILE_ELEMS:
+        SEQ *= 2
+    if interpreting():
+        SEQ = min(SEQ, 2)
+    return dict(SEQ=SEQ, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
+                num_warps=4 if SEQ * per_seq <= 4096 else 8)
+
+
+def fits(F: int, window: int, Ng: int, D: int) -> str | None:
+    """Why this kernel's one-pass tiles cannot hold the problem, or None (then use the
+    flash kernel, which takes any size)."""
+    if D > 256:
+        return f"head dim {D} > 256"
+    if 16 + 2 * window > 256:
+        return f"window {window}: the band of a 16-frame query block exceeds 256 keys"
+    if Ng > 128:
+        return f"{Ng} global keys exceed one 128-key tile"
+    return None
+
+
+def temporal_attention(q, k, v, k_global, v_global, *, window: int, pad: int, valid_left: int,
+                       valid_right: int, local_bias: float, global_bias: float, scale: float,
+                       return_lse: bool, blocks: dict | None = None, out=None,
+                       lse=None):
+    """Launch ``_temporal_attn_fwd``. Arguments as ``vinf.ops.dual_scope_attention`` with
+    ``tokens_per_frame == 1`` and checked by it: q (B, F, H, D); k, v (B, F + 2*pad, H, D);
+    k_global, v_global (B, Ng, H, D) or None. Returns (out (B, F, H, D) contiguous,
+    lse (B, H, F) fp32 or None). ``blocks`` overrides ``pick_blocks`` (tests); ``out`` and ``lse`` are optional
+    preallocated contiguous outputs."""
+    B, F, H, D = q.shape
+    Ng = 0 if k_global is None else k_global.shape[1]
+    cfg = dict(pick_blocks(F, window, Ng, D), **(blocks or {}))
+    num_warps = cfg.pop("num_warps")
+    if cfg["BLOCK_K"] < min(cfg["BLOCK_F"], F) + 2 * window:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} cannot hold the band of a query block")
+    if out is None:
+        out = torch.empty((B, F, H, D), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, H, F), dtype=torch.float32, device=q.device) if return_lse else out
+    kg, vg = (k_global, v_global) if Ng else (k, v)   # placeholders, never read
+    grid = (triton.cdiv(B * H, cfg["SEQ"]), triton.cdiv(F, cfg["BLOCK_F"]))
+    _temporal_attn_fwd[grid](
+        q, k, v, kg, vg, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *kg.stride(), *vg.stride(), *out.stride(),
+        B * H, H, F, Ng, pad, window, pad - valid_left, pad + F + valid_right,
+        scale * LOG2E, local_bias * LOG2E, global_bias * LOG2E,
+        HEAD_DIM=D, HAS_GLOBAL=Ng > 0, RETURN_LSE=return_lse,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, **cfg)
+    return out, (lse if return_lse else None)
