@@ -25,6 +25,9 @@ import vinf_engine as vinf
 from vinf_engine.launch import run_local
 from vinf_engine.scheduler import MODES
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import projection  # noqa: E402  (bench/projection.py, beside this script)
+
 
 def rel_diff(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
@@ -188,6 +191,10 @@ def main(argv=None):
     ap.add_argument("--latent", default=None,
                     help="latent HxW, e.g. 8x8 (default: the preset's; 40x64 for modelscope)")
     ap.add_argument("--skip-diffusers", action="store_true", help="leave out plain diffusers")
+    ap.add_argument("--project", default=None, metavar="GxGPU[:link]",
+                    help="also project step time and scaling to e.g. 8xH200 (links: nvlink, ib, "
+                         "pcie) from this run's measured exchanges; writes a PNG plot")
+    ap.add_argument("--project-frames-per-gpu", type=int, default=64)
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/throughput-<device>.json)")
     a = ap.parse_args(argv)
 
@@ -205,6 +212,14 @@ def main(argv=None):
     config = dict(window=a.window, num_global=a.num_global)
     vinf.DualScopeConfig(**config)                             # validate before spawning
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    target = None
+    if a.project:
+        try:
+            target = projection.parse_target(a.project)
+        except ValueError as e:
+            ap.error(str(e))
+        if ranks < 2 or not {"overlap", "loopback"} <= set(modes):
+            ap.error("--project needs --ranks >= 2 and the overlap and loopback modes")
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"--modes: unknown {bad}; choose from {MODES}")
@@ -249,7 +264,7 @@ def main(argv=None):
     report = dict(benchmark="throughput", date=time.strftime("%Y-%m-%d"), device=a.device, gpu=gpu,
                   cpu=platform.processor() or platform.machine(), cores=cores,
                   torch=torch.__version__, preset=preset_name, frames=frames, steps=steps,
-                  latent_hw=latent_hw, config=config, rows=rows,
+                  latent_hw=latent_hw, dtype=preset["dtype"], config=config, rows=rows,
                   max_rel_diff_R_ranks_vs_1_rank=invariance,
                   stale_max_rel_drift_vs_exact=stale_drift)
     print()
@@ -278,6 +293,18 @@ def main(argv=None):
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                 f"throughput-{a.device}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if target is not None:
+        if preset_name == "tiny":
+            print("\nnote: projecting from the tiny preset's exchanges; use --preset modelscope "
+                  "(e.g. with --latent 8x8 on a CPU) for the 1.41B model's bytes")
+        p = projection.project(report, *target, a.project_frames_per_gpu)
+        projection.print_projection(p)
+        points = projection.sweep(report, target[1], a.project_frames_per_gpu)
+        png = os.path.splitext(out)[0] + f"-scaling-{target[0]}x{target[1]}.png"
+        projection.plot(points, target, png)
+        report["projection"] = dict(target=p, sweep=points, assumptions=projection.ASSUMPTIONS,
+                                    plot=png)
+        print(f"wrote {png}")
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {out}")

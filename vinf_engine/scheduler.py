@@ -46,13 +46,14 @@ class CommScheduler:
         self.record = False      # when True, ``log`` gets one entry per exchange (see below)
         self.log: list[dict] = []
 
-    def _tracked(self, pending: Pending, kind: str, x: torch.Tensor, before: tuple) -> Pending:
+    def _tracked(self, pending: Pending, kind: str, x: torch.Tensor, before: tuple,
+                 frames: int = 0) -> Pending:
         """Log an exchange: its kind, bytes, frames, and the compute window between posting
         it and waiting for it (wall clock on CPU, CUDA events on GPUs; ``window_ms``)."""
         if not self.record:
             return pending
         c = self.comm.counters
-        entry = dict(kind=kind, launches=c.collectives - before[0],
+        entry = dict(kind=kind, frames=frames, launches=c.collectives - before[0],
                      bytes_sent=c.bytes_sent - before[1], bytes_received=c.bytes_received - before[2])
         cuda = x.device.type == "cuda"
         if cuda:
@@ -110,7 +111,9 @@ class CommScheduler:
                what: str) -> Pending:
         """Frames ``wants[rank]`` of the distributed video, as a ``Pending``."""
         before = self._counters()
-        return self._tracked(self._frames(x, dim, layout, wants, what), what, x, before)
+        plan = frame_plan(layout, self.comm.rank, wants)
+        remote = plan.n_out - len(plan.local_pos)
+        return self._tracked(self._frames(x, dim, layout, wants, what), what, x, before, remote)
 
     def _frames(self, x, dim, layout, wants, what) -> Pending:
         if self.mode == "overlap" or self.comm.world_size == 1:

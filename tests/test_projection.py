@@ -1,0 +1,53 @@
+"""The scaling projection's arithmetic, on a synthetic run report."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import projection  # noqa: E402
+
+
+def report(window_ms):
+    # One attention exchange of 10 remote frames, one halo exchange of 4, one all-reduce,
+    # measured at latent 40x64 in bf16, so no rescaling of bytes.
+    log = [dict(kind="attention context exchange", frames=10, bytes_received=10 * 2**20, window_ms=window_ms),
+           dict(kind="temporal halo exchange", frames=4, bytes_received=4 * 2**20, window_ms=0.0),
+           dict(kind="GroupNorm statistics all-reduce", frames=0, bytes_received=1024, window_ms=0.0)]
+    rows = [dict(mode="overlap", ranks=2, seconds=1.0, exchanges_last_step=log),
+            dict(mode="loopback", ranks=2, seconds=1.0)]
+    return dict(rows=rows, config=dict(window=8, num_global=16), latent_hw=[40, 64],
+                dtype="bfloat16", steps=1)
+
+
+def test_exposed_time_follows_bytes_and_windows():
+    lk = projection.LINKS["nvlink"]
+    p = projection.project(report(0.0), 8, "H200", "nvlink", 64)
+    assert p["byte_scale"] == 1.0 and p["compute_ms"] == pytest.approx(6.95 * 64)
+    over = p["modes"]["overlap"]
+    # Busiest rank: 8 + 8 halo frames and the 16 - 2 non-owned global frames, minus overlap.
+    att_frames = 8 + 8 + 14
+    att_ms = lk["latency_us"] / 1e3 + att_frames * 2**20 / (lk["gbps"] * 1e6)
+    halo_ms = lk["latency_us"] / 1e3 + 8 * 2**20 / (lk["gbps"] * 1e6)
+    ar_ms = projection.ALLREDUCE_LATENCY_US / 1e3 + 1024 / (lk["gbps"] * 1e6)
+    assert over["exposed_ms"] == pytest.approx(att_ms + halo_ms + ar_ms, rel=1e-9)
+    assert p["modes"]["blocking"]["exposed_ms"] > over["exposed_ms"]
+    assert p["modes"]["stale"]["exposed_ms"] == 0.0
+    # A compute window longer than the exchange hides it completely.
+    hidden = projection.project(report(1e3), 8, "H200", "nvlink", 64)["modes"]["overlap"]
+    assert hidden["exposed_ms"] == pytest.approx(halo_ms + ar_ms, rel=1e-9)
+    single = projection.project(report(0.0), 1, "H200", "nvlink", 64)["modes"]["overlap"]
+    assert single["efficiency"] == 1.0
+
+
+@pytest.mark.parametrize("spec", ["8xA100", "eight", "8xH200:carrier-pigeon", "0xH200"])
+def test_bad_targets(spec):
+    with pytest.raises(ValueError, match="--project"):
+        projection.parse_target(spec)
+
+
+def test_plot_writes_a_png(tmp_path):
+    points = projection.sweep(report(0.5), "H200", 32, counts=(1, 2, 4))
+    path = tmp_path / "s.png"
+    projection.plot(points, (4, "H200", "nvlink"), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
