@@ -109,8 +109,12 @@ def test_temporal_kernel_packs_sequences_and_query_blocks(name):
     check_against_reference(run_temporal(blocks), name, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("name", list(CASES))
+# fp16 on the cases whose tiles differ most; fp32 on all.
+FP16_DIT = ["interior", "empty_halos", "odd_sizes", "tokens_odd", "tokens_long", "tokens_globals"]
+
+
+@pytest.mark.parametrize("name,dtype", [(n, torch.float32) for n in CASES]
+                         + [(n, torch.float16) for n in FP16_DIT])
 def test_dit_kernel(name, dtype):
     check_against_reference(run_dit, name, dtype)
 

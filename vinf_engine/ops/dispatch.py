@@ -174,3 +174,10 @@ def reference_autograd(op, reference: Callable):
         return tuple(next(got) if isinstance(a, torch.Tensor) else None for a in args)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+def implementations(op: str) -> dict[str, Impl]:
+    """Every backend registered for ``op``, optional backends imported first (benchmarks
+    iterate this, so a new backend shows up there without edits)."""
+    _load_backends(_requested())
+    return dict(_IMPLS[op])
