@@ -10,8 +10,10 @@ from helpers import rel_err, run_ranks, tiny_unet, unet_inputs
 from workers import CASE_CONFIGS, TIMESTEPS, bad_input_rank, run_engine, unet_rank
 
 FRAMES = 11
-SPLITS = {2: (6, 5), 3: (1, 6, 4), 4: (3, 3, 3, 2)}   # uneven; R=3 has a 1-frame clip; the
-# window (4) is wider than a neighbour's clip (1-3 frames), so halos span several ranks.
+# Uneven splits; R=3 has a 1-frame clip; the window (4) is wider than a neighbour's clip
+# (1-3 frames), so halos span several ranks; at window 1 ("narrow") clips of 3+ frames have a
+# halo-free interior, which the overlapped path attends before the context arrives.
+SPLITS = {2: (6, 5), 3: (1, 6, 4), 4: (3, 3, 3, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +32,26 @@ def unmodified():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_partition_invariance(world, single_process, unmodified):
+    # Both exact communication modes: overlapped (interior attention while the context is in
+    # flight, LSE merge) and the published blocking pattern (K and V per tensor and peer).
     sizes = SPLITS.get(world, (FRAMES,))
     configs = {k: v for k, v in CASE_CONFIGS.items() if k != "local_gn"}
-    results = run_ranks(unet_rank, world, sizes, configs)
+    modes = ("overlap", "blocking")
+    results = run_ranks(unet_rank, world, sizes, configs, modes)
     for name in configs:
         for t in TIMESTEPS:
-            out = torch.cat([r[name, t] for r in results], dim=2)
             ref = single_process[name, t]
-            assert out.shape == ref.shape
-            assert rel_err(out, ref) <= 1e-5, (name, t, rel_err(out, ref))
+            outs = {m: torch.cat([r[name, t, m] for r in results], dim=2) for m in modes}
+            for m, out in outs.items():
+                assert out.shape == ref.shape
+                assert rel_err(out, ref) <= 1e-5, (name, t, m, rel_err(out, ref))
+            assert rel_err(outs["overlap"], outs["blocking"]) <= 1e-5
     # The engine really changed the model (dual scope != full attention), and the phase
     # of the bias matters: the comparisons above are not between identical things.
     ref = single_process["dual", TIMESTEPS[0]]
     assert rel_err(ref, unmodified[TIMESTEPS[0]]) > 1e-3
     assert rel_err(single_process["dual", 900], single_process["dual_no_global", 900]) > 1e-3
+    assert rel_err(single_process["dual", 900], single_process["dual", 100]) > 1e-3
 
 
 def test_per_clip_groupnorm_breaks_invariance(single_process):

@@ -173,9 +173,9 @@ class ClipParallel:
             g = got.wait()
             empty = g.narrow(1, 0, 0)
             return AttentionContext(
-                left=_take(g, plan.left) if plan.left else empty,
-                right=_take(g, plan.right) if plan.right else empty,
-                glob=_take(g, plan.glob) if plan.glob else None, window=plan.window)
+                left=_take(g, plan.left, self.comm) if plan.left else empty,
+                right=_take(g, plan.right, self.comm) if plan.right else empty,
+                glob=_take(g, plan.glob, self.comm) if plan.glob else None, window=plan.window)
         return Pending([], finish, self.comm.timeout, "", self.rank)
 
     def start_frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> Pending:
@@ -226,13 +226,12 @@ class ClipParallel:
         partials, count = group_norm_partials(x_own, norm.num_groups)
         if not (self.config.sync_groupnorm and self.world_size > 1):
             return Pending.ready(group_norm_finalize(partials, count, norm.eps))
-        flat = torch.cat([partials.flatten(), partials.new_tensor([float(count)])])
-        summed = self.scheduler.all_reduce(flat, "GroupNorm statistics all-reduce")
-
-        def finish():
-            tot = summed.wait()
-            return group_norm_finalize(tot[:-1].view_as(partials), tot[-1], norm.eps)
-        return Pending([], finish, self.comm.timeout, "", self.rank)
+        # Every frame holds the same number of elements per group, so the whole video's count
+        # follows from the layout: only the sums travel, and no scalar is built on the device.
+        total = count // x_own.shape[2] * self._require_step().num_frames
+        summed = self.scheduler.all_reduce(partials, "GroupNorm statistics all-reduce")
+        return Pending([], lambda: group_norm_finalize(summed.wait(), total, norm.eps),
+                       self.comm.timeout, "", self.rank)
 
     def group_norm(self, x, norm: torch.nn.GroupNorm, own: slice | None = None,
                    activation: str | None = None, stats: tuple | None = None) -> torch.Tensor:
@@ -257,11 +256,11 @@ class ClipParallel:
             self._undo.pop()()
 
 
-def _take(t: torch.Tensor, positions: tuple) -> torch.Tensor:
+def _take(t: torch.Tensor, positions: tuple, comm: ClipComm) -> torch.Tensor:
     start = positions[0]
     if positions == tuple(range(start, start + len(positions))):
         return t.narrow(1, start, len(positions))
-    return t.index_select(1, torch.tensor(positions, device=t.device))
+    return t.index_select(1, comm._index(positions, t.device))
 
 
 def _scalar_timestep(timestep) -> float:
