@@ -25,7 +25,7 @@ import vinf_engine as vinf
 from vinf_engine.launch import run_local
 from vinf_engine.scheduler import MODES
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # already so when run as a script
 import projection  # noqa: E402  (bench/projection.py, beside this script)
 
 

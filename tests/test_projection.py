@@ -1,11 +1,15 @@
 """The scaling projection's arithmetic, on a synthetic run report."""
+import importlib.util
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-import projection  # noqa: E402
+# Loaded by path: putting bench/ on sys.path would let `import kernels` (which transformers
+# probes for) resolve to bench/kernels.py.
+_spec = importlib.util.spec_from_file_location(
+    "vinf_bench_projection", os.path.join(os.path.dirname(__file__), "..", "bench", "projection.py"))
+projection = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(projection)
 
 
 def report(window_ms):
