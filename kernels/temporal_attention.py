@@ -2,10 +2,12 @@
 
 The batch is huge (batch x spatial positions x heads: 12,800 sequences and more) and each
 sequence is short (16-64 query frames, a band of ~100 local keys, 8-16 global keys). One
-program takes ``SEQ`` whole sequences (consecutive heads of one position, adjacent in memory)
-and a block of ``BLOCK_F`` query frames; the band of local keys that block can see and all the
-global keys each fit one tile, so the softmax is computed in one pass, without the running
-max and rescaling of flash attention. Sequences sit on grid axis 0 (no 65,535 limit) and every
+program loops over ``SEQ`` whole sequences (consecutive heads of one position, adjacent in
+memory) for one block of ``BLOCK_F`` query frames; the band of local keys that block can see
+and all the global keys each fit one tile, so each softmax is computed in one pass, without
+the running max and rescaling of flash attention. Plain 2-D tiles per sequence, not a 3-D
+batched tl.dot: the batched form has open compiler issues on GPUs that this task could not
+test. Sequences sit on grid axis 0 (no 65,535 limit) and every
 base offset is 64-bit. q, k, v are read in their given strides: the engine passes
 ``(B, F, H, D)`` views of the projection outputs, never transposed copies, and the local and
 global keys are never concatenated.
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import interpreting, next_pow2
+from ._runtime import next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -42,86 +44,83 @@ def _temporal_attn_fwd(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_F >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16,
+    tl.static_assert(BLOCK_F >= 16 and BLOCK_K >= 16 and BLOCK_G >= 16 and BLOCK_D >= 16,
                      "tl.dot needs every tile dimension >= 16")
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    seq = tl.program_id(0).to(tl.int64) * SEQ + tl.arange(0, SEQ)            # (SEQ,) = b*H + h
-    seq_ok = seq < num_seqs
-    b = seq // H
-    h = seq % H
+    # Everything but the sequence's base address is the same for the SEQ sequences of this
+    # program: offsets, the band mask and the halo mask are computed once.
     f0 = tl.program_id(1) * BLOCK_F
-    f = f0 + tl.arange(0, BLOCK_F)                                           # query frames
+    f = f0 + tl.arange(0, BLOCK_F)                                   # query frames
+    f_ok = f < F
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    # The band this query block can see starts at padded frame f0 + pad - window.
-    j = f0 + pad - window + tl.arange(0, BLOCK_K)
+    j = f0 + pad - window + tl.arange(0, BLOCK_K)                    # the block's band of keys
     j_ok = (j >= lo) & (j < hi)
-
-    ok_s = seq_ok[:, None, None]
-    f3 = f[None, :, None]
-    d3 = d[None, None, :]
-    j3 = j[None, :, None]
-    q_ok = ok_s & (f3 < F) & d_ok[None, None, :]
-    q = tl.load(Q + b[:, None, None] * stride_qb + h[:, None, None] * stride_qh
-                + f3.to(tl.int64) * stride_qf + d3 * stride_qd, mask=q_ok, other=0.0)
-    kv_ok = ok_s & j_ok[None, :, None] & d_ok[None, None, :]
-    k = tl.load(K + b[:, None, None] * stride_kb + h[:, None, None] * stride_kh
-                + j3.to(tl.int64) * stride_kf + d3 * stride_kd, mask=kv_ok, other=0.0)
-    v = tl.load(V + b[:, None, None] * stride_vb + h[:, None, None] * stride_vh
-                + j3.to(tl.int64) * stride_vf + d3 * stride_vd, mask=kv_ok, other=0.0)
-
-    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PRECISION)  # (SEQ, BF, BK)
-    s = s * qk_scale + local_bias
-    dist = j[None, None, :] - (f[None, :, None] + pad)
-    band = (dist <= window) & (dist >= -window) & j_ok[None, None, :]
-    s = tl.where(band, s, float("-inf"))
-    m = tl.max(s, axis=2)
+    dist = j[None, :] - (f[:, None] + pad)
+    band = (dist <= window) & (dist >= -window) & j_ok[None, :]
+    q_ok = f_ok[:, None] & d_ok[None, :]
+    kv_ok = j_ok[:, None] & d_ok[None, :]
+    f64 = f.to(tl.int64)[:, None]
+    j64 = j.to(tl.int64)[:, None]
+    q_off = f64 * stride_qf + d[None, :] * stride_qd
+    o_off = f64 * stride_of + d[None, :] * stride_od
+    k_off = j64 * stride_kf + d[None, :] * stride_kd
+    v_off = j64 * stride_vf + d[None, :] * stride_vd
     if HAS_GLOBAL:
         g = tl.arange(0, BLOCK_G)
         g_ok = g < Ng
-        g3 = g[None, :, None]
-        kvg_ok = ok_s & g_ok[None, :, None] & d_ok[None, None, :]
-        kg = tl.load(KG + b[:, None, None] * stride_gb + h[:, None, None] * stride_gh
-                     + g3.to(tl.int64) * stride_gn + d3 * stride_gd, mask=kvg_ok, other=0.0)
-        vg = tl.load(VG + b[:, None, None] * stride_wb + h[:, None, None] * stride_wh
-                     + g3.to(tl.int64) * stride_wn + d3 * stride_wd, mask=kvg_ok, other=0.0)
-        sg = tl.dot(q, tl.permute(kg, (0, 2, 1)), input_precision=DOT_PRECISION)
-        sg = tl.where(g_ok[None, None, :], sg * qk_scale + global_bias, float("-inf"))
-        m = tl.maximum(m, tl.max(sg, axis=2))
-    # Rows past the clip (padding of the tile) may see no key at all: keep them finite.
-    m = tl.maximum(m, -1e30)
-    p = tl.math.exp2(s - m[:, :, None])
-    l = tl.sum(p, axis=2)
-    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    if HAS_GLOBAL:
-        pg = tl.math.exp2(sg - m[:, :, None])
-        l += tl.sum(pg, axis=2)
-        acc = tl.dot(pg.to(vg.dtype), vg, acc, input_precision=DOT_PRECISION)
-    l = tl.where(l > 0.0, l, 1.0)
-    out = acc / l[:, :, None]
-    tl.store(O + b[:, None, None] * stride_ob + h[:, None, None] * stride_oh
-             + f3.to(tl.int64) * stride_of + d3 * stride_od, out.to(O.dtype.element_ty),
-             mask=q_ok)
-    if RETURN_LSE:
-        # lse (B, H, F) contiguous: row seq = b*H + h, column f. Natural log.
-        lse = (m + tl.math.log2(l)) * 0.6931471805599453
-        tl.store(LSE + seq[:, None] * F + f[None, :], lse, mask=seq_ok[:, None] & (f[None, :] < F))
+        g64 = g.to(tl.int64)[:, None]
+        kg_off = g64 * stride_gn + d[None, :] * stride_gd
+        vg_off = g64 * stride_wn + d[None, :] * stride_wd
+        g_kv_ok = g_ok[:, None] & d_ok[None, :]
+
+    seq0 = tl.program_id(0).to(tl.int64) * SEQ                      # seq = b*H + h
+    for i in range(0, tl.minimum(SEQ, num_seqs - seq0)):
+        seq = seq0 + i
+        b = seq // H
+        h = seq % H
+        q = tl.load(Q + b * stride_qb + h * stride_qh + q_off, mask=q_ok, other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + k_off, mask=kv_ok, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + v_off, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + local_bias
+        s = tl.where(band, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        if HAS_GLOBAL:
+            kg = tl.load(KG + b * stride_gb + h * stride_gh + kg_off, mask=g_kv_ok, other=0.0)
+            vg = tl.load(VG + b * stride_wb + h * stride_wh + vg_off, mask=g_kv_ok, other=0.0)
+            sg = tl.dot(q, tl.trans(kg), input_precision=DOT_PRECISION) * qk_scale + global_bias
+            sg = tl.where(g_ok[None, :], sg, float("-inf"))
+            m = tl.maximum(m, tl.max(sg, axis=1))
+        # Rows past the clip (tile padding, never stored) may see no key: keep them finite.
+        m = tl.maximum(m, -1e30)
+        p = tl.math.exp2(s - m[:, None])
+        l = tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if HAS_GLOBAL:
+            pg = tl.math.exp2(sg - m[:, None])
+            l += tl.sum(pg, axis=1)
+            acc = tl.dot(pg.to(vg.dtype), vg, acc, input_precision=DOT_PRECISION)
+        l = tl.where(l > 0.0, l, 1.0)
+        out = acc / l[:, None]
+        tl.store(O + b * stride_ob + h * stride_oh + o_off, out.to(O.dtype.element_ty),
+                 mask=q_ok)
+        if RETURN_LSE:
+            # lse (B, H, F) contiguous: row seq = b*H + h, column f. Natural log.
+            lse = (m + tl.math.log2(l)) * 0.6931471805599453
+            tl.store(LSE + seq * F + f, lse, mask=f_ok)
 
 
-# Logits (and P) elements one program holds: ~64 fp32 registers per thread at 4 warps.
-_TILE_ELEMS = 8192
-
-
-def pick_blocks(F: int, window: int, Ng: int, D: int) -> dict:
+def pick_blocks(num_seqs: int, F: int, window: int, Ng: int, D: int, sms: int) -> dict:
     """Tile sizes for ``_temporal_attn_fwd``; each choice and its reason.
 
     - BLOCK_F: the query block whose key tile (its band, ``BLOCK_F + 2*window`` frames, rounded
       up to a power of two) wastes the fewest padded logits per sequence; ties go to the larger
       block (fewer programs). At least 16, the smallest tl.dot tile.
-    - SEQ: as many whole sequences per program as keep the logits tile within _TILE_ELEMS and
-      the q/out tiles as large: more bytes in flight per program, and a program reads
-      consecutive heads, which are adjacent rows in memory. Under the interpreter SEQ stays
-      small so tiny test batches still span several programs.
+    - SEQ: sequences per program, so that ~8 waves of programs remain: the offsets and masks
+      are computed once per program, and the loop over sequences lets the compiler prefetch
+      the next sequence's rows while this one computes. At most 16 (a tail of idle SMs).
+    - num_warps: 8 once the logits tile passes 4096 elements (32 fp32 registers per thread at
+      4 warps), else 4.
     """
     BLOCK_D = max(16, next_pow2(D))
     BLOCK_G = max(16, next_pow2(Ng)) if Ng else 16
@@ -135,14 +134,13 @@ def pick_blocks(F: int, window: int, Ng: int, D: int) -> dict:
         if bf >= F:
             break
     _, BLOCK_F, BLOCK_K = best
-    per_seq = BLOCK_F * max(BLOCK_K + (BLOCK_G if Ng else 0), BLOCK_D)
+    programs_per_seq = math.ceil(F / BLOCK_F)
     SEQ = 1
-    while SEQ < 16 and 2 * SEQ * per_seq <= _TILE_ELEMS:
+    while SEQ < 16 and num_seqs * programs_per_seq >= 2 * SEQ * 8 * sms:
         SEQ *= 2
-    if interpreting():
-        SEQ = min(SEQ, 2)
+    tile = BLOCK_F * max(BLOCK_K + (BLOCK_G if Ng else 0), BLOCK_D)
     return dict(SEQ=SEQ, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
-                num_warps=4 if SEQ * per_seq <= 4096 else 8)
+                num_warps=4 if tile <= 4096 else 8)
 
 
 def fits(F: int, window: int, Ng: int, D: int) -> str | None:
@@ -168,7 +166,7 @@ def temporal_attention(q, k, v, k_global, v_global, *, window: int, pad: int, va
     preallocated contiguous outputs."""
     B, F, H, D = q.shape
     Ng = 0 if k_global is None else k_global.shape[1]
-    cfg = dict(pick_blocks(F, window, Ng, D), **(blocks or {}))
+    cfg = dict(pick_blocks(B * H, F, window, Ng, D, num_sms(q.device)), **(blocks or {}))
     num_warps = cfg.pop("num_warps")
     if cfg["BLOCK_K"] < min(cfg["BLOCK_F"], F) + 2 * window:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} cannot hold the band of a query block")

@@ -124,7 +124,7 @@ def test_temporal_blocks_cover_the_band():
     for F in (1, 5, 16, 17, 40, 64, 100):
         for w in (0, 1, 4, 8, 20):
             for Ng in (0, 3, 16, 40):
-                b = temporal.pick_blocks(F, w, Ng, 64)
+                b = temporal.pick_blocks(5 * 2560, F, w, Ng, 64, 132)
                 assert b["BLOCK_K"] >= min(b["BLOCK_F"], F) + 2 * w
                 assert b["BLOCK_G"] >= Ng and b["SEQ"] >= 1
     (q, k, v, kg, vg), kw = make(CASES["odd_sizes"], torch.float32)   # band of 16 + 2*4
