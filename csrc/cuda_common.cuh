@@ -15,6 +15,9 @@
 namespace vinf {
 
 [[noreturn]] inline void throw_cuda(const char* op, const char* what, cudaError_t err) {
+  // Clear the runtime's last-error slot (a no-op for sticky faults), so that this failure is not
+  // reported again by the next, healthy launch's check.
+  static_cast<void>(cudaGetLastError());
   throw std::runtime_error(std::string("vinf_engine._C.") + op + ": " + what + " failed: " +
                            cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
@@ -44,7 +47,7 @@ class DeviceGuard {
     }
   }
   ~DeviceGuard() {
-    if (prev_ >= 0) cudaSetDevice(prev_);
+    if (prev_ >= 0 && cudaSetDevice(prev_) != cudaSuccess) static_cast<void>(cudaGetLastError());
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
