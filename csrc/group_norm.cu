@@ -264,10 +264,10 @@ __global__ void __launch_bounds__(kThreads) gn_merge_kernel(
 
 // ---- apply ----------------------------------------------------------------------------------
 
-// A parameter of any dtype code (kF32/kF16/kBF16/kF64), read once per thread: a run-time switch
-// here saves the Python side a conversion kernel per call. Not inlined: inlined into unrolled
-// per-channel loops it multiplied the code size twentyfold for a one-time prologue.
-__device__ __noinline__ float load_any(const void* p, int dtype, std::int64_t i) {
+// A parameter of any dtype code (kF32/kF16/kBF16/kF64): a run-time switch here saves the Python
+// side a conversion kernel per call. Used only outside unrolled loops (unrolled per channel it
+// multiplied the kernel's code size twentyfold).
+__device__ __forceinline__ float load_any(const void* p, int dtype, std::int64_t i) {
   switch (dtype) {
     case kF16: return __half2float(static_cast<const __half*>(p)[i]);
     case kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
@@ -283,7 +283,7 @@ struct ApplyArgs {
   bool silu;
 };
 
-// Per-channel (mean, scale = rstd * w, bias), read once per thread.
+// Per-channel (mean, scale = rstd * w, bias).
 __device__ __forceinline__ void channel_params(const ApplyArgs& a, std::int64_t n, int c,
                                                float& m, float& s, float& b) {
   const int g = c / (a.C / a.G);
@@ -315,7 +315,6 @@ __global__ void __launch_bounds__(kThreads) gn_apply_contig_kernel(
   const std::int64_t n = row / a.C;
   const int c = int(row - n * a.C);
   float m, s, b;
-  channel_params(a, n, c, m, s, b);
   constexpr int kStep = kThreads * VEC;
   const std::int64_t i0 = part * kStep * kUnroll + threadIdx.x * VEC;
   const T* xr = x + row * S;
@@ -324,6 +323,7 @@ __global__ void __launch_bounds__(kThreads) gn_apply_contig_kernel(
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u)
     if (i0 + u * kStep < S) p[u] = load_pack<T, VEC>(xr + i0 + u * kStep);
+  channel_params(a, n, c, m, s, b);  // its loads overlap the x loads above
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     if (i0 + u * kStep < S) {
@@ -335,11 +335,13 @@ __global__ void __launch_bounds__(kThreads) gn_apply_contig_kernel(
   }
 }
 
-// Channels-last: block (sample, split) over positions; a thread owns VEC channels.
+// Channels-last: block (sample, split) over positions; a thread owns VEC channels, whose
+// parameters the block first gathers into shared memory, one channel per thread.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kClMaxThreads) gn_apply_cl_kernel(
     const T* __restrict__ x, T* __restrict__ y, const ApplyArgs a, std::int64_t S,
     std::int64_t chunk, std::int64_t splits) {
+  extern __shared__ float sp[];  // mean[C], scale[C], bias[C]
   const int cols = a.C / VEC;
   const int rows = blockDim.x / cols;
   const int col = threadIdx.x % cols, row = threadIdx.x / cols;
@@ -347,9 +349,16 @@ __global__ void __launch_bounds__(kClMaxThreads) gn_apply_cl_kernel(
   const std::int64_t sample = bid / splits;
   const std::int64_t split = bid - sample * splits;
   const std::int64_t p_end = min(S, (split + 1) * chunk);
+  for (int c = threadIdx.x; c < a.C; c += blockDim.x)
+    channel_params(a, sample, c, sp[c], sp[a.C + c], sp[2 * a.C + c]);
+  __syncthreads();
   float m[VEC], s[VEC], b[VEC];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) channel_params(a, sample, col * VEC + e, m[e], s[e], b[e]);
+  for (int e = 0; e < VEC; ++e) {
+    m[e] = sp[col * VEC + e];
+    s[e] = sp[a.C + col * VEC + e];
+    b[e] = sp[2 * a.C + col * VEC + e];
+  }
   const std::int64_t off = sample * S * a.C + col * VEC;
   for (std::int64_t p0 = split * chunk + row; p0 < p_end; p0 += std::int64_t(rows) * kUnroll) {
     Pack<T, VEC> p[kUnroll];
@@ -456,6 +465,8 @@ GroupNormPlan group_norm_apply_plan(std::int64_t N, std::int64_t C, std::int64_t
     int cols, rows;
     cl_shape(kApply, C, p.vec, cols, rows);
     p.threads = cols * rows;
+    if (3 * C * 4 > 48 * 1024)
+      throw_arg(kApply, "channels-last C too large for the parameter table: C = " + std::to_string(C));
     const std::int64_t target = std::int64_t(std::max(sm_count, 1)) * kBlocksPerSm;
     const std::int64_t quantum = std::int64_t(rows) * kUnroll;
     const std::int64_t splits = std::max<std::int64_t>(1, std::min(cdiv(target, N), cdiv(S, quantum)));
@@ -527,6 +538,7 @@ void group_norm_apply(std::int64_t x, std::int64_t y, int dtype, std::int64_t N,
   DeviceGuard guard(kApply, device);
   cudaStream_t st = as_stream(stream);
   const ApplyArgs a{stats, affine, int(C), int(G), silu};
+  const std::size_t smem = channels_last ? 3 * std::size_t(C) * sizeof(float) : 0;
   dispatch_dtype(kApply, dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = 16 / sizeof(T);
@@ -541,9 +553,9 @@ void group_norm_apply(std::int64_t x, std::int64_t y, int dtype, std::int64_t N,
       VINF_LAUNCH_CHECK(kApply, "gn_apply_contig_kernel");
     } else {
       if (p.vec == V) {
-        gn_apply_cl_kernel<T, V><<<unsigned(p.blocks), p.threads, 0, st>>>(xp, yp, a, S, p.chunk, p.splits);
+        gn_apply_cl_kernel<T, V><<<unsigned(p.blocks), p.threads, smem, st>>>(xp, yp, a, S, p.chunk, p.splits);
       } else {
-        gn_apply_cl_kernel<T, 1><<<unsigned(p.blocks), p.threads, 0, st>>>(xp, yp, a, S, p.chunk, p.splits);
+        gn_apply_cl_kernel<T, 1><<<unsigned(p.blocks), p.threads, smem, st>>>(xp, yp, a, S, p.chunk, p.splits);
       }
       VINF_LAUNCH_CHECK(kApply, "gn_apply_cl_kernel");
     }
