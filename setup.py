@@ -59,6 +59,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "diffusers>=0.30"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "transformers>=4.40"],
+        # vinf_engine.generate and `python -m vinf_engine generate`: text encoders and the mp4
+        # encoder (imageio-ffmpeg ships its own ffmpeg binary).
+        "generate": ["transformers>=4.40", "imageio-ffmpeg>=0.5"],
+        "test": ["pytest>=8", "transformers>=4.40", "imageio-ffmpeg>=0.5"],
     },
 )
