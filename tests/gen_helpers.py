@@ -103,3 +103,36 @@ def invariance_rank(rank, world, model_dir, out_dir, kwargs):
         res[2] = rep["latents"]
     dist.barrier()
     return res
+
+
+def cli_cases_rank(rank, world, cases, setup):
+    """Run ``python -m vinf_engine`` in-process for each case, on every rank, one after the
+    other in the same process group: ``cases`` is ``[(name, argv_per_rank)]``. Returns
+    ``{name: (exit_code, stderr, seconds)}``. ``setup`` makes a 2-rank checkpoint first (both
+    ranks stop at the same step, so the group stays in step) for the checkpoint cases."""
+    import contextlib
+    import io
+    import time
+    from vinf_engine.cli import main
+    from vinf_engine.pipeline import GenerationFailed, generate
+    if setup:
+        def stop(step, t, latents):
+            if step == 1:
+                raise RuntimeError("planned stop")
+        try:
+            generate(setup["model"], "the cat", num_frames=4, steps=3, height=HW[0], width=HW[1],
+                     out=setup["out"], checkpoint_dir=setup["checkpoint_dir"], checkpoint_every=1,
+                     seed=1, callback=stop, progress=False)
+        except GenerationFailed:
+            pass
+    results = {}
+    for name, argv in cases:
+        err = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv[rank])
+            except SystemExit as e:          # argparse
+                code = e.code
+        results[name] = (code, err.getvalue(), time.perf_counter() - t0)
+    return results

@@ -207,15 +207,20 @@ class Checkpointer:
                 pass
 
 
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The settings that differ, by name (nested dicts by dotted name)."""
     out = []
-    for k in keys:
-        if old.get(k) != new.get(k):
-            a, b = repr(old.get(k)), repr(new.get(k))
-            if len(a) > 60:
-                a = a[:57] + "..."
-            if len(b) > 60:
-                b = b[:57] + "..."
-            out.append(f"{k}: checkpoint {a}, now {b}")
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.append(_diff(a, b, f"{prefix}{k}."))
+            continue
+        ra, rb = repr(a), repr(b)
+        ra = ra if len(ra) <= 60 else ra[:57] + "..."
+        rb = rb if len(rb) <= 60 else rb[:57] + "..."
+        out.append(f"{prefix}{k}: checkpoint {ra}, now {rb}")
+    if prefix:
+        return "; ".join(out)
     return "; ".join(out) if out else "same settings, different model weights or library state"

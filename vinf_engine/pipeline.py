@@ -108,9 +108,12 @@ def inspect_model_dir(path: str) -> tuple[str | None, dict]:
     unet_dir = os.path.join(path, "unet")
     try:
         ucfg = _read_json(os.path.join(unet_dir, "config.json"))
-        vc2 = is_videocrafter2_unet_dir(unet_dir)
     except (OSError, ValueError) as e:
         return f"{unet_dir}/config.json is unreadable: {e}", {}
+    try:
+        vc2 = is_videocrafter2_unet_dir(unet_dir)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        return f"cannot load unet from {path!r}: its weights are unreadable ({type(e).__name__}: {e})", {}
     ucls = ucfg.get("_class_name", mi["unet"][1])
     if not vc2 and ucls != "UNet3DConditionModel":
         return (f"{path!r} holds a {pipe_cls} whose unet is {ucls}; vinf_engine runs "
@@ -155,7 +158,7 @@ def load_pipeline(path: str, *, dtype: torch.dtype = torch.float32, device="cpu"
     ):
         try:
             model, linfo = load()
-        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - safetensors, torch and diffusers raise many types
             raise GenerationError(f"cannot load {name} from {path!r}: {type(e).__name__}: {e}") from None
         if linfo.get("missing_keys"):
             raise GenerationError(f"{name} weights in {path!r} lack {len(linfo['missing_keys'])} "
@@ -168,7 +171,7 @@ def load_pipeline(path: str, *, dtype: torch.dtype = torch.float32, device="cpu"
         kw = dict(dtype=dtype) if name == "text_encoder" else {}
         try:
             obj = cls.from_pretrained(os.path.join(path, name), local_files_only=True, **kw)
-        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001
             raise GenerationError(f"cannot load {name} from {path!r}: {type(e).__name__}: {e}") from None
         loaded[name] = obj.eval() if name == "text_encoder" else obj
     try:
@@ -461,12 +464,16 @@ def _check_args(run: _Run, rank: int, world: int) -> list[str]:
 def _comparable(run: _Run) -> dict:
     """The settings every rank must share (outputs are rank 0's business; the model is
     compared by weight digest after loading)."""
+    def real(v):          # 12 and 12.0 are the same guidance, in every rank's eyes and a hash's
+        return float(v) if _is_num(v) else v
+    c = run.config
+    config = ([c.window, c.num_global, float(c.phase_t), float(c.phase_bias), c.sync_groupnorm]
+              if isinstance(c, DualScopeConfig) else None)
     return dict(scenes=[list(s) for s in run.scenes], negative_prompt=run.negative_prompt,
-                frames=run.num_frames, steps=run.steps, guidance=run.guidance_scale,
-                seed=run.seed, config=list(run.config.as_tuple())
-                if isinstance(run.config, DualScopeConfig) else None,
-                height=run.height, width=run.width, fps=run.fps, scheduler=run.scheduler,
-                dtype=run.dtype, decode_chunk=run.decode_chunk, video_fps=run.video_fps,
+                frames=run.num_frames, steps=run.steps, guidance=real(run.guidance_scale),
+                seed=run.seed, config=config, height=run.height, width=run.width,
+                fps=real(run.fps), scheduler=run.scheduler, dtype=run.dtype,
+                decode_chunk=run.decode_chunk, video_fps=real(run.video_fps),
                 crf=run.crf, checkpoint=bool(run.checkpoint_dir),
                 checkpoint_every=run.checkpoint_every, resume=run.resume,
                 out=run.out is not None, save_latents=run.save_latents is not None)
@@ -666,9 +673,14 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
     vc2 = _is_vc2(unet)
     fps_value = (run.fps if run.fps is not None else _vc2_default_fps()) if vc2 else None
 
-    settings = dict(_comparable(run), model_digest=digest, height=H, width=W, fps=fps_value,
+    settings = dict(_comparable(run), model_digest=digest, height=H, width=W,
+                    fps=None if fps_value is None else float(fps_value),
                     scheduler=type(sched).__name__,
-                    scheduler_config=json.dumps(dict(sched.config), sort_keys=True, default=str),
+                    # Private keys vary between processes (``_use_default_values`` is a set's
+                    # order): only the public config defines the sampler.
+                    scheduler_config=json.loads(json.dumps(
+                        {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
+                        sort_keys=True, default=str)),
                     dtype=str(tdtype))
     for k in ("decode_chunk", "video_fps", "crf", "checkpoint", "checkpoint_every", "resume",
               "out", "save_latents"):

@@ -1,0 +1,290 @@
+"""``python -m vinf_engine generate``: bad input refused the same way on every rank, a real
+torchrun launch, a rank killed mid-run, the run resumed, and a rank that hangs.
+
+The bad-input table runs on 2 real gloo ranks in one process group, case after case: each
+case must exit 2 with the same message on both ranks, write nothing, and leave the group
+usable for the next (the last case is a valid run that must succeed)."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gen_helpers import HW, cli_cases_rank, save_tiny_pipeline
+from helpers import run_ranks
+from vinf_engine.video import read_video
+
+WORLD = 2
+
+
+def _base(model, out, **over):
+    args = {"--model": model, "--prompt": "the cat", "--frames": "4", "--steps": "2",
+            "--height": str(HW[0]), "--width": str(HW[1]), "--out": out, "--timeout": "30"}
+    args.update(over)
+    argv = ["generate", "--quiet"]
+    for k, v in args.items():
+        if v is None:
+            continue
+        argv += [k] if v is True else [k, v]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """name -> (argv per rank, what the message must contain, files that must stay as they are)"""
+    w = tmp_path_factory.mktemp("cli")
+    model = save_tiny_pipeline(str(w / "m"))
+    out = str(w / "out" / "video.mp4")
+    os.makedirs(w / "out")
+    # Folders that are not a supported pipeline.
+    (w / "empty").mkdir()
+    sd = w / "sd"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (sd / sub).mkdir(parents=True)
+    (sd / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"]}))
+    (sd / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    broken = w / "broken"
+    shutil.copytree(model, broken)
+    weights = next(p for p in (broken / "unet").iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:200])
+    # Prompt files.
+    good_prompts = w / "prompts.txt"
+    good_prompts.write_text("0: the cat\n2: a dog\n")
+    binary = w / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    # An existing output that must survive, an output path that is a folder.
+    existing = w / "out" / "existing.mp4"
+    existing.write_bytes(b"precious")
+    (w / "out" / "folder.mp4").mkdir()
+    ck, ck_empty = str(w / "ck"), str(w / "ck_empty")
+    os.makedirs(ck_empty)
+
+    def same(**over):
+        return [_base(model, out, **over)] * WORLD
+
+    P = "--prompt"
+    cases = {
+        "no model folder": (same(**{"--model": str(w / "nope")}), "does not exist"),
+        "folder without a pipeline": (same(**{"--model": str(w / "empty")}),
+                                      "is not a diffusers pipeline folder (no model_index.json)"),
+        "unsupported pipeline": (same(**{"--model": str(sd)}),
+                                 "holds a StableDiffusionPipeline whose unet is UNet2DConditionModel"),
+        "truncated weights": (same(**{"--model": str(broken)}), "cannot load unet"),
+        "frames < ranks": (same(**{"--frames": "1"}), "frames (1) is fewer than ranks (2)"),
+        "zero frames": (same(**{"--frames": "0"}), "frames must be a positive integer, got 0"),
+        "frames not a number": (same(**{"--frames": "many"}), "frames must be a positive integer, got 'many'"),
+        "height the VAE/UNet cannot take": (same(**{"--height": "18"}),
+                                            "height 18 is not a multiple of 4: the VAE downsamples by 2"),
+        "width the VAE/UNet cannot take": (same(**{"--width": "30"}), "width 30 is not a multiple of 4"),
+        "zero steps": (same(**{"--steps": "0"}), "steps must be a positive integer, got 0"),
+        "negative steps": (same(**{"--steps": "-3"}), "steps must be a positive integer, got -3"),
+        "negative guidance": (same(**{"--guidance": "-1"}), "guidance scale must be a finite number >= 0"),
+        "missing prompt file": (same(**{P: None, "--prompt-file": str(w / "nope.txt")}),
+                                "nope.txt' does not exist"),
+        "prompt file not text": (same(**{P: None, "--prompt-file": str(binary)}), "is not UTF-8 text"),
+        "prompt file is a folder": (same(**{P: None, "--prompt-file": str(w / "empty")}), "is a directory"),
+        "prompt file missing on rank 1 only": (
+            [_base(model, out, **{P: None, "--prompt-file": str(good_prompts)}),
+             _base(model, out, **{P: None, "--prompt-file": str(w / "gone.txt")})],
+            "rank 1: prompt file"),
+        "prompt and prompt file": (same(**{"--prompt-file": str(good_prompts)}), "not both"),
+        "output folder missing": (same(**{"--out": str(w / "nodir" / "v.mp4")}),
+                                  "output directory"),
+        "output under a file": (same(**{"--out": str(binary / "v.mp4")}), "output directory"),
+        "output is a folder": (same(**{"--out": str(w / "out" / "folder.mp4")}), "is a directory"),
+        "output exists": (same(**{"--out": str(existing)}), "already exists (pass --overwrite"),
+        "output not mp4": (same(**{"--out": str(w / "out" / "v.avi")}), "must end in .mp4"),
+        "ranks with different arguments": (
+            [_base(model, out), _base(model, out, **{"--steps": "3"})],
+            "ranks were started with different arguments (steps: rank 0: 2, rank 1: 3)"),
+        "unknown scheduler": (same(**{"--scheduler": "fancy"}), "unknown scheduler 'fancy'"),
+        "negative window": (same(**{"--window": "-1"}), "window must be a non-negative int"),
+        "fps on a model without fps input": (same(**{"--fps": "8"}), "--fps conditions VideoCrafter2 only"),
+        "bad dtype": (same(**{"--dtype": "float8"}), "dtype must be one of"),
+        "resume without checkpoint dir": (same(**{"--resume": True}), "--resume needs --checkpoint-dir"),
+        "resume with nothing to resume": (same(**{"--checkpoint-dir": ck_empty, "--resume": True}),
+                                          "--resume: no checkpoint in"),
+        "checkpoint from another config": (
+            same(**{"--checkpoint-dir": ck, "--resume": True, "--seed": "9", "--steps": "3"}),
+            "made with different settings (seed: checkpoint 1, now 9)"),
+        "checkpoint dir already in use": (same(**{"--checkpoint-dir": ck, "--steps": "3"}),
+                                          "already holds a checkpoint"),
+        "missing required argument": ([["generate", "--model", model, "--prompt", "x"]] * WORLD,
+                                      "the following arguments are required: --frames"),
+    }
+    names = list(cases)
+    argvs = [(n, cases[n][0]) for n in names] + [("valid run", same(**{"--out": str(w / "out" / "ok.mp4")}))]
+    setup = dict(model=model, out=str(w / "setup.mp4"), checkpoint_dir=ck)
+    t0 = time.perf_counter()
+    results = run_ranks(cli_cases_rank, WORLD, argvs, setup, timeout=300)
+    wall = time.perf_counter() - t0
+    return dict(cases=cases, results=results, out=out, existing=existing, w=w, model=model,
+                ck=ck, wall=wall)
+
+
+def test_the_table_has_at_least_15_cases(table):
+    assert len(table["cases"]) >= 15
+
+
+@pytest.mark.parametrize("name", [
+    "no model folder", "folder without a pipeline", "unsupported pipeline", "truncated weights",
+    "frames < ranks", "zero frames", "frames not a number", "height the VAE/UNet cannot take",
+    "width the VAE/UNet cannot take", "zero steps", "negative steps", "negative guidance",
+    "missing prompt file", "prompt file not text", "prompt file is a folder",
+    "prompt file missing on rank 1 only", "prompt and prompt file", "output folder missing",
+    "output under a file", "output is a folder", "output exists", "output not mp4",
+    "ranks with different arguments", "unknown scheduler", "negative window",
+    "fps on a model without fps input", "bad dtype", "resume without checkpoint dir",
+    "resume with nothing to resume", "checkpoint from another config",
+    "checkpoint dir already in use", "missing required argument"])
+def test_bad_input_is_refused_on_every_rank(table, name):
+    _, needle = table["cases"][name]
+    messages = []
+    for rank in range(WORLD):
+        code, err, seconds = table["results"][rank][name]
+        assert code == 2, (rank, code, err)
+        assert needle in err, (rank, err)
+        assert seconds < 20, (rank, seconds)                   # refused, not timed out
+        # The same message on every rank, up to the "[rank r/2]" prefix.
+        messages.append(err.replace(f"[rank {rank}/{WORLD}]", "[rank]"))
+    assert messages[0] == messages[1]
+    # Nothing written: no video, no partial file; the existing file is untouched.
+    assert sorted(os.listdir(os.path.dirname(table["out"]))) == ["existing.mp4", "folder.mp4", "ok.mp4"]
+    assert table["existing"].read_bytes() == b"precious"
+
+
+def test_the_group_still_works_after_the_refusals(table):
+    for rank in range(WORLD):
+        code, err, _ = table["results"][rank]["valid run"]
+        assert code == 0, err
+    video, _ = read_video(str(table["w"] / "out" / "ok.mp4"))
+    assert video.shape == (4, HW[0], HW[1], 3)
+
+
+# ---------------------------------------------------------------- real launches
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _launch(argv, world, tmp, tag):
+    """``world`` ranks of ``python -m vinf_engine`` with torchrun's environment variables."""
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = _env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "vinf_engine", *argv], env=env,
+            stdout=open(tmp / f"{tag}{r}.out", "w"), stderr=open(tmp / f"{tag}{r}.err", "w")))
+    return procs
+
+
+def _wait_for(path, procs, limit=120):
+    t0 = time.monotonic()
+    while not os.path.exists(path):
+        assert time.monotonic() - t0 < limit, f"{path} never appeared"
+        assert all(p.poll() is None for p in procs), "a rank exited before the kill"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("launch")))
+
+
+def _args(model, out, ck, steps=24, **over):
+    return _base(model, out, **{"--frames": "6", "--steps": str(steps), "--seed": "4",
+                                "--scheduler": "dpm++sde", "--window": "2", "--num-global": "2",
+                                "--checkpoint-dir": ck, "--checkpoint-every": "1",
+                                "--save-latents": out[:-4] + ".pt", **over})
+
+
+def test_torchrun_then_a_killed_rank_then_resume(tiny_model, tmp_path):
+    # 1. torchrun, 2 ranks, uninterrupted: the reference video.
+    ref = str(tmp_path / "ref.mp4")
+    port = _free_port()
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "vinf_engine",
+         *_args(tiny_model, ref, str(tmp_path / "ck_ref"))],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout[p.stdout.index("{"):])
+    assert report["ranks"] == 2 and report["frames"] == 6 and report["steps_run"] == 24
+    assert report["timings_s"]["denoise"] > 0 and report["frame_steps_per_s"] > 0
+    assert len(report["per_rank"]) == 2 and report["comm_total"]["bytes_sent"] > 0
+    video, meta = read_video(ref)
+    assert video.shape == (6, HW[0], HW[1], 3) and meta["size"] == (HW[1], HW[0])
+    assert os.listdir(tmp_path / "ck_ref") == []
+
+    # 2. The same run; rank 1 is killed (SIGKILL) once it has checkpointed step 3.
+    out = str(tmp_path / "video.mp4")
+    ck = str(tmp_path / "ck")
+    procs = _launch(_args(tiny_model, out, ck, **{"--timeout": "10"}), 2, tmp_path, "kill")
+    try:
+        _wait_for(os.path.join(ck, "rank00001-of-00002.step000003.pt"), procs)
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        code0 = procs[0].wait(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+    err0 = (tmp_path / "kill0.err").read_text()
+    assert code0 == 1, err0
+    assert waited < 10 + 15, waited                       # within the timeout (+ teardown)
+    assert "rank 0: generation failed during" in err0 and "another rank died" in err0, err0
+    assert not os.path.exists(out) and not os.path.exists(out[:-4] + ".pt")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["ck", "ck_ref", "ref.mp4", "ref.pt"] + [f"kill{r}.{s}" for r in (0, 1) for s in ("out", "err")])
+
+    # 3. Resume: the same command with --resume gives the reference video, bit for bit.
+    procs = _launch(_args(tiny_model, out, ck, **{"--resume": True}), 2, tmp_path, "resume")
+    codes = [q.wait(timeout=300) for q in procs]
+    assert codes == [0, 0], (tmp_path / "resume0.err").read_text()[-3000:]
+    report = json.loads((tmp_path / "resume0.out").read_text())
+    assert report["resumed_from_step"] >= 3 and report["steps_run"] < 24
+    assert open(out, "rb").read() == open(ref, "rb").read()
+    assert torch.equal(torch.load(out[:-4] + ".pt")["latents"], torch.load(ref[:-4] + ".pt")["latents"])
+
+
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tiny_model, tmp_path):
+    out = str(tmp_path / "video.mp4")
+    ck = str(tmp_path / "ck")
+    procs = _launch(_args(tiny_model, out, ck, **{"--timeout": "4"}), 2, tmp_path, "hang")
+    try:
+        _wait_for(os.path.join(ck, "rank00001-of-00002.step000002.pt"), procs)
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        code0 = procs[0].wait(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+    err0 = (tmp_path / "hang0.err").read_text()
+    assert code0 == 1, err0
+    assert 2 <= waited < 4 + 15, waited
+    assert "rank 0: generation failed during" in err0, err0
+    assert not os.path.exists(out)
