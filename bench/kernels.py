@@ -188,107 +188,113 @@ def temporal(bw):
     heads = 5
     cases = [(40, 16, 4, 8, 64), (40, 20, 8, 16, 64)] if TINY else \
         [(12800, 16, 4, 8, 64), (12800, 64, 8, 16, 64)]
-    for n_seq, F_, halo, G, D in cases:
-        B = n_seq // heads
-        q = rand(B, F_, heads, D)
-        k, v = rand(B, F_ + 2 * halo, heads, D), rand(B, F_ + 2 * halo, heads, D)
-        kg, vg = rand(B, G, heads, D), rand(B, G, heads, D)
-        kw = dict(window=halo, pad=halo, valid_left=halo, valid_right=halo, tokens_per_frame=1)
-        case = f"{n_seq} seqs, {F_} q, {F_ + 2 * halo} local + {G} global, d{D}"
-        ref = dual_scope_attention_reference(q, k, v, kg, vg, **kw)
-        byts = attention_bytes(q, kw, G, 1)
-        flops = 4 * D * B * heads * band_pairs(F_, 1, halo, halo, 0, F_ + 2 * halo, G)
-        floor_ms = byts / bw / 1e6
-        vinf_rows("temporal_attn", case, (q, k, v, kg, vg), kw, ref, byts, flops, floor_ms)
+    for case in cases:
+        temporal_case(bw, heads, *case)       # one function per case: its tensors die with it
 
-        qt = q.transpose(1, 2)
-        mask = band_mask(F_, 1, halo, halo, 0, F_ + 2 * halo, G, DEV)
 
-        def concat():
-            return (torch.cat([k, kg], 1).transpose(1, 2), torch.cat([v, vg], 1).transpose(1, 2))
+def temporal_case(bw, heads, n_seq, F_, halo, G, D):
+    B = n_seq // heads
+    q = rand(B, F_, heads, D)
+    k, v = rand(B, F_ + 2 * halo, heads, D), rand(B, F_ + 2 * halo, heads, D)
+    kg, vg = rand(B, G, heads, D), rand(B, G, heads, D)
+    kw = dict(window=halo, pad=halo, valid_left=halo, valid_right=halo, tokens_per_frame=1)
+    case = f"{n_seq} seqs, {F_} q, {F_ + 2 * halo} local + {G} global, d{D}"
+    ref = dual_scope_attention_reference(q, k, v, kg, vg, **kw)
+    byts = attention_bytes(q, kw, G, 1)
+    flops = 4 * D * B * heads * band_pairs(F_, 1, halo, halo, 0, F_ + 2 * halo, G)
+    floor_ms = byts / bw / 1e6
+    vinf_rows("temporal_attn", case, (q, k, v, kg, vg), kw, ref, byts, flops, floor_ms)
 
-        def sdpa_concat():
-            kc, vc = concat()
-            return F.scaled_dot_product_attention(qt, kc, vc).transpose(1, 2)
+    qt = q.transpose(1, 2)
+    mask = band_mask(F_, 1, halo, halo, 0, F_ + 2 * halo, G, DEV)
 
-        def sdpa_masked():
-            kc, vc = concat()
-            return F.scaled_dot_product_attention(qt, kc, vc, attn_mask=mask).transpose(1, 2)
+    def concat():
+        return (torch.cat([k, kg], 1).transpose(1, 2), torch.cat([v, vg], 1).transpose(1, 2))
 
-        def math_masked():
-            kc, vc = concat()
-            s = (qt @ kc.transpose(-1, -2)).float() * D ** -0.5
-            s = s.masked_fill(~mask, float("-inf"))
-            return (s.softmax(-1).to(vc.dtype) @ vc).transpose(1, 2)
+    def sdpa_concat():
+        kc, vc = concat()
+        return F.scaled_dot_product_attention(qt, kc, vc).transpose(1, 2)
 
-        record("temporal_attn", case, "sdpa+concat", sdpa_concat, None, byts, flops, floor_ms,
-               note="SPEC peer: no band mask, so not the same op")
-        record("temporal_attn", case, "sdpa+concat+mask", sdpa_masked, ref, byts, flops,
-               floor_ms)
-        record("temporal_attn", case, "math+concat+mask", math_masked, ref, byts, flops,
-               floor_ms)
-        del q, k, v, kg, vg
+    def sdpa_masked():
+        kc, vc = concat()
+        return F.scaled_dot_product_attention(qt, kc, vc, attn_mask=mask).transpose(1, 2)
+
+    def math_masked():
+        kc, vc = concat()
+        s = (qt @ kc.transpose(-1, -2)).float() * D ** -0.5
+        s = s.masked_fill(~mask, float("-inf"))
+        return (s.softmax(-1).to(vc.dtype) @ vc).transpose(1, 2)
+
+    record("temporal_attn", case, "sdpa+concat", sdpa_concat, None, byts, flops, floor_ms,
+           note="SPEC peer: no band mask, so not the same op")
+    record("temporal_attn", case, "sdpa+concat+mask", sdpa_masked, ref, byts, flops,
+           floor_ms)
+    record("temporal_attn", case, "math+concat+mask", math_masked, ref, byts, flops,
+           floor_ms)
 
 
 def dit(bw):
     # (tokens per frame, frames, window, every n-th frame global, heads, head dim)
     cases = [(24, 4, 1, 3, 2, 32)] if TINY else [(1560, 21, 2, 10, 12, 128),
                                                  (1560, 64, 2, 16, 12, 128)]
-    for T, F_, w, every, H, D in cases:
-        pad = w
-        q = rand(1, F_ * T, H, D)
-        k, v = rand(1, (F_ + 2 * pad) * T, H, D), rand(1, (F_ + 2 * pad) * T, H, D)
-        gframes = list(range(0, F_, every))
-        tok = torch.cat([torch.arange((f + pad) * T, (f + pad + 1) * T) for f in gframes])
-        kg, vg = k[:, tok.to(DEV)].contiguous(), v[:, tok.to(DEV)].contiguous()
-        Ng = kg.shape[1]
-        # The whole video in one process: halo frames beyond both ends do not exist.
-        kw = dict(window=w, pad=pad, valid_left=0, valid_right=0, tokens_per_frame=T)
-        case = f"{F_} frames x {T} tok, {H}x{D}, +-{w} frames, global {gframes}"
-        ref = dual_scope_attention_reference(q, k, v, kg, vg, **kw)
-        pairs = band_pairs(F_, T, w, pad, pad, pad + F_, Ng)
-        flops = 4 * D * H * pairs
-        byts = attention_bytes(q, kw, Ng, T)
-        masked = 1 - pairs / (F_ * T * ((F_ + 2 * pad) * T + Ng))
+    for case in cases:
+        dit_case(*case)
 
-        qt = q.transpose(1, 2)
-        k_mid = k[:, pad * T:(pad + F_) * T].transpose(1, 2)
-        v_mid = v[:, pad * T:(pad + F_) * T].transpose(1, 2)
-        dense_flops = 4 * D * H * (F_ * T) ** 2
 
-        def dense():
-            return F.scaled_dot_product_attention(qt, k_mid, v_mid)
+def dit_case(T, F_, w, every, H, D):
+    pad = w
+    q = rand(1, F_ * T, H, D)
+    k, v = rand(1, (F_ + 2 * pad) * T, H, D), rand(1, (F_ + 2 * pad) * T, H, D)
+    gframes = list(range(0, F_, every))
+    tok = torch.cat([torch.arange((f + pad) * T, (f + pad + 1) * T) for f in gframes])
+    kg, vg = k[:, tok.to(DEV)].contiguous(), v[:, tok.to(DEV)].contiguous()
+    Ng = kg.shape[1]
+    # The whole video in one process: halo frames beyond both ends do not exist.
+    kw = dict(window=w, pad=pad, valid_left=0, valid_right=0, tokens_per_frame=T)
+    case = f"{F_} frames x {T} tok, {H}x{D}, +-{w} frames, global {gframes}"
+    ref = dual_scope_attention_reference(q, k, v, kg, vg, **kw)
+    pairs = band_pairs(F_, T, w, pad, pad, pad + F_, Ng)
+    flops = 4 * D * H * pairs
+    byts = attention_bytes(q, kw, Ng, T)
+    masked = 1 - pairs / (F_ * T * ((F_ + 2 * pad) * T + Ng))
 
-        row = record("dit_attn", case, "sdpa dense (flash)", dense, None, None, dense_flops,
-                     note="upper bound: every pair of the clip, not the same op")
-        peak = row.get("tflops")
-        floor_ms = flops / peak / 1e9 if peak else None
-        vinf_rows("dit_attn", case, (q, k, v, kg, vg), kw, ref, byts, flops, floor_ms)
+    qt = q.transpose(1, 2)
+    k_mid = k[:, pad * T:(pad + F_) * T].transpose(1, 2)
+    v_mid = v[:, pad * T:(pad + F_) * T].transpose(1, 2)
+    dense_flops = 4 * D * H * (F_ * T) ** 2
 
-        kc = torch.cat([k, kg], 1).transpose(1, 2).contiguous()
-        vc = torch.cat([v, vg], 1).transpose(1, 2).contiguous()
-        L_local = k.shape[1]
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    def dense():
+        return F.scaled_dot_product_attention(qt, k_mid, v_mid)
 
-            def mask_mod(b, h, qi, ki):
-                kf = ki // T
-                qf = qi // T + pad
-                local = (ki < L_local) & (kf - qf <= w) & (qf - kf <= w) & (kf >= pad) \
-                    & (kf < pad + F_)
-                return local | (ki >= L_local)
+    row = record("dit_attn", case, "sdpa dense (flash)", dense, None, None, dense_flops,
+                 note="upper bound: every pair of the clip, not the same op")
+    peak = row.get("tflops")
+    floor_ms = flops / peak / 1e9 if peak else None
+    vinf_rows("dit_attn", case, (q, k, v, kg, vg), kw, ref, byts, flops, floor_ms)
 
-            bm = create_block_mask(mask_mod, None, None, F_ * T, kc.shape[2], device=DEV)
-            flex = torch.compile(flex_attention, dynamic=False) if DEV == "cuda" else \
-                flex_attention
-            record("dit_attn", case, "flex (same mask" + (", compiled)" if DEV == "cuda"
-                                                          else ", eager)"),
-                   lambda: flex(qt, kc, vc, block_mask=bm).transpose(1, 2), ref, byts, flops,
-                   floor_ms, note=f"{masked:.0%} of pairs masked; K/V concatenated untimed")
-        except Exception as e:  # noqa: BLE001
-            ROWS.append(dict(op="dit_attn", case=case, impl="flex", device=DEV, check="error",
-                             error=f"{type(e).__name__}: {e}"[:300]))
-        del q, k, v, kg, vg, kc, vc
+    kc = torch.cat([k, kg], 1).transpose(1, 2).contiguous()
+    vc = torch.cat([v, vg], 1).transpose(1, 2).contiguous()
+    L_local = k.shape[1]
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, qi, ki):
+            kf = ki // T
+            qf = qi // T + pad
+            local = (ki < L_local) & (kf - qf <= w) & (qf - kf <= w) & (kf >= pad) \
+                & (kf < pad + F_)
+            return local | (ki >= L_local)
+
+        bm = create_block_mask(mask_mod, None, None, F_ * T, kc.shape[2], device=DEV)
+        flex = torch.compile(flex_attention, dynamic=False) if DEV == "cuda" else \
+            flex_attention
+        record("dit_attn", case, "flex (same mask" + (", compiled)" if DEV == "cuda"
+                                                      else ", eager)"),
+               lambda: flex(qt, kc, vc, block_mask=bm).transpose(1, 2), ref, byts, flops,
+               floor_ms, note=f"{masked:.0%} of pairs masked; K/V concatenated untimed")
+    except Exception as e:  # noqa: BLE001
+        ROWS.append(dict(op="dit_attn", case=case, impl="flex", device=DEV, check="error",
+                         error=f"{type(e).__name__}: {e}"[:300]))
 
 
 # ----------------------------------------------------------------------------- group norm
@@ -299,43 +305,46 @@ def group_norm(bw):
          ((2, 320, 64, 40, 64), "silu")]
     for shape, act in shapes:
         for layout in ("contiguous", "channels_last"):
-            x = rand(*shape)
-            if layout == "channels_last":
-                x = x.to(memory_format=torch.channels_last_3d)
-            C = shape[1]
-            w, b = rand(C), rand(C)
-            case = f"{shape} G{G} {layout}" + (" +silu" if act else "")
-            byts = 2 * x.numel() * x.element_size()            # one read, one write: the floor
-            floor_ms = byts / bw / 1e6
-            p, n = group_norm_partials_reference(x, G)
-            mean, rstd = group_norm_finalize(p, n, 1e-5)
-            ref = group_norm_apply_reference(x, mean, rstd, w, b, act)
-            applies = dict((name, (fn, sup)) for name, fn, sup in backends("group_norm_apply"))
-            for name, part_fn, part_sup in backends("group_norm_partials"):
-                if name not in applies:
-                    continue
-                apply_fn, apply_sup = applies[name]
-                reason = why_not(part_sup, x, G) or why_not(apply_sup, x, mean, rstd, w, b, act)
-                if reason is not None:
-                    ROWS.append(dict(op="group_norm", case=case, impl=f"vinf.{name}",
-                                     device=DEV, check="skipped", error=reason))
-                    continue
+            group_norm_case(bw, G, shape, act, layout)
 
-                def run(part_fn=part_fn, apply_fn=apply_fn):
-                    parts, cnt = part_fn(x, G)
-                    mu, rs = group_norm_finalize(parts, cnt, 1e-5)
-                    return apply_fn(x, mu, rs, w, b, act)
 
-                record("group_norm", case, f"vinf.{name}", run, ref, byts, None, floor_ms,
-                       note="partials + finalize + apply")
+def group_norm_case(bw, G, shape, act, layout):
+    x = rand(*shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last_3d)
+    C = shape[1]
+    w, b = rand(C), rand(C)
+    case = f"{shape} G{G} {layout}" + (" +silu" if act else "")
+    byts = 2 * x.numel() * x.element_size()            # one read, one write: the floor
+    floor_ms = byts / bw / 1e6
+    p, n = group_norm_partials_reference(x, G)
+    mean, rstd = group_norm_finalize(p, n, 1e-5)
+    ref = group_norm_apply_reference(x, mean, rstd, w, b, act)
+    applies = dict((name, (fn, sup)) for name, fn, sup in backends("group_norm_apply"))
+    for name, part_fn, part_sup in backends("group_norm_partials"):
+        if name not in applies:
+            continue
+        apply_fn, apply_sup = applies[name]
+        reason = why_not(part_sup, x, G) or why_not(apply_sup, x, mean, rstd, w, b, act)
+        if reason is not None:
+            ROWS.append(dict(op="group_norm", case=case, impl=f"vinf.{name}",
+                             device=DEV, check="skipped", error=reason))
+            continue
 
-            def torch_gn():
-                y = F.group_norm(x, G, w, b)
-                return F.silu(y) if act else y
+        def run(part_fn=part_fn, apply_fn=apply_fn):
+            parts, cnt = part_fn(x, G)
+            mu, rs = group_norm_finalize(parts, cnt, 1e-5)
+            return apply_fn(x, mu, rs, w, b, act)
 
-            record("group_norm", case, "torch F.group_norm" + (" + F.silu" if act else ""),
-                   torch_gn, ref, byts, None, floor_ms)
-            del x
+        record("group_norm", case, f"vinf.{name}", run, ref, byts, None, floor_ms,
+               note="partials + finalize + apply")
+
+    def torch_gn():
+        y = F.group_norm(x, G, w, b)
+        return F.silu(y) if act else y
+
+    record("group_norm", case, "torch F.group_norm" + (" + F.silu" if act else ""),
+           torch_gn, ref, byts, None, floor_ms)
 
 
 # ----------------------------------------------------------------------------- main

@@ -45,7 +45,6 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
     q (B, F*T, H, D); k, v (B, (F + 2*pad)*T, H, D); k_global, v_global (B, Ng, H, D)."""
     B, FT, H, D = q.shape
     T = tokens_per_frame
-    Ng = 0 if k_global is None else k_global.shape[1]
     scale = D ** -0.5 if scale is None else float(scale)
     if q.numel() == 0:
         out = torch.empty((B, FT, H, D), dtype=q.dtype, device=q.device)
@@ -54,7 +53,7 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
     kw = dict(window=window, pad=pad, valid_left=valid_left, valid_right=valid_right,
               local_bias=float(local_bias), global_bias=float(global_bias), scale=scale,
               return_lse=return_lse)
-    if T == 1 and _temporal.fits(FT, window, Ng, D) is None:
+    if T == 1 and _temporal.fits(q, k, v, k_global, v_global, window) is None:
         out, lse = _temporal.temporal_attention(q, k, v, k_global, v_global, **kw)
     else:
         out, lse = _dit.dit_attention(q, k, v, k_global, v_global, tokens_per_frame=T, **kw)

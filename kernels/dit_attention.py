@@ -21,7 +21,10 @@ from ._runtime import interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 
-MASK_NONE, MASK_BAND, MASK_END = 0, 1, 2
+# Which mask a run of key tiles needs (constexpr globals: Triton only reads those).
+MASK_NONE = tl.constexpr(0)   # tiles every query of the tile sees entirely
+MASK_BAND = tl.constexpr(1)   # edge tiles of the local window
+MASK_END = tl.constexpr(2)    # the last, partial tile of the global tokens
 
 
 @triton.jit
@@ -145,27 +148,35 @@ def _dit_attn_fwd(
 
 
 def pick_blocks(FT: int, D: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for ``_dit_attn_fwd``; each choice and its reason.
+    """Tile sizes for ``_dit_attn_fwd``; each choice and its reason (register counts are what
+    ptxas reports for sm_90, see bench/RESULTS.md).
 
     - Interpreter: 16 x 16 tiles. numpy runs every tile op, so small tiles keep the CPU
       tests fast, and tiny test shapes then span several query and key tiles.
-    - D <= 64: 128 x 64, 4 warps, as FlashAttention-2 for short heads: the q tile and the
-      accumulator are small, so a tall query tile amortizes each K/V load over more rows.
-    - D <= 128: 128 x 64, 8 warps: the 128 x 128 fp32 accumulator needs 8 warps' registers.
-    - fp32 (or D > 128): 64 x 32, 4 warps: twice the bytes per element, half the tile.
-    - FT < 128 queries: a 64-row query tile, so short clips do not compute padding rows.
+    - 16-bit, D <= 64: 128 x 64, 4 warps, as FlashAttention-2 for short heads: the q tile and
+      the accumulator are small, so a tall query tile amortizes each K/V load over more rows.
+    - 16-bit, D <= 128: 128 x 64, 8 warps: the 128 x 128 fp32 accumulator needs 8 warps'
+      registers (223 per thread, no spills).
+    - 16-bit, D > 128: 64 x 32, 4 warps: twice the head, half the tile.
+    - fp32: IEEE fp32 has no tensor-core path; its dot tiles hold far more registers per
+      thread, and anything larger than 32 x 32 at 8 warps (D <= 64) or 16 x 16 at 4 warps
+      (D <= 128) spills. fp32 is the accuracy path, not the fast one.
+    - FT < 128 queries: at most a 64-row query tile, so short clips do not compute padding.
     """
     BLOCK_D = max(16, next_pow2(D))
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D, num_warps=1, num_stages=1)
-    if dtype == torch.float32 or BLOCK_D > 128:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1) if BLOCK_D <= 64 else \
+            dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     elif BLOCK_D <= 64:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    else:
+    elif BLOCK_D <= 128:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if FT < 128:
-        cfg["BLOCK_M"] = 64
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
     return dict(cfg, BLOCK_D=BLOCK_D)
 
 

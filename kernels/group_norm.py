@@ -148,22 +148,26 @@ def flat_view(x: torch.Tensor):
         return None
 
 
-# Elements per tile: 16 KiB of fp32 registers across 4 warps, 32 per thread.
-_TILE = 4096
+# Elements per tile and warps per program, as ptxas reports for sm_90 (bench/RESULTS.md):
+# 2048 elements over 8 warps is 8 per thread (one 16-byte load for 16-bit types), ~40-80
+# registers, so a full SM of warps stays resident to keep loads in flight.
+_TILE = 2048
+_WARPS = 8
 
 
 def pick_tile(C: int, S: int, stride_c: int, stride_s: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S) oriented along the unit stride, so that a warp reads whole lines.
 
     - Interpreter: 4 x 32 tiles, so that small test tensors span several tiles and chunks.
-    - spatial stride 1 (NCDHW): 1 channel x 4096 positions; channels are ~40 KiB rows apart.
-    - channel stride 1 (channels-last): all channels up to 128 x the rest in positions.
+    - spatial stride 1 (NCDHW): 1 channel x 2048 positions; channels are whole rows apart.
+    - channel stride 1 (channels-last): 64 channels (128 contiguous bytes in 16-bit types)
+      x 32 positions; fewer channels when C is smaller.
     """
     if interpreting():
         return 4, 32
     if stride_s == 1 or stride_c != 1:
         return 1, min(_TILE, max(16, next_pow2(S)))
-    bc = min(128, max(16, next_pow2(C)))
+    bc = min(64, max(16, next_pow2(C)))
     return bc, _TILE // bc
 
 
@@ -188,7 +192,7 @@ def group_norm_partials(x: torch.Tensor, num_groups: int, out=None) -> torch.Ten
         return out
     _gn_stats_fwd[(N * n_cblocks * n_chunks,)](
         xv, stats, *xv.stride(), C, S, G, chunk, n_chunks, n_cblocks,
-        BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, num_warps=4)
+        BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, num_warps=_WARPS)
     _gn_merge_fwd[(N * G,)](stats, out, E, BLOCK_E=min(1024, max(16, next_pow2(E))),
                             num_warps=4)
     return out
@@ -215,5 +219,5 @@ def group_norm_apply(x, mean, rstd, weight=None, bias=None, activation=None,
         bias.contiguous() if bias is not None else mean,
         *xv.stride(), *yv.stride(), C, S, G, n_sblocks, n_cblocks,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=activation == "silu",
-        BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, num_warps=4)
+        BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, num_warps=_WARPS)
     return y

@@ -60,18 +60,17 @@ def _temporal_attn_fwd(
     band = (dist <= window) & (dist >= -window) & j_ok[None, :]
     q_ok = f_ok[:, None] & d_ok[None, :]
     kv_ok = j_ok[:, None] & d_ok[None, :]
-    f64 = f.to(tl.int64)[:, None]
-    j64 = j.to(tl.int64)[:, None]
-    q_off = f64 * stride_qf + d[None, :] * stride_qd
-    o_off = f64 * stride_of + d[None, :] * stride_od
-    k_off = j64 * stride_kf + d[None, :] * stride_kd
-    v_off = j64 * stride_vf + d[None, :] * stride_vd
+    # Offsets inside one sequence fit 32 bits (the launcher checks); only the sequence's base
+    # offset needs 64. 32-bit tiles halve the registers these loop invariants hold.
+    q_off = f[:, None] * stride_qf + d[None, :] * stride_qd
+    o_off = f[:, None] * stride_of + d[None, :] * stride_od
+    k_off = j[:, None] * stride_kf + d[None, :] * stride_kd
+    v_off = j[:, None] * stride_vf + d[None, :] * stride_vd
     if HAS_GLOBAL:
         g = tl.arange(0, BLOCK_G)
         g_ok = g < Ng
-        g64 = g.to(tl.int64)[:, None]
-        kg_off = g64 * stride_gn + d[None, :] * stride_gd
-        vg_off = g64 * stride_wn + d[None, :] * stride_wd
+        kg_off = g[:, None] * stride_gn + d[None, :] * stride_gd
+        vg_off = g[:, None] * stride_wn + d[None, :] * stride_wd
         g_kv_ok = g_ok[:, None] & d_ok[None, :]
 
     seq0 = tl.program_id(0).to(tl.int64) * SEQ                      # seq = b*H + h
@@ -110,22 +109,26 @@ def _temporal_attn_fwd(
             tl.store(LSE + seq * F + f, lse, mask=f_ok)
 
 
-def pick_blocks(num_seqs: int, F: int, window: int, Ng: int, D: int, sms: int) -> dict:
+def pick_blocks(num_seqs: int, F: int, window: int, Ng: int, D: int, sms: int,
+                dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile sizes for ``_temporal_attn_fwd``; each choice and its reason.
 
     - BLOCK_F: the query block whose key tile (its band, ``BLOCK_F + 2*window`` frames, rounded
       up to a power of two) wastes the fewest padded logits per sequence; ties go to the larger
-      block (fewer programs). At least 16, the smallest tl.dot tile.
+      block (fewer programs). At least 16, the smallest tl.dot tile; exactly 16 in fp32, whose
+      larger tiles spill at head dim 128.
     - SEQ: sequences per program, so that ~8 waves of programs remain: the offsets and masks
       are computed once per program, and the loop over sequences lets the compiler prefetch
       the next sequence's rows while this one computes. At most 16 (a tail of idle SMs).
-    - num_warps: 8 once the logits tile passes 4096 elements (32 fp32 registers per thread at
-      4 warps), else 4.
+    - 16-bit inputs: 4 warps, 3 stages (ptxas for sm_90: ~90 registers at the SPEC shapes,
+      no spills, see bench/RESULTS.md). fp32: IEEE fp32 dots have no tensor-core path and
+      hold more registers per thread; 8 warps and 1 stage keep them from spilling.
     """
     BLOCK_D = max(16, next_pow2(D))
     BLOCK_G = max(16, next_pow2(Ng)) if Ng else 16
+    fp32 = dtype == torch.float32
     best = None
-    for bf in (16, 32, 64):
+    for bf in (16,) if fp32 else (16, 32, 64):
         rows = min(bf, F)
         bk = max(16, next_pow2(rows + 2 * window))
         cost = math.ceil(F / bf) * bf * (bk + (BLOCK_G if Ng else 0))
@@ -138,20 +141,30 @@ def pick_blocks(num_seqs: int, F: int, window: int, Ng: int, D: int, sms: int) -
     SEQ = 1
     while SEQ < 16 and num_seqs * programs_per_seq >= 2 * SEQ * 8 * sms:
         SEQ *= 2
-    tile = BLOCK_F * max(BLOCK_K + (BLOCK_G if Ng else 0), BLOCK_D)
     return dict(SEQ=SEQ, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
-                num_warps=4 if tile <= 4096 else 8)
+                num_warps=8 if fp32 else 4, num_stages=1 if fp32 else 3)
 
 
-def fits(F: int, window: int, Ng: int, D: int) -> str | None:
-    """Why this kernel's one-pass tiles cannot hold the problem, or None (then use the
-    flash kernel, which takes any size)."""
+def _span(t: torch.Tensor) -> int:
+    """Largest element offset inside one (b, h) sequence of a (B, L, H, D) tensor."""
+    return (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3))
+
+
+def fits(q, k, v, k_global, v_global, window: int) -> str | None:
+    """Why this kernel's one-pass tiles cannot take the problem, or None; the flash kernel
+    takes any size, so the caller hands it what this one cannot."""
+    D = q.shape[3]
+    Ng = 0 if k_global is None else k_global.shape[1]
     if D > 256:
         return f"head dim {D} > 256"
     if 16 + 2 * window > 256:
         return f"window {window}: the band of a 16-frame query block exceeds 256 keys"
     if Ng > 128:
         return f"{Ng} global keys exceed one 128-key tile"
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_global", k_global),
+                    ("v_global", v_global)):
+        if t is not None and _span(t) >= 2 ** 31:
+            return f"{name}: offsets inside one sequence pass 2**31 (32-bit in this kernel)"
     return None
 
 
@@ -166,8 +179,9 @@ def temporal_attention(q, k, v, k_global, v_global, *, window: int, pad: int, va
     preallocated contiguous outputs."""
     B, F, H, D = q.shape
     Ng = 0 if k_global is None else k_global.shape[1]
-    cfg = dict(pick_blocks(B * H, F, window, Ng, D, num_sms(q.device)), **(blocks or {}))
-    num_warps = cfg.pop("num_warps")
+    cfg = dict(pick_blocks(B * H, F, window, Ng, D, num_sms(q.device), q.dtype),
+               **(blocks or {}))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     if cfg["BLOCK_K"] < min(cfg["BLOCK_F"], F) + 2 * window:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} cannot hold the band of a query block")
     if out is None:
@@ -183,5 +197,5 @@ def temporal_attention(q, k, v, k_global, v_global, *, window: int, pad: int, va
         scale * LOG2E, local_bias * LOG2E, global_bias * LOG2E,
         HEAD_DIM=D, HAS_GLOBAL=Ng > 0, RETURN_LSE=return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, **cfg)
+        num_warps=num_warps, num_stages=num_stages, **cfg)
     return out, (lse if return_lse else None)
