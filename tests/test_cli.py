@@ -37,10 +37,23 @@ def _base(model, out, **over):
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    """name -> (argv per rank, what the message must contain, files that must stay as they are)"""
+def tiny_model(tmp_path_factory):
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("model")))
+
+
+def _args(model, out, steps=12, **over):
+    """The run that the launch tests interrupt and resume (and the table runs whole)."""
+    return _base(model, out, **{"--frames": "6", "--steps": str(steps), "--seed": "4",
+                                "--scheduler": "dpm++sde", "--window": "2", "--num-global": "2",
+                                "--save-latents": out[:-4] + ".pt", **over})
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, tiny_model):
+    """name -> (argv per rank, what the message must contain); the results of running them
+    all, then a valid run (the reference video of the launch tests), on 2 ranks."""
     w = tmp_path_factory.mktemp("cli")
-    model = save_tiny_pipeline(str(w / "m"))
+    model = tiny_model
     out = str(w / "out" / "video.mp4")
     os.makedirs(w / "out")
     # Folders that are not a supported pipeline.
@@ -123,13 +136,15 @@ def table(tmp_path_factory):
                                       "the following arguments are required: --frames"),
     }
     names = list(cases)
-    argvs = [(n, cases[n][0]) for n in names] + [("valid run", same(**{"--out": str(w / "out" / "ok.mp4")}))]
+    reference = str(w / "reference" / "ref.mp4")
+    os.makedirs(os.path.dirname(reference))
+    argvs = [(n, cases[n][0]) for n in names] + [("valid run", [_args(model, reference)] * WORLD)]
     setup = dict(model=model, out=str(w / "setup.mp4"), checkpoint_dir=ck)
     t0 = time.perf_counter()
     results = run_ranks(cli_cases_rank, WORLD, argvs, setup, timeout=300)
     wall = time.perf_counter() - t0
     return dict(cases=cases, results=results, out=out, existing=existing, w=w, model=model,
-                ck=ck, wall=wall)
+                ck=ck, wall=wall, reference=reference)
 
 
 def test_the_table_has_at_least_15_cases(table):
@@ -159,7 +174,7 @@ def test_bad_input_is_refused_on_every_rank(table, name):
         messages.append(err.replace(f"[rank {rank}/{WORLD}]", "[rank]"))
     assert messages[0] == messages[1]
     # Nothing written: no video, no partial file; the existing file is untouched.
-    assert sorted(os.listdir(os.path.dirname(table["out"]))) == ["existing.mp4", "folder.mp4", "ok.mp4"]
+    assert sorted(os.listdir(os.path.dirname(table["out"]))) == ["existing.mp4", "folder.mp4"]
     assert table["existing"].read_bytes() == b"precious"
 
 
@@ -167,8 +182,8 @@ def test_the_group_still_works_after_the_refusals(table):
     for rank in range(WORLD):
         code, err, _ = table["results"][rank]["valid run"]
         assert code == 0, err
-    video, _ = read_video(str(table["w"] / "out" / "ok.mp4"))
-    assert video.shape == (4, HW[0], HW[1], 3)
+    video, meta = read_video(table["reference"])
+    assert video.shape == (6, HW[0], HW[1], 3) and meta["size"] == (HW[1], HW[0])
 
 
 # ---------------------------------------------------------------- real launches
@@ -205,40 +220,15 @@ def _wait_for(path, procs, limit=120):
         time.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_pipeline(str(tmp_path_factory.mktemp("launch")))
-
-
-def _args(model, out, ck, steps=24, **over):
-    return _base(model, out, **{"--frames": "6", "--steps": str(steps), "--seed": "4",
-                                "--scheduler": "dpm++sde", "--window": "2", "--num-global": "2",
-                                "--checkpoint-dir": ck, "--checkpoint-every": "1",
-                                "--save-latents": out[:-4] + ".pt", **over})
-
-
-def test_torchrun_then_a_killed_rank_then_resume(tiny_model, tmp_path):
-    # 1. torchrun, 2 ranks, uninterrupted: the reference video.
-    ref = str(tmp_path / "ref.mp4")
-    port = _free_port()
-    p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "vinf_engine",
-         *_args(tiny_model, ref, str(tmp_path / "ck_ref"))],
-        env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    report = json.loads(p.stdout[p.stdout.index("{"):])
-    assert report["ranks"] == 2 and report["frames"] == 6 and report["steps_run"] == 24
-    assert report["timings_s"]["denoise"] > 0 and report["frame_steps_per_s"] > 0
-    assert len(report["per_rank"]) == 2 and report["comm_total"]["bytes_sent"] > 0
-    video, meta = read_video(ref)
-    assert video.shape == (6, HW[0], HW[1], 3) and meta["size"] == (HW[1], HW[0])
-    assert os.listdir(tmp_path / "ck_ref") == []
-
-    # 2. The same run; rank 1 is killed (SIGKILL) once it has checkpointed step 3.
+def test_a_killed_rank_then_resume_under_torchrun(table, tiny_model, tmp_path):
+    # 1. Two ranks launched with torchrun's environment; rank 1 is killed (SIGKILL) once it
+    #    has checkpointed step 3. Rank 0 must fail at once (the connection closes), say why,
+    #    exit 1, and write nothing.
     out = str(tmp_path / "video.mp4")
     ck = str(tmp_path / "ck")
-    procs = _launch(_args(tiny_model, out, ck, **{"--timeout": "10"}), 2, tmp_path, "kill")
+    run = _args(tiny_model, out, **{"--checkpoint-dir": ck, "--checkpoint-every": "1",
+                                    "--timeout": "10"})
+    procs = _launch(run, 2, tmp_path, "kill")
     try:
         _wait_for(os.path.join(ck, "rank00001-of-00002.step000003.pt"), procs)
         procs[1].send_signal(signal.SIGKILL)
@@ -256,22 +246,32 @@ def test_torchrun_then_a_killed_rank_then_resume(tiny_model, tmp_path):
     assert "rank 0: generation failed during" in err0 and "another rank died" in err0, err0
     assert not os.path.exists(out) and not os.path.exists(out[:-4] + ".pt")
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["ck", "ck_ref", "ref.mp4", "ref.pt"] + [f"kill{r}.{s}" for r in (0, 1) for s in ("out", "err")])
+        ["ck"] + [f"kill{r}.{s}" for r in (0, 1) for s in ("out", "err")])
 
-    # 3. Resume: the same command with --resume gives the reference video, bit for bit.
-    procs = _launch(_args(tiny_model, out, ck, **{"--resume": True}), 2, tmp_path, "resume")
-    codes = [q.wait(timeout=300) for q in procs]
-    assert codes == [0, 0], (tmp_path / "resume0.err").read_text()[-3000:]
-    report = json.loads((tmp_path / "resume0.out").read_text())
-    assert report["resumed_from_step"] >= 3 and report["steps_run"] < 24
+    # 2. The same command with --resume, under torchrun itself: the video and latents of the
+    #    uninterrupted 2-rank run (the table's valid run), bit for bit; the checkpoint cleared.
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "vinf_engine",
+         *run, "--resume"],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout[p.stdout.index("{"):])
+    assert report["ranks"] == 2 and report["frames"] == 6 and report["backend"] == "gloo"
+    assert report["resumed_from_step"] >= 3 and report["steps_run"] == 12 - report["resumed_from_step"]
+    assert report["timings_s"]["denoise"] > 0 and report["frame_steps_per_s"] > 0
+    assert len(report["per_rank"]) == 2 and report["comm_total"]["bytes_sent"] > 0
+    ref = table["reference"]
     assert open(out, "rb").read() == open(ref, "rb").read()
     assert torch.equal(torch.load(out[:-4] + ".pt")["latents"], torch.load(ref[:-4] + ".pt")["latents"])
+    assert os.listdir(ck) == []
 
 
 def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tiny_model, tmp_path):
     out = str(tmp_path / "video.mp4")
     ck = str(tmp_path / "ck")
-    procs = _launch(_args(tiny_model, out, ck, **{"--timeout": "4"}), 2, tmp_path, "hang")
+    procs = _launch(_args(tiny_model, out, **{"--checkpoint-dir": ck, "--checkpoint-every": "1",
+                                              "--timeout": "4"}), 2, tmp_path, "hang")
     try:
         _wait_for(os.path.join(ck, "rank00001-of-00002.step000002.pt"), procs)
         procs[1].send_signal(signal.SIGSTOP)

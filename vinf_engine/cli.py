@@ -188,6 +188,8 @@ def generate_command(args) -> int:
     extra = []
     if device == "__no_cuda__":
         extra.append(f"--device {args.device}: CUDA is not available on this machine")
+    if args.out is None and args.save_latents is None:
+        extra.append("nothing to write: give --out VIDEO.mp4 (and/or --save-latents FILE.pt)")
     if rank == 0 and args.report:
         parent = os.path.dirname(os.path.abspath(args.report))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):

@@ -444,8 +444,6 @@ def _check_args(run: _Run, rank: int, world: int) -> list[str]:
             e = check_output_path(run.save_latents, overwrite=run.overwrite, suffixes=(".pt",))
             if e:
                 p.append(e.replace("output", "latents output"))
-        if run.out is None and run.save_latents is None:
-            p.append("nothing to write: give an output video path (and/or a latents path)")
         if run.out is not None:
             # Found now, not after the last denoising step.
             try:
@@ -564,7 +562,8 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
         Frames of the whole video (UNet3D pipelines: one latent frame per video frame).
     out : str
         The mp4 to write (rank 0). Written to a hidden temporary file and renamed on success;
-        an existing file is refused unless ``overwrite``.
+        an existing file is refused unless ``overwrite``. None: no video (the latents are
+        returned, and saved if ``save_latents``).
     steps, guidance_scale, seed, negative_prompt
         As in diffusers; classifier-free guidance when ``guidance_scale > 1``.
     config : DualScopeConfig or dict of its fields
