@@ -190,3 +190,24 @@ def test_no_gpu_no_registration_and_cpu_tensors_refused():
     k = torch.randn(2, 6, 1, 64)
     assert cuda_backend.dual_scope_attention_supports(
         q, k, k, window=1, pad=1, valid_left=1, valid_right=1) is not None
+
+
+def test_wrong_sizes_never_reach_the_kernels():
+    """The launchers trust sizes with raw pointers; the wrappers check them first (here on CPU
+    tensors: the ValueError comes before any pointer is used)."""
+    q = torch.randn(2, 4, 1, 64)
+    k = torch.randn(2, 6, 1, 64)
+    out = torch.empty_like(q)
+    kw = dict(window=1, pad=1, valid_left=1, valid_right=1, local_bias=0.0, global_bias=0.0,
+              scale=None)
+    with pytest.raises(ValueError, match="v must have shape"):
+        cuda_backend._dual_scope_attention_into(out, None, q, k, k[:, :5], None, None, **kw)
+    with pytest.raises(ValueError, match="k_global must have shape"):
+        cuda_backend._dual_scope_attention_into(out, None, q, k, k, torch.randn(2, 3, 2, 64),
+                                                torch.randn(2, 3, 1, 64), **kw)
+    x = torch.randn(2, 8, 3, 4)
+    mean = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mean and rstd"):
+        cuda_backend._group_norm_apply_into(torch.empty_like(x), x, mean[:1], mean[:1])
+    with pytest.raises(ValueError, match="weight must have shape"):
+        cuda_backend._group_norm_apply_into(torch.empty_like(x), x, mean, mean, torch.ones(7))

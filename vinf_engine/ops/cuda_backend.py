@@ -170,6 +170,12 @@ def _group_norm_apply_into(y, x, mean, rstd, weight=None, bias=None, activation=
         raise ValueError("y must have x's shape, strides and dtype")
     N, C, S = _gn_shape(x)
     G = mean.shape[1]
+    # The kernel trusts these sizes with raw pointers: never let a wrong one read out of bounds.
+    if tuple(mean.shape) != (N, G) or tuple(rstd.shape) != (N, G) or C % G:
+        raise ValueError(f"mean and rstd must be (N, G) = ({N}, G) with G dividing {C}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"{name} must have shape ({C},), got {tuple(t.shape)}")
     idx = _index(x)
 
     def param(t):
@@ -247,6 +253,14 @@ def _dual_scope_attention_into(out, lse, q, k, v, k_global, v_global, *, window,
     rows) and, if ``lse`` is a tensor, its (B, H, F) fp32 log-sum-exp."""
     B, F, H, D = q.shape
     ng = 0 if k_global is None else k_global.shape[1]
+    # The kernel trusts these sizes with raw pointers: never let a wrong one read out of bounds.
+    want = {"k": (B, F + 2 * pad, H, D), "v": (B, F + 2 * pad, H, D), "out": (B, F, H, D)}
+    if ng:
+        want.update(k_global=(B, ng, H, D), v_global=(B, ng, H, D))
+    got = dict(k=k, v=v, out=out, k_global=k_global, v_global=v_global)
+    for name, shape in want.items():
+        if got[name] is None or tuple(got[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}")
     if ng == 0:
         k_global = v_global = None
     if lse is not None and (lse.dtype != torch.float32 or not lse.is_contiguous()
