@@ -192,7 +192,8 @@ __device__ __forceinline__ void mma_tile(const Params& p, char* sbase, std::int6
     const std::uint32_t s_vc = local ? s_v : s_vg;
 
     // S = Q K^T for 16 keys (two n8 tiles). Rows past the section are clamped to its last row:
-    // they read real, finite data and are masked below, never uninitialized shared memory.
+    // they read this sequence's staged keys, never uninitialized shared memory (whose NaN bit
+    // patterns would survive 0 * NaN in P.V), and are masked below.
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     {
       const int krow = min(r0 + (lane & 7) + 8 * (lane >> 4), rows - 1);
