@@ -127,10 +127,14 @@ def main(argv=None) -> int:
     return EXIT_BAD_INPUT
 
 
+def _terminate_as_interrupt(signum, frame):
+    # torchrun (and schedulers) stop workers with SIGTERM: unwind like Ctrl-C, so that the
+    # partial video is deleted and the checkpoint is left consistent.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def generate_command(args) -> int:
-    import torch
-    import torch.distributed as dist
-    from .pipeline import GenerationError, GenerationFailed, generate
+    import signal
 
     try:
         from diffusers.utils import logging as dlog
@@ -141,6 +145,24 @@ def generate_command(args) -> int:
         tlog.disable_progress_bar()
     except Exception:  # noqa: BLE001 - logging levels are cosmetic
         pass
+
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    except ValueError:          # not the main thread: leave signals alone
+        pass
+    try:
+        return _generate_command(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _generate_command(args) -> int:
+    import torch
+    import torch.distributed as dist
+    from .pipeline import GenerationError, GenerationFailed, generate
 
     timeout = _num(args.timeout, float)
     if not isinstance(timeout, float) or not timeout > 0:
@@ -221,8 +243,8 @@ def generate_command(args) -> int:
     except GenerationFailed as e:
         _log(rank, world, f"error: {e}")
         code = EXIT_FAILED
-    except KeyboardInterrupt:
-        _log(rank, world, "interrupted")
+    except KeyboardInterrupt as e:
+        _log(rank, world, f"interrupted{f' ({e})' if str(e) else ''}; nothing written")
         code = EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - report, never hang
         _log(rank, world, f"error: unexpected {type(e).__name__}: {e}\n{traceback.format_exc()}")

@@ -822,14 +822,14 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
     except GenerationError:
         raise
     except BaseException as e:
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        where = f"step {step_i + 1}/{n_iter}" if phase in ("denoising", "checkpoint") else phase
-        raise GenerationFailed(
-            f"rank {rank}: generation failed during {phase} ({where}): {type(e).__name__}: "
-            f"{_short(e)}" + ("" if world == 1 else
-                              " -- if this is a communication error or a timeout, another rank "
-                              "died or stopped responding; see its log")) from e
+        where = f" (step {step_i + 1}/{n_iter})" if phase in ("denoising", "checkpoint") else ""
+        msg = f"rank {rank}: generation failed during {phase}{where}: {type(e).__name__}: {_short(e)}"
+        if world > 1 and "peer" not in msg:
+            msg += (" -- if this is a communication error or a timeout, another rank died or "
+                    "stopped responding; see its log")
+        raise GenerationFailed(msg) from e
     finally:
         if writer is not None:
             writer.abort()
