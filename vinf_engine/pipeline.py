@@ -915,7 +915,12 @@ def _check_model(run: _Run, pipe) -> list[str]:
     unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
     step = vae_factor * unet_factor
     for name, v in (("height", run.height), ("width", run.width)):
-        v = v or unet.config.sample_size * vae_factor
+        if v is None:
+            if not _is_int(unet.config.sample_size):
+                p.append(f"the UNet's config has no sample_size to default the {name} from; "
+                         f"give the {name}")
+                continue
+            v = unet.config.sample_size * vae_factor
         if v % step:
             p.append(f"{name} {v} is not a multiple of {step}: the VAE downsamples by {vae_factor} "
                      f"and the UNet by {unet_factor} more (try {max(step, v // step * step)})")
