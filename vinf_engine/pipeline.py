@@ -524,8 +524,8 @@ class _Progress:
         left = (self.total - done) * dt / n if n else float("nan")
         eta = str(datetime.timedelta(seconds=round(left))) if math.isfinite(left) else "?"
         line = (f"denoising: step {done}/{self.total} | {self.frames} frames | "
-                f"{rate:.2f} frame-steps/s | elapsed {datetime.timedelta(seconds=round(dt))} | "
-                f"left {eta}")
+                f"{rate:.2f} frame-steps/s = {rate / self.total:.3f} frames/s | "
+                f"elapsed {datetime.timedelta(seconds=round(dt))} | left {eta}")
         end = "\n" if (final or not self.tty) else ""
         print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
@@ -611,15 +611,29 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
                overwrite=overwrite)
     ctl_timeout = datetime.timedelta(seconds=timeout) if timeout else None
-    comm = ClipComm(process_group, timeout=ctl_timeout)
+    try:
+        comm = ClipComm(process_group, timeout=ctl_timeout)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise GenerationFailed(f"could not set up the control plane with the other ranks: "
+                               f"{type(e).__name__}: {_short(e)}") from e
     rank, world = comm.rank, comm.world_size
+
+    def agree(obj, what):
+        # A rank that died or hangs before the run starts: a clear failure, not a traceback.
+        try:
+            return comm.agree(obj)
+        except Exception as e:  # noqa: BLE001
+            raise GenerationFailed(f"rank {rank}: could not agree with the other ranks on {what}: "
+                                   f"{type(e).__name__}: {_short(e)}") from e
 
     # 1. Arguments, model folder, outputs: local checks, then one agreement.
     try:
         problems = [p for p in (extra_problems or ()) if p] + _check_args(run, rank, world)
     except Exception as e:  # noqa: BLE001 - a local crash must not leave the others waiting
         problems = [f"{type(e).__name__}: {e}"]
-    rows = comm.agree((problems, _comparable(run)))
+    rows = agree((problems, _comparable(run)), "the arguments")
     _refuse([r[0] for r in rows], "generate refused")
     mine = rows[rank][1]
     diff = [r for r, (_, c) in enumerate(rows) if c != rows[0][1]]
@@ -649,7 +663,7 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
         problems = [str(e)]
     except Exception as e:  # noqa: BLE001
         problems = [f"loading the model failed: {type(e).__name__}: {e}"]
-    rows = comm.agree((problems, digest))
+    rows = agree((problems, digest), "the model")
     _refuse([r[0] for r in rows], "generate refused")
     if any(d != rows[0][1] for _, d in rows):
         diff = [r for r, (_, d) in enumerate(rows) if d != rows[0][1]]
@@ -704,7 +718,7 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
             problems.append(f"checkpointing: {e}")
         except Exception as e:  # noqa: BLE001
             problems.append(f"checkpoint dir: {type(e).__name__}: {e}")
-        rows = comm.agree((problems, steps_avail))
+        rows = agree((problems, steps_avail), "the checkpoint")
         _refuse([r[0] for r in rows], "generate refused")
         if run.resume:
             common = set(rows[0][1]).intersection(*(set(s) for _, s in rows[1:]))
@@ -723,7 +737,7 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
                 restored = head["scheduler"]
             except Exception as e:  # noqa: BLE001
                 problems.append(f"checkpoint step {start_step}: {type(e).__name__}: {e}")
-            rows = comm.agree((problems, None))
+            rows = agree((problems, None), "the checkpoint")
             _refuse([r[0] for r in rows], "generate refused")
             restore_scheduler_state(sched, restored, device)
             latents = latents.to(device)
@@ -852,7 +866,7 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
                 comm=dict(engine_stats, **report_comm))
     try:
         per_rank = comm.agree(mine)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the video is safe; say so
         raise GenerationFailed(f"rank {rank}: the video is done but the final report could not be "
                                f"gathered: {type(e).__name__}: {_short(e)}") from e
     if ckpt is not None:
