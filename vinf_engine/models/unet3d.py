@@ -180,6 +180,9 @@ class ClipTemporalConvLayer(TemporalConvLayer):
                 h, lo, hi = eng.frame_halo(h, 2, conv.kernel_size[0] // 2)
                 h, lo, hi = ops.temporal_conv(h, conv.weight, conv.bias, lo=lo, hi=hi,
                                               num_frames=layout.num_frames)
+                # A halo that reaches a true video end keeps its frame (zero padding there):
+                # the next conv's input must be this clip's frames again.
+                h, lo, hi = h[:, :, s - lo:e - lo], s, e
         else:
             halo = sum(seq[-1].kernel_size[0] // 2 for seq in stack)
             pending_halo = eng.start_frame_halo(x, 2, halo)
