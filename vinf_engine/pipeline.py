@@ -925,6 +925,8 @@ def _check_model(run: _Run, pipe) -> list[str]:
     if not isinstance(unet, UNet3DConditionModel):
         return [f"the pipeline's unet is {type(unet).__name__}; vinf_engine runs UNet3DConditionModel "
                 "pipelines (ModelScope, Zeroscope, VideoCrafter2)"]
+    if getattr(unet, "vinf_engine", None) is not None:
+        return ["the pipeline's unet is already parallelized (call vinf_engine.unparallelize first)"]
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
     step = vae_factor * unet_factor
