@@ -128,3 +128,15 @@ def test_unsupported_models_are_refused_single_process():
         vinf.parallelize(m)
     with pytest.raises(ValueError, match="config must be"):
         vinf.parallelize(tiny_unet(), config=dict(window=3))
+
+
+def test_engine_on_a_user_subgroup():
+    from workers import subgroup_rank
+    results = run_ranks(subgroup_rank, 3)
+    assert results[2] is None
+    single = tiny_unet()
+    vinf.parallelize(single, vinf.DualScopeConfig(window=2, num_global=2))
+    x, ctx = unet_inputs(6)
+    with torch.no_grad():
+        ref = single(x, 900, encoder_hidden_states=ctx).sample
+    assert rel_err(torch.cat(results[:2], dim=2), ref) <= 1e-5

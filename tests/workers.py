@@ -179,3 +179,16 @@ def bad_input_rank(rank, world):
         res["after"] = model(clip, 10, encoder_hidden_states=ctx).sample
     res["twice"] = expect_error(lambda: vinf.parallelize(model, vinf.DualScopeConfig()))
     return res
+
+
+def subgroup_rank(rank, world):
+    """Ranks 0 and 1 of 3 run the engine on a subgroup the user made with a plain new_group
+    (every rank calls new_group; only members call parallelize)."""
+    sub = dist.new_group([0, 1])
+    if rank == 2:
+        return None
+    model = tiny_unet()
+    x, ctx = unet_inputs(6)
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2), process_group=sub)
+    with torch.no_grad():
+        return model(split(x, (3, 3), rank), 900, encoder_hidden_states=ctx).sample

@@ -97,9 +97,9 @@ class Pending:
                     w.wait(self._timeout)
                 except RuntimeError as e:
                     raise RuntimeError(
-                        f"vinf_engine: {self._what} on rank {self._rank} failed or did not "
-                        f"complete within {self._timeout.total_seconds():g} s; a peer rank "
-                        f"probably died or stalled ({e})") from e
+                        f"vinf_engine: {self._what} on rank {self._rank} failed (waited at most "
+                        f"{self._timeout.total_seconds():g} s): a peer rank died, stalled or "
+                        f"closed its connection ({e})") from e
             self._result = self._finish()
             self._works, self._done = [], True
         return self._result
@@ -131,26 +131,48 @@ class ClipComm:
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
-        # A gloo group of our own: CPU agreements, bounded by our timeout whatever the data
-        # plane's backend and timeout are.
-        self.ctrl = dist.new_group(self._global, backend="gloo", timeout=self.timeout,
-                                   use_local_synchronization=True) if self.world_size > 1 else None
+        # The control plane must be a CPU (gloo) group. A gloo data plane serves as its own;
+        # for NCCL a gloo twin is made: over the whole world a plain new_group (every rank
+        # calls parallelize), for a subgroup one that only its members need to join.
+        if self.world_size == 1:
+            self.ctrl = None
+        elif self.backend == "gloo":
+            self.ctrl = self.group
+        elif self.world_size == dist.get_world_size():
+            self.ctrl = dist.new_group(self._global, backend="gloo", timeout=self.timeout)
+        else:
+            self.ctrl = dist.new_group(self._global, backend="gloo", timeout=self.timeout,
+                                       use_local_synchronization=True)
 
     # ---------------------------------------------------------------- control plane
     def agree(self, obj) -> list:
-        """Every rank's ``obj`` (picklable), in rank order. Collective, on the control plane."""
+        """Every rank's ``obj`` (picklable), in rank order. Collective, on the control plane;
+        waits at most ``timeout`` for the slowest rank."""
         if self.world_size == 1:
             return [obj]
+        import pickle
+
         import torch.distributed as dist
         self.counters.control += 1
-        out = [None] * self.world_size
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
+        self._ctrl_wait(dist.all_gather(sizes, torch.tensor([data.numel()]), group=self.ctrl,
+                                        async_op=True))
+        width = int(max(int(n) for n in sizes))
+        buf = torch.zeros(width, dtype=torch.uint8)
+        buf[:data.numel()] = data
+        bufs = [torch.empty(width, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._ctrl_wait(dist.all_gather(bufs, buf, group=self.ctrl, async_op=True))
+        return [pickle.loads(b[:int(n)].numpy().tobytes()) for b, n in zip(bufs, sizes)]
+
+    def _ctrl_wait(self, work):
         try:
-            dist.all_gather_object(out, obj, group=self.ctrl)
+            work.wait(self.timeout)
         except RuntimeError as e:
             raise RuntimeError(
-                f"vinf_engine: rank {self.rank} could not agree with the other ranks within "
-                f"{self.timeout.total_seconds():g} s; a peer rank probably died or stalled ({e})") from e
-        return out
+                f"vinf_engine: rank {self.rank} could not agree with the other ranks (waited at "
+                f"most {self.timeout.total_seconds():g} s): a peer rank died, stalled or "
+                f"closed its connection ({e})") from e
 
     # ---------------------------------------------------------------- data plane
     def _index(self, idx: tuple, device) -> torch.Tensor:
