@@ -82,3 +82,22 @@ def test_gradients_recompute_the_reference():
     rx, rw = torch.autograd.grad(ref_y.square().sum(), (x, w))
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
+
+
+def test_a_top_level_kernels_import_registers_nothing(monkeypatch):
+    # transformers imports any importable package named `kernels` to read its version; from
+    # the repository root that is this directory. It must not replace the registered backend.
+    import importlib
+    import os
+    import sys
+    from vinf_engine.ops import dispatch
+    import vinf_engine.kernels  # noqa: F401 - the real registration
+    before = {op: dispatch._IMPLS[op]["triton"] for op in
+              ("dual_scope_attention", "group_norm_partials", "group_norm_apply")}
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+    top = importlib.import_module("kernels")
+    assert top.__file__.endswith(os.path.join("kernels", "__init__.py"))
+    for op, impl in before.items():
+        assert dispatch._IMPLS[op]["triton"] is impl, op
