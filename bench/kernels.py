@@ -38,19 +38,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS: list[dict] = []
 
 
-def parse():
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", default="temporal,dit,group_norm",
                    help="comma-separated subset of temporal, dit, group_norm")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-ARGS = parse()
+# As a script, this file is also what `import kernels` finds from bench/ (transformers probes
+# for a package of that name): imported, it must not read argv or change the environment.
+_SCRIPT = __name__ == "__main__"
+ARGS = parse(None if _SCRIPT else [])
 DEV = ARGS.device
-if DEV == "cpu":
+if DEV == "cpu" and _SCRIPT:
     # The kernels run in Triton's interpreter; this must precede the first import of triton.
     if "triton" in sys.modules:
         raise SystemExit("bench/kernels.py: triton was imported before TRITON_INTERPRET was set")
@@ -61,7 +64,8 @@ DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, ROOT)
+if _SCRIPT:
+    sys.path.insert(0, ROOT)
 from vinf_engine.ops import dispatch  # noqa: E402
 from vinf_engine.ops.attention import dual_scope_attention_reference  # noqa: E402
 from vinf_engine.ops.group_norm import (group_norm_apply_reference,  # noqa: E402
