@@ -41,5 +41,25 @@ def run_ranks(fn, world: int, *args, timeout: float = 180.0) -> list:
     return run_local(fn, world, *args, timeout=timeout, threads=1)
 
 
+def dual_scope_inputs(case, dtype, *, poison=float("nan"), seed=0, device="cpu"):
+    """Inputs of a dual-scope attention case ``(B, F, T, H, D, window, pad, valid_left,
+    valid_right, Ng)``, with ``poison`` in every key/value frame that does not exist.
+    Returns ``((q, k, v, k_global, v_global), mask kwargs, T)``."""
+    B, F, T, H, D, w, pad, vl, vr, Ng = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, F * T, H, D, generator=g)
+    k = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
+    v = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
+    kf = torch.arange(k.shape[1]) // T
+    invalid = (kf < pad - vl) | (kf >= pad + F + vr)
+    k[:, invalid] = poison
+    v[:, invalid] = poison
+    kg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
+    vg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
+    cast = lambda t: None if t is None else t.to(device, dtype)
+    return ((cast(q), cast(k), cast(v), cast(kg), cast(vg)),
+            dict(window=w, pad=pad, valid_left=vl, valid_right=vr), T)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))

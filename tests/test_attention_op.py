@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vinf_engine as vinf
+from helpers import dual_scope_inputs
 from vinf_engine.ops import attention as attention_mod
 
 
@@ -51,20 +52,7 @@ CASES = {
 
 
 def make(case, dtype, poison=float("nan"), seed=0):
-    B, F, T, H, D, w, pad, vl, vr, Ng = case
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, F * T, H, D, generator=g)
-    k = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
-    v = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
-    kf = torch.arange(k.shape[1]) // T
-    invalid = (kf < pad - vl) | (kf >= pad + F + vr)
-    k[:, invalid] = poison
-    v[:, invalid] = poison
-    kg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
-    vg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
-    cast = lambda t: None if t is None else t.to(dtype)
-    kw = dict(window=w, pad=pad, valid_left=vl, valid_right=vr)
-    return (cast(q), cast(k), cast(v), cast(kg), cast(vg)), kw, T
+    return dual_scope_inputs(case, dtype, poison=poison, seed=seed)
 
 
 @pytest.mark.parametrize("name", list(CASES))

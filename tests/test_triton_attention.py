@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 import vinf_engine as vinf
+from helpers import dual_scope_inputs
 from test_attention_op import naive_dual_scope
 from vinf_engine import kernels
 from vinf_engine.kernels import dit_attention as dit
@@ -41,21 +42,8 @@ T1 = [n for n, c in CASES.items() if c[2] == 1]
 
 def make(case, dtype, seed=0):
     """Inputs of ``case`` with NaN in every key/value frame that does not exist."""
-    B, F, T, H, D, w, pad, vl, vr, Ng = case
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, F * T, H, D, generator=g)
-    k = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
-    v = torch.randn(B, (F + 2 * pad) * T, H, D, generator=g)
-    kf = torch.arange(k.shape[1]) // T
-    invalid = (kf < pad - vl) | (kf >= pad + F + vr)
-    k[:, invalid] = NAN
-    v[:, invalid] = NAN
-    kg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
-    vg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
-    cast = lambda t: None if t is None else t.to(DEV, dtype)
-    kw = dict(window=w, pad=pad, valid_left=vl, valid_right=vr, tokens_per_frame=T,
-              local_bias=0.7, global_bias=-0.4)
-    return (cast(q), cast(k), cast(v), cast(kg), cast(vg)), kw
+    tensors, kw, T = dual_scope_inputs(case, dtype, poison=NAN, seed=seed, device=DEV)
+    return tensors, dict(kw, tokens_per_frame=T, local_bias=0.7, global_bias=-0.4)
 
 
 def tol(dtype):

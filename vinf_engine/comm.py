@@ -166,13 +166,8 @@ class ClipComm:
         return [pickle.loads(b[:int(n)].numpy().tobytes()) for b, n in zip(bufs, sizes)]
 
     def _ctrl_wait(self, work):
-        try:
-            work.wait(self.timeout)
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"vinf_engine: rank {self.rank} could not agree with the other ranks (waited at "
-                f"most {self.timeout.total_seconds():g} s): a peer rank died, stalled or "
-                f"closed its connection ({e})") from e
+        Pending([work], lambda: None, self.timeout, "agreement with the other ranks",
+                self.rank).wait()
 
     # ---------------------------------------------------------------- data plane
     def _index(self, idx: tuple, device) -> torch.Tensor:
