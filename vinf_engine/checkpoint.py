@@ -24,6 +24,28 @@ KEEP = 2
 _NAME = re.compile(r"^rank(\d+)-of-(\d+)\.step(\d+)\.pt$")
 
 
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def save_temp(obj, directory: str, *, prefix: str, suffix: str) -> str:
+    """``torch.save`` ``obj`` into a new hidden file in ``directory``, flushed to disk; returns
+    its path, for the caller to ``os.replace`` into place. Nothing is left behind on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -167,18 +189,11 @@ class Checkpointer:
         payload = {"format": FORMAT, "fingerprint": self.fingerprint, "settings": self.settings,
                    "rank": self.rank, "world": self.world, "step": step,
                    "latents": latents.detach().cpu(), "scheduler": scheduler_state}
-        fd, tmp = tempfile.mkstemp(prefix=f".rank{self.rank:05d}.", suffix=".tmp", dir=self.dir)
+        tmp = save_temp(payload, self.dir, prefix=f".rank{self.rank:05d}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, self.path(step))
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            _unlink(tmp)
             raise
         for old in self.my_steps()[:-KEEP]:
             try:

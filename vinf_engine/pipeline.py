@@ -26,14 +26,14 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import Checkpointer, CheckpointError, pack_scheduler_state, restore_scheduler_state
+from .checkpoint import (Checkpointer, CheckpointError, pack_scheduler_state,
+                         restore_scheduler_state, save_temp)
 from .comm import ClipComm
 from .config import DualScopeConfig
 from .layout import ClipLayout
@@ -1053,17 +1053,7 @@ def _gather_latents(latents, layout, rank, world, group, backend, device, path, 
             parts.append(buf.cpu())
         full = torch.cat(parts, dim=2)
         directory, name = os.path.split(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"latents": full}, f)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return tmp
+        return save_temp({"latents": full}, directory, prefix=f".{name}.", suffix=".partial")
     dst = dist.get_global_rank(group, 0) if group is not None else 0
     t = latents.float().contiguous()
     t = t.to(device) if backend == "nccl" else t.cpu()
