@@ -205,7 +205,7 @@ def dit_attention(q, k, v, k_global, v_global, *, window: int, pad: int, valid_l
         out = torch.empty((B, FT, H, D), dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty((B, H, FT), dtype=torch.float32, device=q.device) if return_lse else out
-    kg, vg = (k_global, v_global) if Ng else (k, v)   # placeholders, never read
+    kg, vg = (k_global, v_global) if Ng else (k, v)   # stand-ins when Ng == 0, never read
     num_m_tiles = triton.cdiv(FT, cfg["BLOCK_M"])
     _dit_attn_fwd[(B * H * num_m_tiles,)](
         q, k, v, kg, vg, out, lse,

@@ -187,7 +187,7 @@ def temporal_attention(q, k, v, k_global, v_global, *, window: int, pad: int, va
         out = torch.empty((B, F, H, D), dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty((B, H, F), dtype=torch.float32, device=q.device) if return_lse else out
-    kg, vg = (k_global, v_global) if Ng else (k, v)   # placeholders, never read
+    kg, vg = (k_global, v_global) if Ng else (k, v)   # stand-ins when Ng == 0, never read
     grid = (triton.cdiv(B * H, cfg["SEQ"]), triton.cdiv(F, cfg["BLOCK_F"]))
     _temporal_attn_fwd[grid](
         q, k, v, kg, vg, out, lse,
