@@ -17,6 +17,7 @@ def test_launch_and_byte_counts():
         # transformer one GroupNorm all-reduce + one exchange per attention (two attentions).
         assert c_over["collectives"] == n_conv * 5 + n_ttm * 3
         assert c_over["device_syncs"] == 0
+        assert c_block["device_syncs"] == c_block["collectives"]    # a sync after every launch
         assert c_block["collectives"] > c_over["collectives"]
         assert c_block["bytes_received"] > c_over["bytes_received"]
         assert c_over["control"] == c_block["control"] == 1

@@ -36,7 +36,7 @@ class CommCounters:
     bytes_sent: int = 0
     bytes_received: int = 0
     control: int = 0          # control-plane agreements (CPU, gloo), one per model call
-    device_syncs: int = 0     # host-device synchronisations made by the communication
+    device_syncs: int = 0     # host-device synchronisations the communication asks for
 
     def reset(self):
         for k in asdict(self):
@@ -301,6 +301,7 @@ class ClipComm:
         return out
 
     def device_sync(self, device):
+        # Counted on every device (the pattern makes it), performed where there is one.
+        self.counters.device_syncs += 1
         if device.type == "cuda":
-            self.counters.device_syncs += 1
             torch.cuda.synchronize(device)
