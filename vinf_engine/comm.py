@@ -186,6 +186,13 @@ class ClipComm:
         c.bytes_sent += sent
         c.bytes_received += received
 
+    def fill_local(self, out: torch.Tensor, x: torch.Tensor, dim: int, plan: FramePlan) -> torch.Tensor:
+        """Copy into ``out`` the wanted frames this rank owns (from ``x``); returns ``out``."""
+        if plan.local_pos:
+            out.index_copy_(dim, self._index(plan.local_pos, x.device),
+                            x.index_select(dim, self._index(plan.local_idx, x.device)))
+        return out
+
     def post_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
                     what: str = "frame exchange") -> Pending:
         """Start fetching frames ``wants[self.rank]`` (global indices, in that order) of the
@@ -201,10 +208,7 @@ class ClipComm:
                              f"{self.rank} owns {layout.sizes[self.rank]}")
         shape = list(x.shape)
         shape[dim] = plan.n_out
-        out = x.new_empty(shape)
-        if plan.local_pos:
-            out.index_copy_(dim, self._index(plan.local_pos, x.device),
-                            x.index_select(dim, self._index(plan.local_idx, x.device)))
+        out = self.fill_local(x.new_empty(shape), x, dim, plan)
         if not plan.sends and not plan.recvs:
             return Pending.ready(out)
         import torch.distributed as dist
@@ -261,10 +265,7 @@ class ClipComm:
         plan = frame_plan(layout, self.rank, wants)
         shape = list(x.shape)
         shape[dim] = plan.n_out
-        out = x.new_empty(shape)
-        if plan.local_pos:
-            out.index_copy_(dim, self._index(plan.local_pos, x.device),
-                            x.index_select(dim, self._index(plan.local_idx, x.device)))
+        out = self.fill_local(x.new_empty(shape), x, dim, plan)
         sends, recvs = dict(plan.sends), dict(plan.recvs)
         for peer in sorted(set(sends) | set(recvs)):
             ops, got = [], None

@@ -131,11 +131,8 @@ class CommScheduler:
         self._stale[key] = self.comm.post_frames(x, dim, layout, wants, what)
         if prev is None:                      # first step: nothing older to use
             return self._stale[key]
-        out = prev.wait().clone()
-        if plan.local_pos:                    # own frames are always fresh
-            out.index_copy_(dim, self.comm._index(plan.local_pos, x.device),
-                            x.index_select(dim, self.comm._index(plan.local_idx, x.device)))
-        return Pending.ready(out)
+        # Remote frames from the previous step; own frames are always fresh.
+        return Pending.ready(self.comm.fill_local(prev.wait().clone(), x, dim, plan))
 
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
         """The sum of ``t`` over the ranks, as a ``Pending`` (``t`` may be reduced in place:
