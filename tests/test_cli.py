@@ -237,18 +237,13 @@ def _wait_for_step(ck, rank, world, step, procs, limit=120):
         time.sleep(0.01)
 
 
-def test_a_killed_rank_then_resume_under_torchrun(table, tiny_model, tmp_path):
-    # 1. Two ranks launched with torchrun's environment; rank 1 is killed (SIGKILL) once it
-    #    has checkpointed step 3. Rank 0 must fail at once (the connection closes), say why,
-    #    exit 1, and write nothing.
-    out = str(tmp_path / "video.mp4")
-    ck = str(tmp_path / "ck")
-    run = _args(tiny_model, out, **{"--checkpoint-dir": ck, "--checkpoint-every": "1",
-                                    "--timeout": "10"})
-    procs = _launch(run, 2, tmp_path, "kill")
+def _signal_rank1_after(run, tmp_path, tag, ck, step, sig):
+    """Launch 2 ranks, send ``sig`` to rank 1 once every rank checkpointed ``step``, and
+    return rank 0's exit code, how long it took to exit after the signal, and its stderr."""
+    procs = _launch(run, 2, tmp_path, tag)
     try:
-        _wait_for_step(ck, 1, 2, 3, procs)
-        procs[1].send_signal(signal.SIGKILL)
+        _wait_for_step(ck, 1, 2, step, procs)
+        procs[1].send_signal(sig)
         t0 = time.monotonic()
         code0 = procs[0].wait(timeout=60)
         waited = time.monotonic() - t0
@@ -257,7 +252,18 @@ def test_a_killed_rank_then_resume_under_torchrun(table, tiny_model, tmp_path):
             if q.poll() is None:
                 q.kill()
                 q.wait()
-    err0 = (tmp_path / "kill0.err").read_text()
+    return code0, waited, (tmp_path / f"{tag}0.err").read_text()
+
+
+def test_a_killed_rank_then_resume_under_torchrun(table, tiny_model, tmp_path):
+    # 1. Two ranks launched with torchrun's environment; rank 1 is killed (SIGKILL) once it
+    #    has checkpointed step 3. Rank 0 must fail at once (the connection closes), say why,
+    #    exit 1, and write nothing.
+    out = str(tmp_path / "video.mp4")
+    ck = str(tmp_path / "ck")
+    run = _args(tiny_model, out, **{"--checkpoint-dir": ck, "--checkpoint-every": "1",
+                                    "--timeout": "10"})
+    code0, waited, err0 = _signal_rank1_after(run, tmp_path, "kill", ck, 3, signal.SIGKILL)
     assert code0 == 1, err0
     assert waited < 10 + 15, waited                       # within the timeout (+ teardown)
     assert "rank 0: generation failed during denoising (step" in err0, err0
@@ -288,20 +294,9 @@ def test_a_killed_rank_then_resume_under_torchrun(table, tiny_model, tmp_path):
 def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tiny_model, tmp_path):
     out = str(tmp_path / "video.mp4")
     ck = str(tmp_path / "ck")
-    procs = _launch(_args(tiny_model, out, **{"--checkpoint-dir": ck, "--checkpoint-every": "1",
-                                              "--timeout": "4"}), 2, tmp_path, "hang")
-    try:
-        _wait_for_step(ck, 1, 2, 2, procs)
-        procs[1].send_signal(signal.SIGSTOP)
-        t0 = time.monotonic()
-        code0 = procs[0].wait(timeout=60)
-        waited = time.monotonic() - t0
-    finally:
-        for q in procs:
-            if q.poll() is None:
-                q.kill()
-                q.wait()
-    err0 = (tmp_path / "hang0.err").read_text()
+    run = _args(tiny_model, out, **{"--checkpoint-dir": ck, "--checkpoint-every": "1",
+                                    "--timeout": "4"})
+    code0, waited, err0 = _signal_rank1_after(run, tmp_path, "hang", ck, 2, signal.SIGSTOP)
     assert code0 == 1, err0
     assert waited < 4 + 15, waited
     assert "rank 0: generation failed during" in err0, err0

@@ -968,7 +968,7 @@ def _make_scheduler(pipe, name: str | None):
 
 def _encode_scenes(pipe, run: _Run, device, do_cfg: bool, frames: range, holder: dict):
     """The UNet's ``encoder_hidden_states``: ``(2, L, D)`` ([uncond, cond]) for one scene; for a
-    schedule of scenes the same placeholder plus, in ``holder["text"]``, one row per
+    schedule of scenes that same stand-in plus, in ``holder["text"]``, one row per
     (batch, frame) of this rank's clip in the UNet's order (batch-major)."""
     with torch.no_grad():
         embs, neg = [], None
