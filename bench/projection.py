@@ -124,7 +124,13 @@ def project(run: dict, gpus: int, gpu: str, link: str, frames_per_gpu: int) -> d
             continue
         if e["frames"] == 0:
             continue
-        per_frame = e["bytes_received"] / e["frames"] * byte_scale
+        stats = e.get("sums_bytes", 0)
+        if stats:
+            # GroupNorm partials riding in this exchange (overlap: no launch of their own);
+            # the published pattern all-reduces them apart, blocking, with a sync.
+            exposed["blocking"] += ar + stats / bw + sync
+            launches["blocking"] += 1
+        per_frame = (e["bytes_received"] - stats) / e["frames"] * byte_scale
         if "attention" in e["kind"]:
             b = per_frame * att_frames
             # published: K and V halos from each neighbour, K and V global frames all-gathered

@@ -52,10 +52,7 @@ def build_unet(preset: dict, device, dtype):
     from diffusers.utils import logging as dlogging
     dlogging.set_verbosity_error()
     torch.manual_seed(0)
-    m = UNet3DConditionModel(
-        sample_size=preset["latent_hw"][0], in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
-        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3, **preset["unet"])
+    m = UNet3DConditionModel(**unet_kwargs(preset))
     # diffusers zero-initialises the last conv of each temporal conv stack; give it values
     # so that the temporal path is not an identity in the output comparison.
     g = torch.Generator().manual_seed(1)
@@ -64,6 +61,41 @@ def build_unet(preset: dict, device, dtype):
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return m.to(device=device, dtype=dtype).eval()
+
+
+def round_floor(preset: dict, sync_groupnorm: bool = True) -> dict:
+    """How many dependent communication rounds one exact UNet step needs, from the model's
+    structure (built on the meta device: no memory, no weights).
+
+    A round is data one rank needs from others that exists only after its previous round:
+    every whole-video GroupNorm's statistics depend on every rank's previous layer, and every
+    temporal attention's context on the layer's input. Without recomputing other ranks'
+    frames, each temporal conv stack needs one round per GroupNorm (its halo rides with the
+    first; the engine does this) and each temporal transformer one per attention (its
+    GroupNorm could ride with the first attention's context; the engine keeps it apart so
+    that the context is in flight during the projections and the halo-free attention).
+    Each round is at least one collective launch."""
+    from diffusers import UNet3DConditionModel
+    from diffusers.models.resnet import TemporalConvLayer
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    with torch.device("meta"):
+        m = UNet3DConditionModel(**unet_kwargs(preset))
+    convs = [m_ for m_ in m.modules() if isinstance(m_, TemporalConvLayer)]
+    ttms = [m_ for m_ in m.modules() if isinstance(m_, TransformerTemporalModel)]
+    conv_gn = sum(sum(1 for i in range(1, 9) if hasattr(c, f"conv{i}")) for c in convs)
+    attns = sum(sum((b.attn1 is not None) + (b.attn2 is not None) for b in t.transformer_blocks)
+                for t in ttms)
+    conv_rounds = conv_gn if sync_groupnorm else len(convs)
+    return dict(temporal_conv_stacks=len(convs), conv_groupnorms=conv_gn,
+                temporal_transformers=len(ttms), temporal_attentions=attns,
+                floor=conv_rounds + attns,
+                engine=conv_rounds + attns + (len(ttms) if sync_groupnorm else 0))
+
+
+def unet_kwargs(preset: dict) -> dict:
+    return dict(sample_size=preset["latent_hw"][0], in_channels=4, out_channels=4,
+                down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+                up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3, **preset["unet"])
 
 
 def peak_memory_mib(device) -> float:
@@ -286,6 +318,12 @@ def main(argv=None):
         print(f"\nmax |out(R={ranks}, overlap) - out(R=1)| / max |out(R=1)| = {invariance:.2e}")
     if stale_drift is not None:
         print(f"stale mode drift from exact: max rel {stale_drift:.2e}")
+    fl = report["round_floor"] = round_floor(preset)
+    print(f"dependent rounds per exact step (each >= 1 launch): floor {fl['floor']} = "
+          f"{fl['conv_groupnorms']} GroupNorms in {fl['temporal_conv_stacks']} temporal conv "
+          f"stacks + {fl['temporal_attentions']} temporal attentions; the overlap mode takes "
+          f"{fl['engine']} (+1 GroupNorm per temporal transformer, kept apart to overlap its "
+          f"context)")
     print("launches: data-plane collectives (one batch of p2p transfers = 1); exposed: step time "
           "minus the loopback run's (exchanges replaced by local copies of the same size)")
     mem_note = "GPU max_memory_allocated" if a.device == "cuda" else "peak RSS of the rank's process"

@@ -15,12 +15,22 @@ def test_gather_frames_returns_exactly_the_wanted_frames(sizes):
     Ft = sum(sizes)
     video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10 + torch.arange(3.0)
     sent = received = 0
-    for got, wants, counters in results:
+    R = len(sizes)
+    expect_sum = torch.tensor([[1e-300, 3.0], [2.0 ** 60, 1.0]], dtype=torch.float64) * (R * (R + 1) // 2)
+    totals = []
+    for got, wants, counters, (frames, total), after in results:
         torch.testing.assert_close(got, video[:, list(wants)], rtol=0, atol=0)
         sent += counters["bytes_sent"]
         received += counters["bytes_received"]
         assert counters["collectives"] <= 1
+        # Frames and sums in one launch, both exact (these frame values are bf16-exact).
+        torch.testing.assert_close(frames, video[:, list(wants)].to(torch.bfloat16), rtol=0, atol=0)
+        assert total.dtype == torch.float64
+        torch.testing.assert_close(total, expect_sum, rtol=1e-15, atol=0)
+        assert after["collectives"] - counters["collectives"] == 1
+        totals.append(total)
     assert sent == received
+    assert all(torch.equal(t, totals[0]) for t in totals)      # bitwise the same everywhere
 
 
 def test_attention_plan_reaches_past_a_neighbour():

@@ -47,8 +47,14 @@ def gather_rank(rank, world, sizes):
         n = int(torch.randint(0, Ft + 1, (1,), generator=g))
         wants.append(tuple(sorted(torch.randperm(Ft, generator=g)[:n].tolist())))
     comm = vinf.ClipComm()
-    got = comm.gather_frames(split(video, sizes, rank, dim=1).contiguous(), 1, layout, wants)
-    return got, wants[rank], comm.counters.snapshot()
+    clip = split(video, sizes, rank, dim=1).contiguous()
+    got = comm.gather_frames(clip, 1, layout, wants)
+    counters = comm.counters.snapshot()
+    # The same exchange with a small fp64 sum riding along, in bf16 frames (the packing must
+    # keep both dtypes intact); the received buffers are poisoned by torch.empty.
+    sums = torch.tensor([[1e-300, 3.0], [2.0 ** 60, 1.0]], dtype=torch.float64) * (rank + 1)
+    fused = comm.post_frames(clip.to(torch.bfloat16), 1, layout, tuple(wants), sums=sums).wait()
+    return got, wants[rank], counters, fused, comm.counters.snapshot()
 
 
 CASE_CONFIGS = {
@@ -83,7 +89,7 @@ def unet_rank(rank, world, sizes, configs, modes=("overlap",)):
     return run_engine(tiny_unet(), sizes, rank, sum(sizes), configs, modes=modes)
 
 
-def counting_rank(rank, world, sizes, mode):
+def counting_rank(rank, world, sizes, mode, sync_groupnorm=True):
     """One step's data-plane counters, and the number of patched layers."""
     from diffusers.models.resnet import TemporalConvLayer
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
@@ -91,7 +97,8 @@ def counting_rank(rank, world, sizes, mode):
     n_conv = sum(isinstance(m, TemporalConvLayer) for m in model.modules())
     n_ttm = sum(isinstance(m, TransformerTemporalModel) for m in model.modules())
     x, ctx = unet_inputs(sum(sizes))
-    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2), comm_mode=mode)
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2,
+                                                 sync_groupnorm=sync_groupnorm), comm_mode=mode)
     model.vinf_engine.comm.counters.reset()
     with torch.no_grad():
         model(split(x, sizes, rank), 900, encoder_hidden_states=ctx)

@@ -1,7 +1,8 @@
 """Communication for clip parallelism: one object owns the process group and its counters.
 
 Data plane (the group given by the user; NCCL on GPUs, gloo on CPUs): frame exchanges as one
-batch of point-to-point transfers and all-reduces of GroupNorm statistics, posted
+batch of point-to-point transfers, all-reduces of GroupNorm statistics, or both in one batch
+(the statistics' partial sums packed with the frames), posted
 asynchronously (``Pending``) so that compute proceeds while they are in flight; on NCCL they
 run on the process group's own stream and ``Pending.wait`` makes the compute stream wait for
 them without blocking the host. Control plane (a gloo group over the same ranks, on the CPU):
@@ -14,6 +15,7 @@ Every wait is bounded by ``timeout``: a rank that dies or stalls makes the other
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -194,13 +196,18 @@ class ClipComm:
         return out
 
     def post_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
-                    what: str = "frame exchange") -> Pending:
+                    what: str = "frame exchange", sums: torch.Tensor | None = None) -> Pending:
         """Start fetching frames ``wants[self.rank]`` (global indices, in that order) of the
         distributed video; ``x`` holds this rank's clip, frames along ``dim``.
 
         Every rank passes the same ``wants`` (what each rank asks for), so each knows what to
         send to whom without asking. All transfers go out as one batch, both directions at
         once; a frame is sent at most once per receiver however many scopes need it.
+
+        ``sums`` (same shape and dtype on every rank; small, e.g. GroupNorm partials) rides in
+        the same batch: it goes to every peer, packed in one message with the frames that
+        peer wants, and ``wait()`` then returns ``(frames, total)``, ``total`` the sum over the
+        ranks in rank order (so bitwise the same on every rank). One launch instead of two.
         """
         plan = frame_plan(layout, self.rank, wants)
         if x.shape[dim] != layout.sizes[self.rank]:
@@ -209,6 +216,8 @@ class ClipComm:
         shape = list(x.shape)
         shape[dim] = plan.n_out
         out = self.fill_local(x.new_empty(shape), x, dim, plan)
+        if sums is not None:
+            return self._post_frames_with_sums(x, dim, plan, shape, out, sums, what)
         if not plan.sends and not plan.recvs:
             return Pending.ready(out)
         import torch.distributed as dist
@@ -230,6 +239,59 @@ class ClipComm:
             for pos, buf in recvs:
                 out.index_copy_(dim, self._index(pos, x.device), buf)
             return out
+        return Pending(works, finish, self.timeout, what, self.rank)
+
+    def _post_frames_with_sums(self, x, dim, plan, shape, out, sums, what) -> Pending:
+        """``post_frames`` with ``sums`` packed in: one byte message per peer and direction,
+        ``sums`` first (8-byte aligned, so the frames behind it view as any dtype)."""
+        if sums.device != x.device:
+            raise ValueError(f"sums is on {sums.device}, x is on {x.device}")
+        sums = sums.contiguous()
+        if self.world_size == 1:
+            return Pending.ready((out, sums))
+        import torch.distributed as dist
+        head = -(-sums.numel() * sums.element_size() // 8) * 8
+        sends, recvs = dict(plan.sends), dict(plan.recvs)
+
+        def message(n_frames):
+            s = list(shape)
+            s[dim] = n_frames
+            n_body = math.prod(s) * x.element_size()
+            buf = torch.empty(head + n_body, dtype=torch.uint8, device=x.device)
+            return buf, buf[head:].view(x.dtype).view(s)
+
+        ops, incoming, sent, received = [], [], 0, 0
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            buf, body = message(len(sends.get(peer, ())))
+            buf[:sums.numel() * sums.element_size()].copy_(sums.view(-1).view(torch.uint8))
+            if peer in sends:
+                torch.index_select(x, dim, self._index(sends[peer], x.device), out=body)
+            ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
+            sent += buf.numel()
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            buf, body = message(len(recvs.get(peer, ())))
+            ops.append(dist.P2POp(dist.irecv, buf, self._global[peer], self.group))
+            incoming.append((peer, buf, body))
+            received += buf.numel()
+        n = self.world_size - 1
+        self._count(n, n, sent, received)
+        works = dist.batch_isend_irecv(ops)
+        nbytes = sums.numel() * sums.element_size()
+
+        def finish():
+            parts = {self.rank: sums}
+            for peer, buf, body in incoming:
+                parts[peer] = buf[:nbytes].view(sums.dtype).view(sums.shape)
+                if peer in recvs:
+                    out.index_copy_(dim, self._index(recvs[peer], x.device), body)
+            total = parts[0].clone()
+            for r in range(1, self.world_size):
+                total += parts[r]
+            return out, total
         return Pending(works, finish, self.timeout, what, self.rank)
 
     def gather_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout,

@@ -196,6 +196,31 @@ class ClipParallel:
             return ext, lo, hi
         return Pending([], finish, self.comm.timeout, "", self.rank)
 
+    def start_halo_and_stats(self, x: torch.Tensor, halo: int, norm: torch.nn.GroupNorm) -> Pending:
+        """``start_frame_halo(x, 2, halo)`` and ``start_stats(x, norm)`` of ``x`` (N, C, F, H,
+        W), this rank's own frames, moved as ONE exchange: the statistics' partial sums ride
+        with the halo frames (``ClipComm.post_frames(sums=...)``). ``wait()`` gives
+        ``((ext, lo, hi), (mean, rstd))``."""
+        layout = self._require_step()
+        if not (self.config.sync_groupnorm and self.world_size > 1):
+            pend = self.start_frame_halo(x, 2, halo), self.start_stats(x, norm)
+            return Pending([], lambda: tuple(p.wait() for p in pend), self.comm.timeout, "",
+                           self.rank)
+        partials, count = group_norm_partials(x, norm.num_groups)
+        total = count // x.shape[2] * layout.num_frames
+        s, e = layout.start(self.rank), layout.end(self.rank)
+        lo, hi = max(0, s - halo), min(layout.num_frames, e + halo)
+        got = self.scheduler.frames(x, 2, layout, halo_wants(layout, halo),
+                                    "temporal halo exchange with GroupNorm statistics",
+                                    sums=partials)
+
+        def finish():
+            g, summed = got.wait()
+            n_left = s - lo
+            ext = torch.cat([g.narrow(2, 0, n_left), x, g.narrow(2, n_left, hi - e)], dim=2)
+            return (ext, lo, hi), group_norm_finalize(summed, total, norm.eps)
+        return Pending([], finish, self.comm.timeout, "", self.rank)
+
     def frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> tuple[torch.Tensor, int, int]:
         return self.start_frame_halo(x, dim, halo).wait()
 

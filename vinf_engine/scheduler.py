@@ -47,13 +47,14 @@ class CommScheduler:
         self.log: list[dict] = []
 
     def _tracked(self, pending: Pending, kind: str, x: torch.Tensor, before: tuple,
-                 frames: int = 0) -> Pending:
+                 frames: int = 0, sums_bytes: int = 0) -> Pending:
         """Log an exchange: its kind, bytes, frames, and the compute window between posting
         it and waiting for it (wall clock on CPU, CUDA events on GPUs; ``window_ms``)."""
         if not self.record:
             return pending
         c = self.comm.counters
-        entry = dict(kind=kind, frames=frames, launches=c.collectives - before[0],
+        entry = dict(kind=kind, frames=frames, sums_bytes=sums_bytes,
+                     launches=c.collectives - before[0],
                      bytes_sent=c.bytes_sent - before[1], bytes_received=c.bytes_received - before[2])
         cuda = x.device.type == "cuda"
         if cuda:
@@ -108,31 +109,46 @@ class CommScheduler:
         return self._seq
 
     def frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
-               what: str) -> Pending:
-        """Frames ``wants[rank]`` of the distributed video, as a ``Pending``."""
+               what: str, sums: torch.Tensor | None = None) -> Pending:
+        """Frames ``wants[rank]`` of the distributed video, as a ``Pending``; with ``sums``,
+        ``(frames, sum of sums over the ranks)`` moved together (``ClipComm.post_frames``)."""
         before = self._counters()
         plan = frame_plan(layout, self.comm.rank, wants)
         remote = plan.n_out - len(plan.local_pos)
-        return self._tracked(self._frames(x, dim, layout, wants, what), what, x, before, remote)
+        # sums_bytes: what of bytes_received is ``sums`` (one copy from each peer)
+        sums_bytes = 0 if sums is None else sums.numel() * sums.element_size() * (self.comm.world_size - 1)
+        return self._tracked(self._frames(x, dim, layout, wants, what, sums), what, x, before,
+                             remote, sums_bytes)
 
-    def _frames(self, x, dim, layout, wants, what) -> Pending:
+    def _frames(self, x, dim, layout, wants, what, sums) -> Pending:
         if self.mode == "overlap" or self.comm.world_size == 1:
-            return self.comm.post_frames(x, dim, layout, wants, what)
+            return self.comm.post_frames(x, dim, layout, wants, what, sums=sums)
         if self.mode == "blocking":
-            return Pending.ready(self.comm.blocking_frames(x, dim, layout, wants, what))
+            # The published pattern moves them apart: frames, then a blocking all-reduce.
+            out = self.comm.blocking_frames(x, dim, layout, wants, what)
+            if sums is None:
+                return Pending.ready(out)
+            return Pending.ready((out, self._all_reduce(sums.clone(), what).wait()))
         plan = frame_plan(layout, self.comm.rank, wants)
         if self.mode == "loopback":
             n = x.shape[dim]
             idx = self.comm._index(tuple(i % n for i in range(plan.n_out)), x.device)
-            return Pending.ready(x.index_select(dim, idx))
+            out = x.index_select(dim, idx)
+            return Pending.ready(out if sums is None else (out, sums.clone()))
         # stale
         key = ("frames", self._next())
         prev = self._stale.get(key)
-        self._stale[key] = self.comm.post_frames(x, dim, layout, wants, what)
+        live = self.comm.post_frames(x, dim, layout, wants, what, sums=sums)
+        self._stale[key] = (live, None if sums is None else sums.clone())
         if prev is None:                      # first step: nothing older to use
-            return self._stale[key]
-        # Remote frames from the previous step; own frames are always fresh.
-        return Pending.ready(self.comm.fill_local(prev.wait().clone(), x, dim, plan))
+            return live
+        got, old_local = prev[0].wait(), prev[1]
+        if sums is None:
+            # Remote frames from the previous step; own frames are always fresh.
+            return Pending.ready(self.comm.fill_local(got.clone(), x, dim, plan))
+        frames, total = got
+        return Pending.ready((self.comm.fill_local(frames.clone(), x, dim, plan),
+                              total - old_local + sums))
 
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
         """The sum of ``t`` over the ranks, as a ``Pending`` (``t`` may be reduced in place:

@@ -158,7 +158,7 @@ def _conv_stack(layer) -> list:
 
 class ClipTemporalConvLayer(TemporalConvLayer):
     """``TemporalConvLayer`` on one clip: a single halo exchange of exactly the stack's
-    receptive field, in flight together with the first GroupNorm's statistics; then every
+    receptive field, carrying the first GroupNorm's statistics in the same launch; then every
     conv runs on the extended range (``ops.temporal_conv``), zero padding only at the true
     video ends, GroupNorm statistics counting own frames only. In ``blocking`` mode, the
     published pattern instead: a one-frame halo exchange before each conv."""
@@ -185,9 +185,7 @@ class ClipTemporalConvLayer(TemporalConvLayer):
                 h, lo, hi = h[:, :, s - lo:e - lo], s, e
         else:
             halo = sum(seq[-1].kernel_size[0] // 2 for seq in stack)
-            pending_halo = eng.start_frame_halo(x, 2, halo)
-            stats = eng.start_stats(x, stack[0][0]).wait()
-            h, lo, hi = pending_halo.wait()
+            (h, lo, hi), stats = eng.start_halo_and_stats(x, halo, stack[0][0]).wait()
             for i, seq in enumerate(stack):
                 h = eng.group_norm(h, seq[0], own=slice(s - lo, e - lo), activation="silu",
                                    stats=stats if i == 0 else None)
