@@ -12,7 +12,8 @@ and the run's layout. The model:
     blocking     : the published pattern rebuilt per exchange from the same measured per-frame
                    bytes (K and V separately, one transfer per peer, halos per conv, global
                    frames all-gathered), every launch followed by a device sync; all exposed
-    stale        : nothing waits on a peer after the first step; exposed = 0
+    stale        : nothing waits on a peer after the first step; exposed = 0 (each block's
+                   batch has nearly a step to arrive); overlap's bytes, the run's launches
     bytes_i(G)   = measured bytes per frame x the frames the busiest rank receives under the
                    target layout (halos on both sides, non-owned global frames), rescaled from
                    the run's latent size and element size to the target's
@@ -148,6 +149,11 @@ def project(run: dict, gpus: int, gpu: str, link: str, frames_per_gpu: int) -> d
         bytes_["blocking"] += bb
         launches["overlap"] += 1
         launches["blocking"] += nb
+    if "stale" in rows:
+        # The same frames and statistics as overlap, posted as one batch per model block
+        # (the measured launches) and read a step later.
+        bytes_["stale"] = bytes_["overlap"]
+        launches["stale"] = round(rows["stale"].get("collectives_per_step", 0))
     out = dict(gpus=gpus, gpu=gpu, link=link, frames_per_gpu=frames_per_gpu,
                compute_ms=compute_ms, byte_scale=byte_scale, window_scale=window_scale,
                busiest_rank=r, modes={})

@@ -6,7 +6,7 @@ import torch
 import vinf_engine as vinf
 from vinf_engine.parallel import attention_plan
 from helpers import run_ranks
-from workers import gather_rank
+from workers import batch_rank, gather_rank
 
 
 @pytest.mark.parametrize("sizes", [(4, 3), (1, 4, 2), (2, 1, 3, 1)])
@@ -42,3 +42,17 @@ def test_attention_plan_reaches_past_a_neighbour():
     assert [plan.wants[3][i] for i in plan.glob] == list(vinf.global_frames(9, 2))
     whole = attention_plan(vinf.ClipLayout(9, 1), 0, 100, 0)
     assert whole.window == 8 and whole.left == () and whole.right == ()
+
+
+def test_post_batch_moves_many_exchanges_in_one_launch():
+    sizes = (3, 1, 4)
+    Ft = sum(sizes)
+    video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10 + torch.arange(3.0)
+    for rank, (fa, sa, fb, sb, fc, sc, fr_a, fr_b, counters) in enumerate(run_ranks(batch_rank, 3, sizes)):
+        others = sum(r + 1 for r in range(3) if r != rank)
+        torch.testing.assert_close(fa, video[:, fr_a], rtol=0, atol=0)
+        torch.testing.assert_close(fb, video[:, fr_b, :1].to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(sa, torch.full((2, 3), float(others), dtype=torch.float64))
+        assert sb is None and fc is None
+        torch.testing.assert_close(sc, torch.full((2, 3), 10.0 * others, dtype=torch.float64))
+        assert counters["collectives"] == 1 and counters["p2p_ops"] == 4     # a message per peer, each way

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import rel_err, run_ranks
-from workers import counting_rank, stale_rank, stalled_rank
+from workers import counting_rank, stale_counting_rank, stale_rank, stalled_rank
 
 
 def test_launch_and_byte_counts():
@@ -26,6 +26,15 @@ def test_launch_and_byte_counts():
     # temporal conv stack and one per attention, the fewest rounds such a step can take.
     for c_local, n_conv, n_ttm in run_ranks(counting_rank, 2, (6, 5), "overlap", False):
         assert c_local["collectives"] == n_conv + n_ttm * 2
+
+
+def test_stale_mode_posts_one_batch_per_block():
+    for counters, n_blocks in run_ranks(stale_counting_rank, 2, (6, 5)):
+        over, stale = counters["overlap"], counters["stale"]
+        assert stale["collectives"] == n_blocks < over["collectives"]
+        assert stale["device_syncs"] == 0
+        # The same frames and statistics travel (up to 8-byte alignment of each piece).
+        assert over["bytes_received"] <= stale["bytes_received"] <= 1.01 * over["bytes_received"]
 
 
 def test_stale_mode_uses_the_previous_steps_context():

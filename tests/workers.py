@@ -57,6 +57,31 @@ def gather_rank(rank, world, sizes):
     return got, wants[rank], counters, fused, comm.counters.snapshot()
 
 
+def batch_rank(rank, world, sizes):
+    """Three exchanges set aside, then posted as one batch: fp32 frames with sums, bf16 frames
+    (odd byte counts: alignment), sums alone. Own positions are the caller's to fill."""
+    layout = vinf.ClipLayout.from_sizes(sizes)
+    Ft = layout.num_frames
+    video = (torch.arange(Ft, dtype=torch.float32)[None, :, None] * 10 + torch.arange(3.0))
+    video = video.expand(2, Ft, 3).contiguous()
+    wants_a = tuple(tuple(range(Ft)) for _ in range(world))
+    wants_b = tuple(tuple(f for f in range(Ft) if (f + r) % 2 == 0) for r in range(world))
+    comm = vinf.ClipComm()
+    clip = split(video, sizes, rank, dim=1).contiguous()
+    sums = torch.full((2, 3), float(rank + 1), dtype=torch.float64)
+    items = [comm.prepare(clip, 1, layout, wants_a, sums),
+             comm.prepare(clip[:, :, :1].to(torch.bfloat16), 1, layout, wants_b),
+             comm.prepare(None, 0, None, None, sums * 10)]
+    clip.fill_(float("nan"))                  # prepared sends are copies: this must not show
+    got = comm.post_batch(items).wait()
+    plans = [vinf.comm.frame_plan(layout, rank, w) for w in (wants_a, wants_b)]
+    (fa, sa), (fb, sb), (fc, sc) = got
+    remote = [tuple(i for i in range(p.n_out) if i not in p.local_pos) for p in plans]
+    return (fa[:, list(remote[0])], sa, fb[:, list(remote[1])], sb, fc, sc,
+            [wants_a[rank][i] for i in remote[0]], [wants_b[rank][i] for i in remote[1]],
+            comm.counters.snapshot())
+
+
 CASE_CONFIGS = {
     "dual": dict(window=4, num_global=3, phase_t=500, phase_bias=2.0),
     # Clips of 3+ frames have a halo-free interior at window 1: the overlapped path attends it
@@ -103,6 +128,28 @@ def counting_rank(rank, world, sizes, mode, sync_groupnorm=True):
     with torch.no_grad():
         model(split(x, sizes, rank), 900, encoder_hidden_states=ctx)
     return model.vinf_engine.comm.counters.snapshot(), n_conv, n_ttm
+
+
+def stale_counting_rank(rank, world, sizes):
+    """Counters of a second stale call (the first is synchronous), and the number of model
+    blocks that hold a temporal layer: one batch each."""
+    from diffusers.models.resnet import TemporalConvLayer
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    model = tiny_unet()
+    blocks = [model.transformer_in, *model.down_blocks, model.mid_block, *model.up_blocks]
+    temporal = (TemporalConvLayer, TransformerTemporalModel)
+    n_blocks = sum(any(isinstance(m, temporal) for m in b.modules()) for b in blocks)
+    x, ctx = unet_inputs(sum(sizes))
+    counters = {}
+    for mode in ("overlap", "stale"):
+        vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2), comm_mode=mode)
+        with torch.no_grad():
+            model(split(x, sizes, rank), 900, encoder_hidden_states=ctx)
+            model.vinf_engine.comm.counters.reset()
+            model(split(x, sizes, rank), 800, encoder_hidden_states=ctx)
+        counters[mode] = model.vinf_engine.comm.counters.snapshot()
+        vinf.unparallelize(model)
+    return counters, n_blocks
 
 
 def stale_rank(rank, world, sizes):

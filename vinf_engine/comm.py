@@ -24,7 +24,7 @@ import torch
 
 from .layout import ClipLayout
 
-__all__ = ["ClipComm", "CommCounters", "FramePlan", "Pending"]
+__all__ = ["ClipComm", "CommCounters", "FramePlan", "Outgoing", "Pending"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
@@ -58,6 +58,30 @@ class FramePlan:
     local_idx: tuple           # ... and which of its local frames fill them
     sends: tuple               # (peer, local frame indices to send)
     recvs: tuple               # (peer, positions in the result the peer's frames fill)
+
+
+@dataclass
+class Outgoing:
+    """One exchange set aside for a later ``ClipComm.post_batch``: what goes to each peer,
+    copied when prepared (``ClipComm.prepare``), and how to read what comes back."""
+
+    sends: dict                 # peer -> frames for that peer (contiguous copies)
+    sums: torch.Tensor | None   # partial sums for every peer, or None
+    recvs: dict                 # peer -> positions in the result that the peer's frames fill
+    out_shape: tuple | None     # the result's shape (``plan.n_out`` frames along dim); None: sums only
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def recv_frame_bytes(self, peer: int) -> int:
+        if self.out_shape is None:
+            return 0
+        per_frame = math.prod(self.out_shape) // max(self.out_shape[self.dim], 1)
+        return len(self.recvs.get(peer, ())) * per_frame * self.dtype.itemsize
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
 
 
 @lru_cache(maxsize=256)
@@ -292,6 +316,106 @@ class ClipComm:
             for r in range(1, self.world_size):
                 total += parts[r]
             return out, total
+        return Pending(works, finish, self.timeout, what, self.rank)
+
+    def prepare(self, x: torch.Tensor | None, dim: int, layout: ClipLayout | None,
+                wants: tuple | None, sums: torch.Tensor | None = None) -> Outgoing:
+        """Set aside the exchange ``post_frames(x, dim, layout, wants, sums=sums)`` would
+        make, for a later ``post_batch``: the frames each peer wants are copied now, so ``x``
+        may change or go. ``x=None``: ``sums`` only."""
+        sums = None if sums is None else sums.detach().contiguous().clone()
+        if x is None:
+            if sums is None:
+                raise ValueError("prepare needs frames, sums or both")
+            return Outgoing({}, sums, {}, None, 0, sums.dtype, sums.device)
+        plan = frame_plan(layout, self.rank, wants)
+        if x.shape[dim] != layout.sizes[self.rank]:
+            raise ValueError(f"x holds {x.shape[dim]} frames along dim {dim}, but rank "
+                             f"{self.rank} owns {layout.sizes[self.rank]}")
+        if sums is not None and sums.device != x.device:
+            raise ValueError(f"sums is on {sums.device}, x is on {x.device}")
+        sends = {peer: x.index_select(dim, self._index(idx, x.device)) for peer, idx in plan.sends}
+        shape = list(x.shape)
+        shape[dim] = plan.n_out
+        return Outgoing(sends, sums, dict(plan.recvs), tuple(shape), dim, x.dtype, x.device)
+
+    def post_batch(self, items: Sequence[Outgoing], what: str = "batched exchange") -> Pending:
+        """Many prepared exchanges in ONE launch: one byte message per peer and direction,
+        holding, item after item, the item's sums and the item's frames for that peer (each
+        piece 8-byte aligned). Every rank must post the same items in the same order.
+
+        ``wait()`` gives, per item, ``(frames, peer_sums)``: ``frames`` the result with the
+        other ranks' frames in place (this rank's own positions are left unset: the caller
+        fills them, ``fill_local``), ``peer_sums`` the sum of the other ranks' sums in rank
+        order (None without sums)."""
+        items = list(items)
+        if self.world_size == 1 or not items:
+            return Pending.ready([(None if it.out_shape is None else
+                                   torch.empty(it.out_shape, dtype=it.dtype, device=it.device),
+                                   None if it.sums is None else torch.zeros_like(it.sums))
+                                  for it in items])
+        import torch.distributed as dist
+        device = items[0].device
+        ops, incoming, sent, received, n_send, n_recv = [], [], 0, 0, 0, 0
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            pieces = []
+            for it in items:
+                if it.sums is not None:
+                    pieces.append(it.sums)
+                if peer in it.sends:
+                    pieces.append(it.sends[peer])
+            if pieces:
+                size = sum(_pad8(t.numel() * t.element_size()) for t in pieces)
+                buf = torch.empty(size, dtype=torch.uint8, device=device)
+                off = 0
+                for t in pieces:
+                    n = t.numel() * t.element_size()
+                    buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
+                    off += _pad8(n)
+                ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
+                sent, n_send = sent + size, n_send + 1
+            layout_in, off = [], 0
+            for it in items:
+                s_off = None
+                if it.sums is not None:
+                    s_off, off = off, off + _pad8(it.sums.numel() * it.sums.element_size())
+                f_off, nf = None, it.recv_frame_bytes(peer)
+                if nf:
+                    f_off, off = off, off + _pad8(nf)
+                layout_in.append((s_off, f_off))
+            if off:
+                buf = torch.empty(off, dtype=torch.uint8, device=device)
+                ops.append(dist.P2POp(dist.irecv, buf, self._global[peer], self.group))
+                incoming.append((peer, buf, layout_in))
+                received, n_recv = received + off, n_recv + 1
+        self._count(n_send, n_recv, sent, received)
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def finish():
+            results = []
+            for i, it in enumerate(items):
+                out = None if it.out_shape is None else torch.empty(it.out_shape, dtype=it.dtype,
+                                                                      device=it.device)
+                total = None
+                for peer, buf, layout_in in incoming:     # rank order
+                    s_off, f_off = layout_in[i]
+                    if s_off is not None:
+                        n = it.sums.numel() * it.sums.element_size()
+                        part = buf[s_off:s_off + n].view(it.sums.dtype).view(it.sums.shape)
+                        total = part.clone() if total is None else total + part
+                    if f_off is not None:
+                        pos = it.recvs[peer]
+                        shape = list(it.out_shape)
+                        shape[it.dim] = len(pos)
+                        n = it.recv_frame_bytes(peer)
+                        body = buf[f_off:f_off + n].view(it.dtype).view(shape)
+                        out.index_copy_(it.dim, self._index(pos, it.device), body)
+                if it.sums is not None and total is None:
+                    total = torch.zeros_like(it.sums)
+                results.append((out, total))
+            return results
         return Pending(works, finish, self.timeout, what, self.rank)
 
     def gather_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout,

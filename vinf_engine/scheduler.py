@@ -6,10 +6,12 @@
     blocking  the published prototype's pattern: one blocking transfer per tensor and peer,
               a device synchronisation after each. Exact; kept as the side-by-side baseline.
     stale     DistriFusion-style: halos and global context come from the previous denoising
-              step (this step's are posted and left in flight), GroupNorm statistics are the
-              previous step's totals corrected with this step's local partials. Nothing waits
-              on a peer after the first step; the output drifts from exact (the benchmark
-              reports how far). Off by default.
+              step, GroupNorm statistics are the other ranks' partials from the previous step
+              plus this rank's fresh ones. This step's exchanges are set aside and posted in
+              one batch per block of the model (``flush``, ~10 launches per UNet step), each
+              with nearly a whole step to arrive. Nothing waits on a peer after the first
+              step; the output drifts from exact (the benchmark reports how far). Off by
+              default.
     loopback  exchanges replaced by local copies of the same size: for timing only (the
               output is wrong), it gives the step time with communication removed, from which
               the benchmark derives the exposed communication time of the other modes.
@@ -43,6 +45,7 @@ class CommScheduler:
         self._layout: ClipLayout | None = None
         self._seq = 0
         self._stale: dict = {}
+        self._deferred: list = []  # stale: (key, Outgoing) set aside until the next flush
         self.record = False      # when True, ``log`` gets one entry per exchange (see below)
         self.log: list[dict] = []
 
@@ -102,7 +105,10 @@ class CommScheduler:
         self._seq = 0
         if layout != self._layout:
             self._stale.clear()
+            self._deferred.clear()
             self._layout = layout
+        else:
+            self.flush()          # what the previous step set aside and did not flush yet
 
     def _next(self) -> int:
         self._seq += 1
@@ -138,17 +144,16 @@ class CommScheduler:
         # stale
         key = ("frames", self._next())
         prev = self._stale.get(key)
-        live = self.comm.post_frames(x, dim, layout, wants, what, sums=sums)
-        self._stale[key] = (live, None if sums is None else sums.clone())
         if prev is None:                      # first step: nothing older to use
+            live = self.comm.post_frames(x, dim, layout, wants, what, sums=sums)
+            self._stale[key] = _Previous(live, own=None if sums is None else sums.clone(),
+                                         frames=True)
             return live
-        got, old_local = prev[0].wait(), prev[1]
-        if sums is None:
-            # Remote frames from the previous step; own frames are always fresh.
-            return Pending.ready(self.comm.fill_local(got.clone(), x, dim, plan))
-        frames, total = got
-        return Pending.ready((self.comm.fill_local(frames.clone(), x, dim, plan),
-                              total - old_local + sums))
+        frames, peer_sums = prev.get()
+        self._defer(key, self.comm.prepare(x, dim, layout, wants, sums))
+        # Remote frames from the previous step; own frames and own partials are always fresh.
+        frames = self.comm.fill_local(frames.clone(), x, dim, plan)
+        return Pending.ready(frames if sums is None else (frames, peer_sums + sums))
 
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
         """The sum of ``t`` over the ranks, as a ``Pending`` (``t`` may be reduced in place:
@@ -165,12 +170,57 @@ class CommScheduler:
             return Pending.ready(out)
         if self.mode == "loopback":
             return Pending.ready(t.clone())
-        # stale: previous total, corrected by how this rank's own share changed since.
+        # stale: the other ranks' shares from the previous step, this rank's fresh.
         key = ("sum", self._next())
         prev = self._stale.get(key)
-        local = t.clone()
-        self._stale[key] = (self.comm.post_all_reduce(t, what), local)
         if prev is None:
-            return self._stale[key][0]
-        total, old_local = prev[0].wait(), prev[1]
-        return Pending.ready(total - old_local + local)
+            own = t.clone()                           # before the in-place all-reduce
+            live = self.comm.post_all_reduce(t, what)
+            self._stale[key] = _Previous(live, own=own, frames=False)
+            return live
+        _, peer_sums = prev.get()
+        self._defer(key, self.comm.prepare(None, 0, None, None, t))
+        return Pending.ready(peer_sums + t)
+
+    # ---------------------------------------------------------------- stale batching
+    def _defer(self, key, outgoing):
+        self._deferred.append((key, outgoing))
+
+    def flush(self):
+        """Post every exchange ``stale`` set aside since the last flush, as ONE launch; the
+        next step reads their results. The model adapter calls this at the end of each
+        block of the model (and a step's end flushes what is left), so that each batch has
+        nearly a whole step to arrive. Collective in ``stale`` mode: every rank flushes at
+        the same points. Nothing to do in the other modes."""
+        if not self._deferred:
+            return
+        items, self._deferred = self._deferred, []
+        before = self._counters()
+        pending = self.comm.post_batch([o for _, o in items], "stale exchange batch")
+        for i, (key, _) in enumerate(items):
+            self._stale[key] = _Previous(pending, index=i)
+        if self.record:
+            x = items[0][1].sums if items[0][1].sums is not None else next(iter(items[0][1].sends.values()), None)
+            if x is not None:
+                self._tracked(pending, f"stale exchange batch ({len(items)} exchanges)", x,
+                              before)
+
+
+class _Previous:
+    """One exchange's result from the previous step, for ``stale``: ``get()`` gives
+    ``(frames, peer_sums)``, the other ranks' frames and the sum of their partials."""
+
+    def __init__(self, pending: Pending, index: int | None = None, own=None,
+                 frames: bool = True):
+        self.pending, self.index, self.own, self.frames = pending, index, own, frames
+
+    def get(self):
+        got = self.pending.wait()
+        if self.index is not None:                       # from a batch: already split
+            return got[self.index]
+        if not self.frames:                              # a live all-reduce: the total
+            return None, got - self.own
+        if self.own is None:                             # live frames
+            return got, None
+        frames, total = got                              # live frames with sums
+        return frames, total - self.own

@@ -297,3 +297,11 @@ class UNet3DAdapter:
 
         handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         engine.on_undo(handle.remove)
+        # Batch boundaries for comm_mode="stale" (no-ops otherwise): the end of each block and
+        # of the whole forward. Every rank runs the same blocks, so every rank flushes alike.
+        blocks = [getattr(model, "transformer_in", None), *model.down_blocks,
+                  getattr(model, "mid_block", None), *model.up_blocks, model]
+        for block in blocks:
+            if block is not None:
+                h = block.register_forward_hook(lambda *_: engine.scheduler.flush())
+                engine.on_undo(h.remove)
