@@ -49,10 +49,13 @@ def test_post_batch_moves_many_exchanges_in_one_launch():
     Ft = sum(sizes)
     video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10 + torch.arange(3.0)
     for rank, (fa, sa, fb, sb, fc, sc, fr_a, fr_b, counters) in enumerate(run_ranks(batch_rank, 3, sizes)):
-        others = sum(r + 1 for r in range(3) if r != rank)
         torch.testing.assert_close(fa, video[:, fr_a], rtol=0, atol=0)
         torch.testing.assert_close(fb, video[:, fr_b, :1].to(torch.bfloat16), rtol=0, atol=0)
-        torch.testing.assert_close(sa, torch.full((2, 3), float(others), dtype=torch.float64))
         assert sb is None and fc is None
-        torch.testing.assert_close(sc, torch.full((2, 3), 10.0 * others, dtype=torch.float64))
+        for parts, scale in ((sa, 1.0), (sc, 10.0)):
+            assert parts[rank] is None and len(parts) == 3
+            for r in range(3):
+                if r != rank:
+                    torch.testing.assert_close(parts[r], torch.full((2, 3), scale * (r + 1),
+                                                                    dtype=torch.float64))
         assert counters["collectives"] == 1 and counters["p2p_ops"] == 4     # a message per peer, each way

@@ -24,7 +24,7 @@ import torch
 
 from .layout import ClipLayout
 
-__all__ = ["ClipComm", "CommCounters", "FramePlan", "Outgoing", "Pending"]
+__all__ = ["ClipComm", "CommCounters", "FramePlan", "Outgoing", "Pending", "rank_sum"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
@@ -82,6 +82,16 @@ class Outgoing:
 
 def _pad8(n: int) -> int:
     return -(-n // 8) * 8
+
+
+def rank_sum(parts: list, own: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's ``parts`` in rank order, ``own`` in this rank's (None) place:
+    the same additions in the same order on every rank, so bitwise the same total."""
+    total = None
+    for p in parts:
+        p = own if p is None else p
+        total = p.clone() if total is None else total + p
+    return total
 
 
 @lru_cache(maxsize=256)
@@ -237,11 +247,17 @@ class ClipComm:
         if x.shape[dim] != layout.sizes[self.rank]:
             raise ValueError(f"x holds {x.shape[dim]} frames along dim {dim}, but rank "
                              f"{self.rank} owns {layout.sizes[self.rank]}")
+        if sums is not None:
+            # The batch format (one message per peer, sums packed with the frames), one item.
+            got = self.post_batch([self.prepare(x, dim, layout, wants, sums)], what)
+
+            def finish_with_sums():
+                frames, parts = got.wait()[0]
+                return self.fill_local(frames, x, dim, plan), rank_sum(parts, sums)
+            return Pending([], finish_with_sums, self.timeout, what, self.rank)
         shape = list(x.shape)
         shape[dim] = plan.n_out
         out = self.fill_local(x.new_empty(shape), x, dim, plan)
-        if sums is not None:
-            return self._post_frames_with_sums(x, dim, plan, shape, out, sums, what)
         if not plan.sends and not plan.recvs:
             return Pending.ready(out)
         import torch.distributed as dist
@@ -263,59 +279,6 @@ class ClipComm:
             for pos, buf in recvs:
                 out.index_copy_(dim, self._index(pos, x.device), buf)
             return out
-        return Pending(works, finish, self.timeout, what, self.rank)
-
-    def _post_frames_with_sums(self, x, dim, plan, shape, out, sums, what) -> Pending:
-        """``post_frames`` with ``sums`` packed in: one byte message per peer and direction,
-        ``sums`` first (8-byte aligned, so the frames behind it view as any dtype)."""
-        if sums.device != x.device:
-            raise ValueError(f"sums is on {sums.device}, x is on {x.device}")
-        sums = sums.contiguous()
-        if self.world_size == 1:
-            return Pending.ready((out, sums))
-        import torch.distributed as dist
-        head = -(-sums.numel() * sums.element_size() // 8) * 8
-        sends, recvs = dict(plan.sends), dict(plan.recvs)
-
-        def message(n_frames):
-            s = list(shape)
-            s[dim] = n_frames
-            n_body = math.prod(s) * x.element_size()
-            buf = torch.empty(head + n_body, dtype=torch.uint8, device=x.device)
-            return buf, buf[head:].view(x.dtype).view(s)
-
-        ops, incoming, sent, received = [], [], 0, 0
-        for peer in range(self.world_size):
-            if peer == self.rank:
-                continue
-            buf, body = message(len(sends.get(peer, ())))
-            buf[:sums.numel() * sums.element_size()].copy_(sums.view(-1).view(torch.uint8))
-            if peer in sends:
-                torch.index_select(x, dim, self._index(sends[peer], x.device), out=body)
-            ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
-            sent += buf.numel()
-        for peer in range(self.world_size):
-            if peer == self.rank:
-                continue
-            buf, body = message(len(recvs.get(peer, ())))
-            ops.append(dist.P2POp(dist.irecv, buf, self._global[peer], self.group))
-            incoming.append((peer, buf, body))
-            received += buf.numel()
-        n = self.world_size - 1
-        self._count(n, n, sent, received)
-        works = dist.batch_isend_irecv(ops)
-        nbytes = sums.numel() * sums.element_size()
-
-        def finish():
-            parts = {self.rank: sums}
-            for peer, buf, body in incoming:
-                parts[peer] = buf[:nbytes].view(sums.dtype).view(sums.shape)
-                if peer in recvs:
-                    out.index_copy_(dim, self._index(recvs[peer], x.device), body)
-            total = parts[0].clone()
-            for r in range(1, self.world_size):
-                total += parts[r]
-            return out, total
         return Pending(works, finish, self.timeout, what, self.rank)
 
     def prepare(self, x: torch.Tensor | None, dim: int, layout: ClipLayout | None,
@@ -344,15 +307,15 @@ class ClipComm:
         holding, item after item, the item's sums and the item's frames for that peer (each
         piece 8-byte aligned). Every rank must post the same items in the same order.
 
-        ``wait()`` gives, per item, ``(frames, peer_sums)``: ``frames`` the result with the
+        ``wait()`` gives, per item, ``(frames, parts)``: ``frames`` the result with the
         other ranks' frames in place (this rank's own positions are left unset: the caller
-        fills them, ``fill_local``), ``peer_sums`` the sum of the other ranks' sums in rank
-        order (None without sums)."""
+        fills them, ``fill_local``), ``parts`` every rank's sums in rank order, None in this
+        rank's place (``rank_sum`` adds them up; None without sums)."""
         items = list(items)
         if self.world_size == 1 or not items:
             return Pending.ready([(None if it.out_shape is None else
                                    torch.empty(it.out_shape, dtype=it.dtype, device=it.device),
-                                   None if it.sums is None else torch.zeros_like(it.sums))
+                                   None if it.sums is None else [None] * self.world_size)
                                   for it in items])
         import torch.distributed as dist
         device = items[0].device
@@ -398,13 +361,12 @@ class ClipComm:
             for i, it in enumerate(items):
                 out = None if it.out_shape is None else torch.empty(it.out_shape, dtype=it.dtype,
                                                                       device=it.device)
-                total = None
-                for peer, buf, layout_in in incoming:     # rank order
+                parts = None if it.sums is None else [None] * self.world_size
+                for peer, buf, layout_in in incoming:
                     s_off, f_off = layout_in[i]
                     if s_off is not None:
                         n = it.sums.numel() * it.sums.element_size()
-                        part = buf[s_off:s_off + n].view(it.sums.dtype).view(it.sums.shape)
-                        total = part.clone() if total is None else total + part
+                        parts[peer] = buf[s_off:s_off + n].view(it.sums.dtype).view(it.sums.shape)
                     if f_off is not None:
                         pos = it.recvs[peer]
                         shape = list(it.out_shape)
@@ -412,9 +374,7 @@ class ClipComm:
                         n = it.recv_frame_bytes(peer)
                         body = buf[f_off:f_off + n].view(it.dtype).view(shape)
                         out.index_copy_(it.dim, self._index(pos, it.device), body)
-                if it.sums is not None and total is None:
-                    total = torch.zeros_like(it.sums)
-                results.append((out, total))
+                results.append((out, parts))
             return results
         return Pending(works, finish, self.timeout, what, self.rank)
 

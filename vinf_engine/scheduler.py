@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from .comm import ClipComm, Pending, frame_plan
+from .comm import ClipComm, Pending, frame_plan, rank_sum
 from .layout import ClipLayout
 
 __all__ = ["CommScheduler", "MODES"]
@@ -149,11 +149,11 @@ class CommScheduler:
             self._stale[key] = _Previous(live, own=None if sums is None else sums.clone(),
                                          frames=True)
             return live
-        frames, peer_sums = prev.get()
+        frames, total = prev.get()
         self._defer(key, self.comm.prepare(x, dim, layout, wants, sums))
         # Remote frames from the previous step; own frames and own partials are always fresh.
         frames = self.comm.fill_local(frames.clone(), x, dim, plan)
-        return Pending.ready(frames if sums is None else (frames, peer_sums + sums))
+        return Pending.ready(frames if sums is None else (frames, total(sums)))
 
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
         """The sum of ``t`` over the ranks, as a ``Pending`` (``t`` may be reduced in place:
@@ -178,9 +178,9 @@ class CommScheduler:
             live = self.comm.post_all_reduce(t, what)
             self._stale[key] = _Previous(live, own=own, frames=False)
             return live
-        _, peer_sums = prev.get()
+        _, total = prev.get()
         self._defer(key, self.comm.prepare(None, 0, None, None, t))
-        return Pending.ready(peer_sums + t)
+        return Pending.ready(total(t))
 
     # ---------------------------------------------------------------- stale batching
     def _defer(self, key, outgoing):
@@ -208,7 +208,8 @@ class CommScheduler:
 
 class _Previous:
     """One exchange's result from the previous step, for ``stale``: ``get()`` gives
-    ``(frames, peer_sums)``, the other ranks' frames and the sum of their partials."""
+    ``(frames, total)``, the other ranks' frames (own positions for the caller to fill) and
+    a function of this rank's fresh partial sums that adds the other ranks' previous ones."""
 
     def __init__(self, pending: Pending, index: int | None = None, own=None,
                  frames: bool = True):
@@ -216,11 +217,12 @@ class _Previous:
 
     def get(self):
         got = self.pending.wait()
-        if self.index is not None:                       # from a batch: already split
-            return got[self.index]
+        if self.index is not None:                       # from a batch: every rank's part
+            frames, parts = got[self.index]
+            return frames, lambda fresh: rank_sum(parts, fresh)
         if not self.frames:                              # a live all-reduce: the total
-            return None, got - self.own
+            return None, lambda fresh: got - self.own + fresh
         if self.own is None:                             # live frames
             return got, None
         frames, total = got                              # live frames with sums
-        return frames, total - self.own
+        return frames, lambda fresh: total - self.own + fresh
