@@ -10,9 +10,9 @@ from workers import counting_rank, stale_counting_rank, stale_rank, stalled_rank
 
 
 def test_launch_and_byte_counts():
-    over = run_ranks(counting_rank, 2, (6, 5), "overlap")
-    block = run_ranks(counting_rank, 2, (6, 5), "blocking")
-    for (c_over, n_conv, n_ttm), (c_block, _, _) in zip(over, block):
+    runs = (("overlap", True), ("blocking", True), ("overlap", False))
+    for counters, n_conv, n_ttm in run_ranks(counting_rank, 2, (6, 5), runs):
+        c_over, c_block, c_local = (counters[r] for r in runs)
         # overlap: per temporal conv one halo batch carrying the first GroupNorm's statistics
         # + 3 GroupNorm all-reduces, per temporal transformer one GroupNorm all-reduce + one
         # exchange per attention (two attentions).
@@ -22,9 +22,8 @@ def test_launch_and_byte_counts():
         assert c_block["collectives"] > c_over["collectives"]
         assert c_block["bytes_received"] > c_over["bytes_received"]
         assert c_over["control"] == c_block["control"] == 1
-    # Rank-local GroupNorm (the published code's setting): only the exchanges remain, one per
-    # temporal conv stack and one per attention, the fewest rounds such a step can take.
-    for c_local, n_conv, n_ttm in run_ranks(counting_rank, 2, (6, 5), "overlap", False):
+        # Rank-local GroupNorm (the published code's setting): only the exchanges remain, one
+        # per temporal conv stack and one per attention, the fewest rounds such a step can take.
         assert c_local["collectives"] == n_conv + n_ttm * 2
 
 

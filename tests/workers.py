@@ -114,20 +114,25 @@ def unet_rank(rank, world, sizes, configs, modes=("overlap",)):
     return run_engine(tiny_unet(), sizes, rank, sum(sizes), configs, modes=modes)
 
 
-def counting_rank(rank, world, sizes, mode, sync_groupnorm=True):
-    """One step's data-plane counters, and the number of patched layers."""
+def counting_rank(rank, world, sizes, runs):
+    """Per ``(mode, sync_groupnorm)`` in ``runs``: one step's data-plane counters; and the
+    number of patched layers."""
     from diffusers.models.resnet import TemporalConvLayer
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
     model = tiny_unet()
     n_conv = sum(isinstance(m, TemporalConvLayer) for m in model.modules())
     n_ttm = sum(isinstance(m, TransformerTemporalModel) for m in model.modules())
     x, ctx = unet_inputs(sum(sizes))
-    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2,
-                                                 sync_groupnorm=sync_groupnorm), comm_mode=mode)
-    model.vinf_engine.comm.counters.reset()
-    with torch.no_grad():
-        model(split(x, sizes, rank), 900, encoder_hidden_states=ctx)
-    return model.vinf_engine.comm.counters.snapshot(), n_conv, n_ttm
+    counters = {}
+    for mode, sync_groupnorm in runs:
+        vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2,
+                                                     sync_groupnorm=sync_groupnorm), comm_mode=mode)
+        model.vinf_engine.comm.counters.reset()
+        with torch.no_grad():
+            model(split(x, sizes, rank), 900, encoder_hidden_states=ctx)
+        counters[mode, sync_groupnorm] = model.vinf_engine.comm.counters.snapshot()
+        vinf.unparallelize(model)
+    return counters, n_conv, n_ttm
 
 
 def stale_counting_rank(rank, world, sizes):
