@@ -59,3 +59,26 @@ def test_post_batch_moves_many_exchanges_in_one_launch():
                     torch.testing.assert_close(parts[r], torch.full((2, 3), scale * (r + 1),
                                                                     dtype=torch.float64))
         assert counters["collectives"] == 1 and counters["p2p_ops"] == 4     # a message per peer, each way
+
+
+def test_device_backends_wait_on_the_stream_not_the_host():
+    """On NCCL, Work.wait(timeout) blocks the host until the transfer ends; the data plane
+    must call wait() bare there, and keep the bound on gloo, whose waits are host waits."""
+    import datetime
+    from vinf_engine.comm import Pending, data_plane_timeout
+    t = datetime.timedelta(seconds=3)
+    assert data_plane_timeout("gloo", t) == t
+    assert data_plane_timeout("nccl", t) is None
+
+    class Work:
+        def __init__(self):
+            self.args = None
+
+        def wait(self, *args):
+            self.args = args
+            return True
+
+    for timeout, expect in ((None, ()), (t, (t,))):
+        w = Work()
+        assert Pending([w], lambda: 7, timeout, "x", 0).wait() == 7
+        assert w.args == expect

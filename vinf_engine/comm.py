@@ -113,6 +113,12 @@ def frame_plan(layout: ClipLayout, rank: int, wants: tuple) -> FramePlan:
                      tuple(sends), tuple(recvs))
 
 
+def data_plane_timeout(backend: str, timeout: datetime.timedelta):
+    """What a data-plane ``Pending`` waits with on ``backend``: ``timeout`` on the host
+    backend (gloo), None (a stream wait, never blocking the host) on device backends."""
+    return timeout if backend == "gloo" else None
+
+
 class Pending:
     """Communication in flight. ``wait()`` returns its result (idempotent)."""
 
@@ -130,12 +136,16 @@ class Pending:
         if not self._done:
             for w in self._works:
                 try:
-                    w.wait(self._timeout)
+                    # A timed wait blocks the host until the transfer ends; without one, a
+                    # device backend only makes the current stream wait (see ClipComm).
+                    w.wait() if self._timeout is None else w.wait(self._timeout)
                 except RuntimeError as e:
+                    bound = ("the process group's timeout" if self._timeout is None else
+                             f"at most {self._timeout.total_seconds():g} s")
                     raise RuntimeError(
-                        f"vinf_engine: {self._what} on rank {self._rank} failed (waited at most "
-                        f"{self._timeout.total_seconds():g} s): a peer rank died, stalled or "
-                        f"closed its connection ({e})") from e
+                        f"vinf_engine: {self._what} on rank {self._rank} failed (waited "
+                        f"{bound}): a peer rank died, stalled or closed its connection "
+                        f"({e})") from e
             self._result = self._finish()
             self._works, self._done = [], True
         return self._result
@@ -159,6 +169,7 @@ class ClipComm:
             self.group = self.ctrl = None
             self.rank, self.world_size = 0, 1
             self.backend = None
+            self._data_timeout = self.timeout
             return
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
@@ -166,6 +177,12 @@ class ClipComm:
             raise ValueError("this process is not a member of process_group")
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
+        # How data-plane waits are bounded. gloo runs on the host: each wait blocks it anyway,
+        # so ``timeout`` bounds it. On a device backend (NCCL) a wait given a timeout would
+        # block the host until the transfer ends, a host sync on every exchange; there the
+        # wait is a stream wait only, and a stall mid-step is caught by the process group's
+        # own watchdog (``init_process_group(timeout=...)``; the CLI sets it to --timeout).
+        self._data_timeout = data_plane_timeout(self.backend, self.timeout)
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
         # The control plane must be a CPU (gloo) group. A gloo data plane serves as its own;
         # for NCCL a gloo twin is made: over the whole world a plain new_group (every rank
@@ -254,7 +271,7 @@ class ClipComm:
             def finish_with_sums():
                 frames, parts = got.wait()[0]
                 return self.fill_local(frames, x, dim, plan), rank_sum(parts, sums)
-            return Pending([], finish_with_sums, self.timeout, what, self.rank)
+            return Pending([], finish_with_sums, self._data_timeout, what, self.rank)
         shape = list(x.shape)
         shape[dim] = plan.n_out
         out = self.fill_local(x.new_empty(shape), x, dim, plan)
@@ -279,7 +296,7 @@ class ClipComm:
             for pos, buf in recvs:
                 out.index_copy_(dim, self._index(pos, x.device), buf)
             return out
-        return Pending(works, finish, self.timeout, what, self.rank)
+        return Pending(works, finish, self._data_timeout, what, self.rank)
 
     def prepare(self, x: torch.Tensor | None, dim: int, layout: ClipLayout | None,
                 wants: tuple | None, sums: torch.Tensor | None = None) -> Outgoing:
@@ -376,7 +393,7 @@ class ClipComm:
                         out.index_copy_(it.dim, self._index(pos, it.device), body)
                 results.append((out, parts))
             return results
-        return Pending(works, finish, self.timeout, what, self.rank)
+        return Pending(works, finish, self._data_timeout, what, self.rank)
 
     def gather_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout,
                       wants: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -393,9 +410,9 @@ class ClipComm:
         if self.backend == "gloo" and t.device.type != "cpu":
             host = t.cpu()
             work = dist.all_reduce(host, group=self.group, async_op=True)
-            return Pending([work], lambda: t.copy_(host), self.timeout, what, self.rank)
+            return Pending([work], lambda: t.copy_(host), self._data_timeout, what, self.rank)
         work = dist.all_reduce(t, group=self.group, async_op=True)
-        return Pending([work], lambda: t, self.timeout, what, self.rank)
+        return Pending([work], lambda: t, self._data_timeout, what, self.rank)
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place."""
@@ -426,7 +443,8 @@ class ClipComm:
                 ops.append(dist.P2POp(dist.irecv, got, self._global[peer], self.group))
                 received = got.numel() * got.element_size()
             self._count(int(peer in sends), int(peer in recvs), sent, received)
-            Pending(dist.batch_isend_irecv(ops), lambda: None, self.timeout, what, self.rank).wait()
+            Pending(dist.batch_isend_irecv(ops), lambda: None, self._data_timeout, what,
+                    self.rank).wait()
             if got is not None:
                 out.index_copy_(dim, self._index(recvs[peer], x.device), got)
             self.device_sync(x.device)
@@ -441,7 +459,7 @@ class ClipComm:
         src = t.cpu() if self.backend == "gloo" and t.device.type != "cpu" else t
         bufs = [torch.empty_like(src) for _ in range(self.world_size)]
         work = dist.all_gather(bufs, src.contiguous(), group=self.group, async_op=True)
-        Pending([work], lambda: None, self.timeout, what, self.rank).wait()
+        Pending([work], lambda: None, self._data_timeout, what, self.rank).wait()
         for o, b in zip(out, bufs):
             o.copy_(b)
         self.device_sync(t.device)

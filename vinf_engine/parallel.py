@@ -316,8 +316,10 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     ``"blocking"`` (the published prototype's pattern, exact, for comparison), ``"stale"``
     (previous step's halos, context and statistics; approximate), ``"loopback"`` (timing
     only: exchanges replaced by local copies; wrong output). ``timeout`` (seconds or a
-    timedelta, default 5 minutes) bounds every wait on another rank: a rank that dies or
-    stalls makes the others raise instead of hanging.
+    timedelta, default 5 minutes) bounds every wait on another rank on the control plane and
+    on gloo: a rank that dies or stalls makes the others raise instead of hanging. On NCCL
+    the waits inside a step are stream waits, which never block the host; there the process
+    group's own timeout (``init_process_group(timeout=...)``) bounds them.
 
     Returns the model.
     """
