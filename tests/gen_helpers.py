@@ -101,6 +101,10 @@ def invariance_rank(rank, world, model_dir, out_dir, kwargs):
         rep = generate(model_dir, out=os.path.join(out_dir, "r2.mp4"), process_group=pair,
                        progress=False, **kwargs)
         res[2] = rep["latents"]
+        rep = generate(model_dir, out=None, process_group=pair, progress=False,
+                       comm_mode="stale", **kwargs)
+        res["stale"] = rep["latents"]
+        res["report", "stale"] = {k: v for k, v in rep.items() if k != "latents"}
     dist.barrier()
     return res
 

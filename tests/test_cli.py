@@ -121,6 +121,8 @@ def table(tmp_path_factory, tiny_model):
             [_base(model, out), _base(model, out, **{"--steps": "3"})],
             "ranks were started with different arguments (steps: rank 0: 2, rank 1: 3)"),
         "unknown scheduler": (same(**{"--scheduler": "fancy"}), "unknown scheduler 'fancy'"),
+        "loopback comm mode (timing only)": (same(**{"--comm-mode": "loopback"}),
+                                             "comm mode must be one of ['overlap', 'blocking', 'stale']"),
         "negative window": (same(**{"--window": "-1"}), "window must be a non-negative int"),
         "fps on a model without fps input": (same(**{"--fps": "8"}), "--fps conditions VideoCrafter2 only"),
         "bad dtype": (same(**{"--dtype": "float8"}), "dtype must be one of"),

@@ -69,6 +69,11 @@ def test_same_video_on_1_2_and_3_ranks(models, tmp_path):
     l2 = torch.cat([r[2] for r in res[:2]], dim=2)
     assert rel_err(l3, one["latents"]) <= 1e-5
     assert rel_err(l2, one["latents"]) <= 1e-5
+    # Stale mode on the pair: the previous step's halos and statistics make another video,
+    # close to the exact one.
+    stale = torch.cat([r["stale"] for r in res[:2]], dim=2)
+    assert 1e-6 < rel_err(stale, one["latents"]) < 0.2, rel_err(stale, one["latents"])
+    assert res[0]["report", "stale"]["comm_mode"] == "stale"
     assert torch.equal(torch.load(tmp_path / "r3.pt")["latents"], l3)
     v1, _ = read_video(str(tmp_path / "r1.mp4"))
     for name in ("r2.mp4", "r3.mp4"):

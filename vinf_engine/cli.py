@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--phase-bias", metavar="B", default="10.0")
     c.add_argument("--per-clip-groupnorm", action="store_true",
                    help="GroupNorm statistics per clip (the published prototype; ablation only)")
+    c.add_argument("--comm-mode", metavar="MODE", default="overlap",
+                   help="how the ranks' exchanges move: overlap (exact, default), blocking "
+                        "(the published pattern, same video), stale (the previous step's "
+                        "halos and statistics: no waiting, a slightly different video)")
     r = g.add_argument_group("runtime")
     r.add_argument("--decode-chunk", metavar="N", default=str(DEFAULTS["decode_chunk"]),
                    help="frames the VAE decodes at once")
@@ -229,7 +233,8 @@ def _generate_command(args) -> int:
             device=None if device == "__no_cuda__" else device,
             decode_chunk=_num(args.decode_chunk, int), save_latents=args.save_latents,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=_num(args.checkpoint_every, int),
-            resume=args.resume, overwrite=args.overwrite, timeout=timeout,
+            resume=args.resume, overwrite=args.overwrite, comm_mode=args.comm_mode,
+            timeout=timeout,
             progress=not args.quiet, extra_problems=extra)
         report.pop("latents", None)
         if rank == 0:

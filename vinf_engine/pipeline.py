@@ -58,6 +58,8 @@ SCHEDULERS = {
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# How exchanges move (vinf_engine.scheduler.MODES less "loopback", which is for timing only).
+COMM_MODES = ("overlap", "blocking", "stale")
 
 
 class GenerationError(ValueError):
@@ -366,6 +368,7 @@ class _Run:
     checkpoint_every: int
     resume: bool
     overwrite: bool
+    comm_mode: str = "overlap"
     scenes: list = field(default_factory=list)
 
 
@@ -411,6 +414,8 @@ def _check_args(run: _Run, rank: int, world: int) -> list[str]:
     if run.scheduler is not None and run.scheduler not in SCHEDULERS:
         p.append(f"unknown scheduler {run.scheduler!r}; choose one of {sorted(SCHEDULERS)} "
                  "or leave it unset for the pipeline's own")
+    if run.comm_mode not in COMM_MODES:
+        p.append(f"comm mode must be one of {list(COMM_MODES)}, got {run.comm_mode!r}")
     if run.dtype is not None and run.dtype not in _DTYPES:
         p.append(f"dtype must be one of {sorted(_DTYPES)}, got {run.dtype!r}")
     if not _is_int(run.decode_chunk) or run.decode_chunk < 1:
@@ -474,7 +479,9 @@ def _comparable(run: _Run) -> dict:
                 decode_chunk=run.decode_chunk, video_fps=real(run.video_fps),
                 crf=run.crf, checkpoint=bool(run.checkpoint_dir),
                 checkpoint_every=run.checkpoint_every, resume=run.resume,
-                out=run.out is not None, save_latents=run.save_latents is not None)
+                out=run.out is not None, save_latents=run.save_latents is not None,
+                # overlap and blocking make the same video; stale another
+                comm="stale" if run.comm_mode == "stale" else "exact")
 
 
 def _refuse(rows, what: str):
@@ -545,7 +552,8 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
              decode_chunk: int = DEFAULTS["decode_chunk"], save_latents: str | None = None,
              checkpoint_dir: str | None = None,
              checkpoint_every: int = DEFAULTS["checkpoint_every"], resume: bool = False,
-             overwrite: bool = False, prompt_file: str | None = None, process_group=None,
+             overwrite: bool = False, prompt_file: str | None = None,
+             comm_mode: str = "overlap", process_group=None,
              timeout: float | None = None, progress: bool = True,
              callback: Callable | None = None, extra_problems: Sequence[str] | None = None) -> dict:
     """Generate a long video; call on every rank with the same arguments (or alone).
@@ -585,6 +593,11 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
         Save each rank's latents and scheduler state every ``checkpoint_every`` steps (and after
         the last); ``resume`` continues from the newest checkpoint all ranks hold. A resumed
         video is identical to an uninterrupted one.
+    comm_mode : "overlap" | "blocking" | "stale"
+        How the ranks' exchanges move (see ``vinf_engine.parallelize``): ``"overlap"`` (exact,
+        the default); ``"blocking"`` (the published pattern, same video, slower); ``"stale"``
+        (the previous step's halos, context and statistics: no waiting on peers after the
+        first step, a slightly different video).
     process_group, timeout
         The ranks (default: the whole world, or one process) and the control plane's timeout
         in seconds. The data plane's timeout is the process group's own (set at
@@ -609,7 +622,7 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
                video_fps=video_fps, crf=crf, scheduler=scheduler, dtype=dtype,
                decode_chunk=decode_chunk, save_latents=save_latents,
                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-               overwrite=overwrite)
+               overwrite=overwrite, comm_mode=comm_mode)
     ctl_timeout = datetime.timedelta(seconds=timeout) if timeout else None
     try:
         comm = ClipComm(process_group, timeout=ctl_timeout)
@@ -752,7 +765,7 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
     step_i = start_step
     report_comm = dict(frames_bytes_sent=0, frames_bytes_received=0)
     try:
-        parallelize(unet, run.config, process_group, timeout=ctl_timeout)
+        parallelize(unet, run.config, process_group, comm_mode=run.comm_mode, timeout=ctl_timeout)
         engine = unet.vinf_engine
 
         # 4. Text: one embedding per scene (+ the negative prompt for guidance).
@@ -883,7 +896,8 @@ def generate(model, prompts=None, *, num_frames: int, out: str | None = None,
         fps_conditioning=fps_value, scenes=[list(s) for s in run.scenes],
         config=dict(zip(("window", "num_global", "phase_t", "phase_bias", "sync_groupnorm"),
                         run.config.as_tuple())),
-        ranks=world, backend=comm.backend or "none", dtype=str(tdtype).replace("torch.", ""),
+        ranks=world, backend=comm.backend or "none", comm_mode=run.comm_mode,
+        dtype=str(tdtype).replace("torch.", ""),
         resumed_from_step=start_step or None, steps_run=denoised,
         frame_steps_per_s=(run.num_frames * denoised / slowest) if slowest > 0 and denoised else None,
         timings_s={k: max(r["timings_s"].get(k, 0.0) for r in per_rank)
