@@ -34,6 +34,8 @@ def test_stale_mode_posts_one_batch_per_block():
         assert stale["device_syncs"] == 0
         # The same frames and statistics travel (up to 8-byte alignment of each piece).
         assert over["bytes_received"] <= stale["bytes_received"] <= 1.01 * over["bytes_received"]
+        # After a layout change nothing older fits: the first step is exact again.
+        assert rel_err(counters["stale", "new layout"], counters["overlap", "new layout"]) <= 1e-6
 
 
 def test_stale_mode_uses_the_previous_steps_context():

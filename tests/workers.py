@@ -152,7 +152,10 @@ def stale_counting_rank(rank, world, sizes):
             model(split(x, sizes, rank), 900, encoder_hidden_states=ctx)
             model.vinf_engine.comm.counters.reset()
             model(split(x, sizes, rank), 800, encoder_hidden_states=ctx)
-        counters[mode] = model.vinf_engine.comm.counters.snapshot()
+            counters[mode] = model.vinf_engine.comm.counters.snapshot()
+            # A new layout (rank 0 one frame shorter): stale starts over, synchronously.
+            short = split(x, sizes, rank)[:, :, : sizes[rank] - (rank == 0)]
+            counters[mode, "new layout"] = model(short, 700, encoder_hidden_states=ctx).sample
         vinf.unparallelize(model)
     return counters, n_blocks
 

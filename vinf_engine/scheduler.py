@@ -104,6 +104,10 @@ class CommScheduler:
         of this step with exchange ``i`` of the previous one (same layer, same shape)."""
         self._seq = 0
         if layout != self._layout:
+            # Transfers still in flight finish before their buffers can be let go (a device
+            # backend may still be reading or writing them); every rank posted them alike.
+            for prev in self._stale.values():
+                prev.pending.wait()
             self._stale.clear()
             self._deferred.clear()
             self._layout = layout
