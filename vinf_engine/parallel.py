@@ -276,7 +276,8 @@ class ClipParallel:
         self._undo.append(fn)
 
     def detach(self):
-        """Undo every patch, newest first."""
+        """Undo every patch, newest first (stale transfers in flight finish first)."""
+        self.scheduler.close(quiet=True)    # unpatching must not fail on a dead peer
         while self._undo:
             self._undo.pop()()
 

@@ -106,13 +106,23 @@ class CommScheduler:
         if layout != self._layout:
             # Transfers still in flight finish before their buffers can be let go (a device
             # backend may still be reading or writing them); every rank posted them alike.
-            for prev in self._stale.values():
-                prev.pending.wait()
-            self._stale.clear()
-            self._deferred.clear()
+            self.close()
             self._layout = layout
         else:
             self.flush()          # what the previous step set aside and did not flush yet
+
+    def close(self, quiet: bool = False):
+        """Let go of the stale state, after its transfers in flight have finished (``quiet``:
+        a transfer that failed, say because a peer died, is let go too, not raised)."""
+        for prev in self._stale.values():
+            try:
+                prev.pending.wait()
+            except RuntimeError:
+                if not quiet:
+                    raise
+        self._stale.clear()
+        self._deferred.clear()
+        self._layout = None
 
     def _next(self) -> int:
         self._seq += 1
