@@ -301,7 +301,7 @@ def main(argv=None):
                   stale_max_rel_drift_vs_exact=stale_drift)
     print()
     head = (f"{'run':<30}{'s':>8}{'frame-steps/s':>15}{'peak MiB/rank':>15}{'launches':>10}"
-            f"{'syncs':>7}{'MiB recv':>10}{'exposed ms':>12}   (per step)")
+            f"{'syncs':>7}{'MiB sent':>10}{'MiB recv':>10}{'exposed ms':>12}   (per step)")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -312,7 +312,8 @@ def main(argv=None):
             return format(r[key], fmt) if key in r else "-"
         print(f"{r['name']:<30}{r['seconds']:>8.2f}{r['frame_steps_per_s']:>15.2f}"
               f"{max(r['peak_mib_per_rank']):>15.0f}{col('collectives_per_step', '.0f'):>10}"
-              f"{col('device_syncs_per_step', '.0f'):>7}{col('mib_received_per_step', '.2f'):>10}"
+              f"{col('device_syncs_per_step', '.0f'):>7}{col('mib_sent_per_step', '.2f'):>10}"
+              f"{col('mib_received_per_step', '.2f'):>10}"
               f"{col('exposed_comm_ms_per_step', '.1f'):>12}")
     if invariance is not None:
         print(f"\nmax |out(R={ranks}, overlap) - out(R=1)| / max |out(R=1)| = {invariance:.2e}")
