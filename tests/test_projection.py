@@ -55,3 +55,21 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "s.png"
     projection.plot(points, (4, "H200", "nvlink"), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_statistics_riding_in_a_halo_cost_the_published_pattern_an_all_reduce():
+    base = report(0.0)
+    fused = report(0.0)
+    log = fused["rows"][0]["exchanges_last_step"]
+    # The halo carries the all-reduce's 1 KiB: one entry instead of two, same bytes in all.
+    log[1] = dict(log[1], kind="temporal halo exchange with GroupNorm statistics",
+                  bytes_received=log[1]["bytes_received"] + 1024, sums_bytes=1024)
+    del log[2]
+    a = projection.project(base, 8, "H200", "nvlink", 64)["modes"]
+    b = projection.project(fused, 8, "H200", "nvlink", 64)["modes"]
+    assert b["overlap"]["launches_per_step"] == a["overlap"]["launches_per_step"] - 1
+    assert b["blocking"]["launches_per_step"] == a["blocking"]["launches_per_step"]
+    assert b["blocking"]["exposed_ms"] == pytest.approx(a["blocking"]["exposed_ms"], rel=1e-9)
+    # Overlap saves the all-reduce's latency; the halo's frames are priced without the sums.
+    saved = projection.ALLREDUCE_LATENCY_US / 1e3 + 1024 / (projection.LINKS["nvlink"]["gbps"] * 1e6)
+    assert b["overlap"]["exposed_ms"] == pytest.approx(a["overlap"]["exposed_ms"] - saved, rel=1e-9)
