@@ -49,7 +49,7 @@ class CommScheduler:
         self.record = False      # when True, ``log`` gets one entry per exchange (see below)
         self.log: list[dict] = []
 
-    def _tracked(self, pending: Pending, kind: str, x: torch.Tensor, before: tuple,
+    def _tracked(self, pending: Pending, kind: str, device: torch.device, before: tuple,
                  frames: int = 0, sums_bytes: int = 0) -> Pending:
         """Log an exchange: its kind, bytes, frames, and the compute window between posting
         it and waiting for it (wall clock on CPU, CUDA events on GPUs; ``window_ms``)."""
@@ -59,7 +59,7 @@ class CommScheduler:
         entry = dict(kind=kind, frames=frames, sums_bytes=sums_bytes,
                      launches=c.collectives - before[0],
                      bytes_sent=c.bytes_sent - before[1], bytes_received=c.bytes_received - before[2])
-        cuda = x.device.type == "cuda"
+        cuda = device.type == "cuda"
         if cuda:
             entry["_ev"] = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
             entry["_ev"][0].record()
@@ -137,8 +137,8 @@ class CommScheduler:
         remote = plan.n_out - len(plan.local_pos)
         # sums_bytes: what of bytes_received is ``sums`` (one copy from each peer)
         sums_bytes = 0 if sums is None else sums.numel() * sums.element_size() * (self.comm.world_size - 1)
-        return self._tracked(self._frames(x, dim, layout, wants, what, sums), what, x, before,
-                             remote, sums_bytes)
+        return self._tracked(self._frames(x, dim, layout, wants, what, sums), what, x.device,
+                             before, remote, sums_bytes)
 
     def _frames(self, x, dim, layout, wants, what, sums) -> Pending:
         if self.mode == "overlap" or self.comm.world_size == 1:
@@ -173,7 +173,7 @@ class CommScheduler:
         """The sum of ``t`` over the ranks, as a ``Pending`` (``t`` may be reduced in place:
         use the waited result, not ``t``)."""
         before = self._counters()
-        return self._tracked(self._all_reduce(t, what), what, t, before)
+        return self._tracked(self._all_reduce(t, what), what, t.device, before)
 
     def _all_reduce(self, t, what) -> Pending:
         if self.mode == "overlap" or self.comm.world_size == 1:
@@ -213,11 +213,8 @@ class CommScheduler:
         pending = self.comm.post_batch([o for _, o in items], "stale exchange batch")
         for i, (key, _) in enumerate(items):
             self._stale[key] = _Previous(pending, index=i)
-        if self.record:
-            x = items[0][1].sums if items[0][1].sums is not None else next(iter(items[0][1].sends.values()), None)
-            if x is not None:
-                self._tracked(pending, f"stale exchange batch ({len(items)} exchanges)", x,
-                              before)
+        self._tracked(pending, f"stale exchange batch ({len(items)} exchanges)",
+                      items[0][1].device, before)
 
 
 class _Previous:
