@@ -162,15 +162,19 @@ class ClipParallel:
         return attention_plan(self._require_step(), self.rank, self.config.window,
                               self.config.num_global)
 
-    def start_attention_context(self, h: torch.Tensor) -> Pending:
+    def start_attention_context(self, h: torch.Tensor, dim: int = 1, transform=None) -> Pending:
         """Start fetching halo and global-scope frames of ``h`` (N, F, C), the input of a
-        temporal attention; ``wait()`` gives an ``AttentionContext``."""
+        temporal attention; ``wait()`` gives an ``AttentionContext``. Or of any tensor with
+        its frames along ``dim`` that ``transform`` maps, per frame, to (N, n, C) attention
+        input once the frames have arrived."""
         layout = self._require_step()
         plan = self.attention_plan()
-        got = self.scheduler.frames(h, 1, layout, plan.wants, "attention context exchange")
+        got = self.scheduler.frames(h, dim, layout, plan.wants, "attention context exchange")
 
         def finish():
             g = got.wait()
+            if transform is not None:
+                g = transform(g)
             empty = g.narrow(1, 0, 0)
             return AttentionContext(
                 left=_take(g, plan.left, self.comm) if plan.left else empty,

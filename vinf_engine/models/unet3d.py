@@ -3,7 +3,8 @@
 Spatial layers act per frame and stay untouched. Three things couple frames, and each is
 replaced in place, keeping its parameters (and so its ``state_dict``):
 
-    TransformerTemporalModel.norm        -> ClipGroupNorm         statistics over the whole video
+    TransformerTemporalModel.norm        -> ClipGroupNorm         statistics over the whole video;
+                                                                  starts attn1's context
     TransformerTemporalModel attn1/attn2 -> DualScopeAttnProcessor halo + global scope, phase bias
     TemporalConvLayer                    -> ClipTemporalConvLayer one halo exchange per layer
 
@@ -25,6 +26,7 @@ from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
 from .. import ops
+from ..ops.group_norm import group_norm_apply
 from ..parallel import halo_wants
 
 __all__ = ["UNet3DAdapter", "ClipGroupNorm", "ClipTemporalConvLayer", "DualScopeAttnProcessor"]
@@ -33,10 +35,35 @@ __all__ = ["UNet3DAdapter", "ClipGroupNorm", "ClipTemporalConvLayer", "DualScope
 
 
 class ClipGroupNorm(nn.GroupNorm):
-    """GroupNorm over ``(B, C, F, H, W)`` whose statistics span every rank's frames."""
+    """GroupNorm over ``(B, C, F, H, W)`` whose statistics span every rank's frames.
+
+    As a temporal transformer's input norm, it also starts the first attention's context
+    exchange (``_vinf_prefetch`` set by the adapter): the halo and global frames of the
+    *pre-norm* input go out as soon as it exists, right after the statistics' all-reduce, and
+    the receiver maps them to the attention's input itself (GroupNorm with the same
+    statistics, ``proj_in``, the block's ``norm1``: all per frame). The context is then in
+    flight during the statistics' round, the whole norm, ``proj_in``, ``norm1`` and the
+    attention's own projections, instead of from the attention's start; and where the input
+    is narrower than the attention (``transformer_in``: 320 channels, 512 in attention) it
+    moves fewer bytes. The first attention's processor takes it from ``_vinf_ctx``.
+    """
 
     def forward(self, x):
-        return self._vinf.group_norm(x, self)
+        eng = self._vinf
+        prefetch = getattr(self, "_vinf_prefetch", None)
+        if prefetch is None or eng.mode == "blocking" or eng.world_size == 1:
+            return eng.group_norm(x, self)
+        proj_in, norm1 = prefetch
+        stats_pending = eng.start_stats(x, self)   # first: on NCCL it runs before the context
+        stats = []
+
+        def to_attention_input(g):                 # (B, C, n, H, W) -> (B*H*W, n, inner)
+            y = group_norm_apply(g, *stats[0], self.weight, self.bias)
+            B, C, n, H, W = y.shape
+            return norm1(proj_in(y.permute(0, 3, 4, 2, 1).reshape(B * H * W, n, C)))
+        self._vinf_ctx = eng.start_attention_context(x, dim=2, transform=to_attention_input)
+        stats.append(stats_pending.wait())
+        return eng.group_norm(x, self, stats=stats[0])
 
 
 class DualScopeAttnProcessor:
@@ -50,8 +77,9 @@ class DualScopeAttnProcessor:
     joins their local result through a log-sum-exp merge: the same joint softmax, in parts.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine, prefetched_by: nn.Module | None = None):
         self.engine = engine
+        self.prefetched_by = prefetched_by   # a ClipGroupNorm that started this context
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs):
@@ -91,7 +119,11 @@ class DualScopeAttnProcessor:
     def _overlapped(self, attn, h):
         eng = self.engine
         Fc = h.shape[1]
-        pending = eng.start_attention_context(h)                 # in flight from here
+        pending = None
+        if self.prefetched_by is not None:                       # in flight since the norm
+            pending = self.prefetched_by.__dict__.pop("_vinf_ctx", None)
+        if pending is None:
+            pending = eng.start_attention_context(h)             # in flight from here
         w = eng.attention_plan().window
         q = self._project(attn, h, "q")
         k, v = self._project(attn, h, "kv")
@@ -280,12 +312,27 @@ class UNet3DAdapter:
         for m in list(model.modules()):
             if type(m) is TransformerTemporalModel:
                 swap(m.norm, ClipGroupNorm)
+                first = m.transformer_blocks[0] if len(m.transformer_blocks) else None
+                # The first attention's input is norm1(proj_in(norm(x))), per frame: its context
+                # can start from x, if x moves no more bytes than the attention input would.
+                prefetch = (first is not None and first.norm_type == "layer_norm"
+                            and type(first.norm1) is nn.LayerNorm and first.attn1 is not None
+                            and isinstance(m.proj_in, nn.Linear)
+                            and m.proj_in.in_features <= m.proj_in.out_features)
+                if prefetch:
+                    m.norm._vinf_prefetch = (m.proj_in, first.norm1)
+
+                    def forget(norm=m.norm):
+                        for attr in ("_vinf_prefetch", "_vinf_ctx"):
+                            norm.__dict__.pop(attr, None)
+                    engine.on_undo(forget)
                 for block in m.transformer_blocks:
                     for attn in (block.attn1, block.attn2):
                         if attn is None:
                             continue
                         old = attn.processor
-                        attn.set_processor(DualScopeAttnProcessor(engine))
+                        source = m.norm if prefetch and attn is first.attn1 else None
+                        attn.set_processor(DualScopeAttnProcessor(engine, source))
                         engine.on_undo(lambda a=attn, p=old: a.set_processor(p))
             elif type(m) is TemporalConvLayer:
                 swap(m, ClipTemporalConvLayer)
