@@ -52,12 +52,13 @@ __device__ __forceinline__ void chan_merge(F& n, F& mean, F& m2, F nb, F meanb, 
   n = nn;
 }
 
-__device__ __forceinline__ void warp_merge(float& n, float& mean, float& m2) {
+template <typename F>
+__device__ __forceinline__ void warp_merge(F& n, F& mean, F& m2) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    const float nb = __shfl_xor_sync(0xffffffffu, n, o);
-    const float mb = __shfl_xor_sync(0xffffffffu, mean, o);
-    const float qb = __shfl_xor_sync(0xffffffffu, m2, o);
+    const F nb = __shfl_xor_sync(0xffffffffu, n, o);
+    const F mb = __shfl_xor_sync(0xffffffffu, mean, o);
+    const F qb = __shfl_xor_sync(0xffffffffu, m2, o);
     chan_merge(n, mean, m2, nb, mb, qb);
   }
 }
@@ -248,13 +249,7 @@ __global__ void __launch_bounds__(kThreads) gn_merge_kernel(
     const float2 w = ws[grp * splits + s];
     chan_merge(n, mean, m2, nb, double(w.x), double(w.y));
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const double nb = __shfl_xor_sync(0xffffffffu, n, o);
-    const double mb = __shfl_xor_sync(0xffffffffu, mean, o);
-    const double qb = __shfl_xor_sync(0xffffffffu, m2, o);
-    chan_merge(n, mean, m2, nb, mb, qb);
-  }
+  warp_merge(n, mean, m2);
   if (lane == 0) {
     mean += double(pivots[grp]);
     out[grp * 2] = n * mean;
