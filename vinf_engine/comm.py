@@ -62,10 +62,11 @@ class FramePlan:
 
 @dataclass
 class Outgoing:
-    """One exchange set aside for a later ``ClipComm.post_batch``: what goes to each peer,
-    copied when prepared (``ClipComm.prepare``), and how to read what comes back."""
+    """One exchange set aside for a later ``ClipComm.post_batch``: what goes to each peer
+    (copied when prepared, unless posted at once: ``ClipComm.prepare``), and how to read what
+    comes back."""
 
-    sends: dict                 # peer -> frames for that peer (contiguous copies)
+    sends: dict                 # peer -> its frames: a contiguous copy, or a _Select of x
     sums: torch.Tensor | None   # partial sums for every peer, or None
     recvs: dict                 # peer -> positions in the result that the peer's frames fill
     out_shape: tuple | None     # the result's shape (``plan.n_out`` frames along dim); None: sums only
@@ -82,6 +83,28 @@ class Outgoing:
 
 def _pad8(n: int) -> int:
     return -(-n // 8) * 8
+
+
+@dataclass(frozen=True)
+class _Select:
+    """Frames ``idx`` of ``x`` along ``dim``, to be written straight into a message."""
+
+    x: torch.Tensor
+    dim: int
+    idx: torch.Tensor
+
+    @property
+    def shape(self) -> tuple:
+        s = list(self.x.shape)
+        s[self.dim] = self.idx.numel()
+        return tuple(s)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.x.element_size()
+
+    def write(self, dst: torch.Tensor):
+        torch.index_select(self.x, self.dim, self.idx, out=dst.view(self.x.dtype).view(self.shape))
 
 
 def rank_sum(parts: list, own: torch.Tensor) -> torch.Tensor:
@@ -266,7 +289,7 @@ class ClipComm:
                              f"{self.rank} owns {layout.sizes[self.rank]}")
         if sums is not None:
             # The batch format (one message per peer, sums packed with the frames), one item.
-            got = self.post_batch([self.prepare(x, dim, layout, wants, sums)], what)
+            got = self.post_batch([self.prepare(x, dim, layout, wants, sums, copy=False)], what)
 
             def finish_with_sums():
                 frames, parts = got.wait()[0]
@@ -299,11 +322,15 @@ class ClipComm:
         return Pending(works, finish, self._data_timeout, what, self.rank)
 
     def prepare(self, x: torch.Tensor | None, dim: int, layout: ClipLayout | None,
-                wants: tuple | None, sums: torch.Tensor | None = None) -> Outgoing:
+                wants: tuple | None, sums: torch.Tensor | None = None,
+                copy: bool = True) -> Outgoing:
         """Set aside the exchange ``post_frames(x, dim, layout, wants, sums=sums)`` would
         make, for a later ``post_batch``: the frames each peer wants are copied now, so ``x``
-        may change or go. ``x=None``: ``sums`` only."""
-        sums = None if sums is None else sums.detach().contiguous().clone()
+        may change or go. ``x=None``: ``sums`` only. ``copy=False`` (a batch posted at once):
+        the frames are read from ``x`` straight into the messages, one copy instead of two."""
+        sums = None if sums is None else sums.detach().contiguous()
+        if sums is not None and copy:
+            sums = sums.clone()
         if x is None:
             if sums is None:
                 raise ValueError("prepare needs frames, sums or both")
@@ -314,7 +341,8 @@ class ClipComm:
                              f"{self.rank} owns {layout.sizes[self.rank]}")
         if sums is not None and sums.device != x.device:
             raise ValueError(f"sums is on {sums.device}, x is on {x.device}")
-        sends = {peer: x.index_select(dim, self._index(idx, x.device)) for peer, idx in plan.sends}
+        sends = {peer: (x.index_select(dim, self._index(idx, x.device)) if copy else
+                        _Select(x, dim, self._index(idx, x.device))) for peer, idx in plan.sends}
         shape = list(x.shape)
         shape[dim] = plan.n_out
         return Outgoing(sends, sums, dict(plan.recvs), tuple(shape), dim, x.dtype, x.device)
@@ -347,12 +375,15 @@ class ClipComm:
                 if peer in it.sends:
                     pieces.append(it.sends[peer])
             if pieces:
-                size = sum(_pad8(t.numel() * t.element_size()) for t in pieces)
+                nbytes = [t.nbytes for t in pieces]
+                size = sum(_pad8(n) for n in nbytes)
                 buf = torch.empty(size, dtype=torch.uint8, device=device)
                 off = 0
-                for t in pieces:
-                    n = t.numel() * t.element_size()
-                    buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
+                for t, n in zip(pieces, nbytes):
+                    if isinstance(t, _Select):
+                        t.write(buf[off:off + n])
+                    else:
+                        buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
                     off += _pad8(n)
                 ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
                 sent, n_send = sent + size, n_send + 1
