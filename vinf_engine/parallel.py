@@ -182,22 +182,25 @@ class ClipParallel:
                 glob=_take(g, plan.glob, self.comm) if plan.glob else None, window=plan.window)
         return Pending([], finish, self.comm.timeout, "", self.rank)
 
-    def start_frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> Pending:
+    def start_frame_halo(self, x: torch.Tensor, dim: int, halo: int,
+                         sums: torch.Tensor | None = None) -> Pending:
         """Start extending ``x`` by up to ``halo`` frames on each side from the neighbouring
         clips (fewer at the video's ends); ``wait()`` gives ``(ext, lo, hi)``, ``[lo, hi)``
-        the global frame range ``ext`` holds."""
+        the global frame range ``ext`` holds. With ``sums``, in the same launch, their sum
+        over the ranks: ``wait()`` gives ``((ext, lo, hi), total)``."""
         layout = self._require_step()
         s, e = layout.start(self.rank), layout.end(self.rank)
         lo, hi = max(0, s - halo), min(layout.num_frames, e + halo)
-        if lo == s and hi == e:
+        if lo == s and hi == e and sums is None:
             return Pending.ready((x, lo, hi))
-        got = self.scheduler.frames(x, dim, layout, halo_wants(layout, halo), "temporal halo exchange")
+        what = "temporal halo exchange" + (" with GroupNorm statistics" if sums is not None else "")
+        got = self.scheduler.frames(x, dim, layout, halo_wants(layout, halo), what, sums=sums)
 
         def finish():
-            g = got.wait()
+            g, total = got.wait() if sums is not None else (got.wait(), None)
             n_left = s - lo
             ext = torch.cat([g.narrow(dim, 0, n_left), x, g.narrow(dim, n_left, hi - e)], dim=dim)
-            return ext, lo, hi
+            return (ext, lo, hi) if sums is None else ((ext, lo, hi), total)
         return Pending([], finish, self.comm.timeout, "", self.rank)
 
     def start_halo_and_stats(self, x: torch.Tensor, halo: int, norm: torch.nn.GroupNorm) -> Pending:
@@ -205,24 +208,16 @@ class ClipParallel:
         W), this rank's own frames, moved as ONE exchange: the statistics' partial sums ride
         with the halo frames (``ClipComm.post_frames(sums=...)``). ``wait()`` gives
         ``((ext, lo, hi), (mean, rstd))``."""
-        layout = self._require_step()
         if not (self.config.sync_groupnorm and self.world_size > 1):
             pend = self.start_frame_halo(x, 2, halo), self.start_stats(x, norm)
             return Pending([], lambda: tuple(p.wait() for p in pend), self.comm.timeout, "",
                            self.rank)
-        partials, count = group_norm_partials(x, norm.num_groups)
-        total = count // x.shape[2] * layout.num_frames
-        s, e = layout.start(self.rank), layout.end(self.rank)
-        lo, hi = max(0, s - halo), min(layout.num_frames, e + halo)
-        got = self.scheduler.frames(x, 2, layout, halo_wants(layout, halo),
-                                    "temporal halo exchange with GroupNorm statistics",
-                                    sums=partials)
+        partials, total = self._partials(x, norm)
+        got = self.start_frame_halo(x, 2, halo, sums=partials)
 
         def finish():
-            g, summed = got.wait()
-            n_left = s - lo
-            ext = torch.cat([g.narrow(2, 0, n_left), x, g.narrow(2, n_left, hi - e)], dim=2)
-            return (ext, lo, hi), group_norm_finalize(summed, total, norm.eps)
+            extended, summed = got.wait()
+            return extended, group_norm_finalize(summed, total, norm.eps)
         return Pending([], finish, self.comm.timeout, "", self.rank)
 
     def frame_halo(self, x: torch.Tensor, dim: int, halo: int) -> tuple[torch.Tensor, int, int]:
@@ -252,15 +247,20 @@ class ClipParallel:
     def start_stats(self, x_own: torch.Tensor, norm: torch.nn.GroupNorm) -> Pending:
         """Start the whole-video GroupNorm statistics of ``x_own`` (N, C, F, H, W), this
         rank's own frames; ``wait()`` gives ``(mean, rstd)``, each (N, G) fp64."""
-        partials, count = group_norm_partials(x_own, norm.num_groups)
         if not (self.config.sync_groupnorm and self.world_size > 1):
+            partials, count = group_norm_partials(x_own, norm.num_groups)
             return Pending.ready(group_norm_finalize(partials, count, norm.eps))
-        # Every frame holds the same number of elements per group, so the whole video's count
-        # follows from the layout: only the sums travel, and no scalar is built on the device.
-        total = count // x_own.shape[2] * self._require_step().num_frames
+        partials, total = self._partials(x_own, norm)
         summed = self.scheduler.all_reduce(partials, "GroupNorm statistics all-reduce")
         return Pending([], lambda: group_norm_finalize(summed.wait(), total, norm.eps),
                        self.comm.timeout, "", self.rank)
+
+    def _partials(self, x_own: torch.Tensor, norm: torch.nn.GroupNorm) -> tuple:
+        """This rank's (N, G, 2) partial sums of ``x_own`` and the whole video's element
+        count per group. Every frame holds the same number of elements per group, so the
+        count follows from the layout: only the sums travel, no scalar is built on the device."""
+        partials, count = group_norm_partials(x_own, norm.num_groups)
+        return partials, count // x_own.shape[2] * self._require_step().num_frames
 
     def group_norm(self, x, norm: torch.nn.GroupNorm, own: slice | None = None,
                    activation: str | None = None, stats: tuple | None = None) -> torch.Tensor:
