@@ -27,7 +27,7 @@ import re
 
 from vinf_engine import ClipLayout, global_frames
 from vinf_engine.comm import frame_plan
-from vinf_engine.parallel import attention_plan, halo_wants
+from vinf_engine.layout import attention_plan, halo_wants
 
 # Measured on one H200 by ../shared/peers (SPEC.md section 5): eager diffusers UNet3D 1.41B,
 # 320x512 (latent 40x64), bf16, classifier-free guidance batch 2.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vinf_engine as vinf
-from vinf_engine.parallel import attention_plan
+from vinf_engine.layout import attention_plan
 from helpers import run_ranks
 from workers import batch_rank, gather_rank
 

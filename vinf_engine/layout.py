@@ -1,11 +1,17 @@
-"""Which global frames each rank owns, and which frames the global scope shares."""
+"""The geometry of a split video: which global frames each rank owns, which frames the global
+scope shares, and which frames each rank's halos and attention need from the others.
+
+Everything here is a pure function of global frame indices, so every rank derives the same
+plans without asking anyone.
+"""
 from __future__ import annotations
 
 from bisect import bisect_right
-from functools import cached_property
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Sequence
 
-__all__ = ["ClipLayout", "global_frames"]
+__all__ = ["ClipLayout", "global_frames", "AttentionPlan", "attention_plan", "halo_wants"]
 
 
 class ClipLayout:
@@ -97,3 +103,56 @@ def global_frames(num_frames: int, num_global: int) -> tuple[int, ...]:
     if num_global >= num_frames:
         return tuple(range(num_frames))
     return tuple(((2 * j + 1) * num_frames) // (2 * num_global) for j in range(num_global))
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What one rank's dual-scope attention needs beyond its own frames, for one layout."""
+
+    wants: tuple          # per rank: the global frames it gathers (halos and global scope)
+    window: int           # the window clipped to the video: min(window, F - 1)
+    left: tuple           # positions in wants[me] of the left halo, in frame order
+    right: tuple          # ... of the right halo
+    glob: tuple           # ... of the global frames, in global-scope order
+
+    @property
+    def left_frames(self) -> tuple:
+        return tuple(self.wants_of_me[i] for i in self.left)
+
+    @property
+    def right_frames(self) -> tuple:
+        return tuple(self.wants_of_me[i] for i in self.right)
+
+    @property
+    def glob_frames(self) -> tuple:
+        return tuple(self.wants_of_me[i] for i in self.glob)
+
+    wants_of_me: tuple = ()   # wants[rank], for the properties above
+
+
+@lru_cache(maxsize=64)
+def attention_plan(layout: ClipLayout, rank: int, window: int, num_global: int) -> AttentionPlan:
+    F = layout.num_frames
+    w = min(window, F - 1)
+    g = global_frames(F, num_global)
+    wants = []
+    for r in range(layout.world_size):
+        s, e = layout.start(r), layout.end(r)
+        wants.append(tuple(sorted(set(range(max(0, s - w), s)) | set(range(e, min(F, e + w)))
+                                  | set(g))))
+    s, e = layout.start(rank), layout.end(rank)
+    pos = {f: i for i, f in enumerate(wants[rank])}
+    return AttentionPlan(
+        wants=tuple(wants), window=w,
+        left=tuple(pos[f] for f in range(max(0, s - w), s)),
+        right=tuple(pos[f] for f in range(e, min(F, e + w))),
+        glob=tuple(pos[f] for f in g), wants_of_me=wants[rank])
+
+
+@lru_cache(maxsize=64)
+def halo_wants(layout: ClipLayout, halo: int) -> tuple:
+    """Per rank: the up to ``halo`` frames on each side of its clip (fewer at the video's ends)."""
+    F = layout.num_frames
+    return tuple(tuple(range(max(0, layout.start(r) - halo), layout.start(r)))
+                 + tuple(range(layout.end(r), min(F, layout.end(r) + halo)))
+                 for r in range(layout.world_size))

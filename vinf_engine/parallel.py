@@ -7,13 +7,12 @@ exchange plans derived from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from .comm import ClipComm, Pending
 from .config import DualScopeConfig
-from .layout import ClipLayout, global_frames
+from .layout import AttentionPlan, ClipLayout, attention_plan, global_frames, halo_wants
 from .ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
 from .scheduler import MODES, CommScheduler
 
@@ -22,50 +21,18 @@ __all__ = ["ClipParallel", "parallelize", "unparallelize"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@dataclass(frozen=True)
-class AttentionPlan:
-    """What one rank's temporal attention needs beyond its own frames, for one layout."""
-
-    wants: tuple          # per rank: the global frames it gathers (halos and global scope)
-    window: int           # the window clipped to the video: min(window, F - 1)
-    left: tuple           # positions in wants[me] of the left halo, in frame order
-    right: tuple          # ... of the right halo
-    glob: tuple           # ... of the global frames, in global-scope order
-
-
-@lru_cache(maxsize=64)
-def attention_plan(layout: ClipLayout, rank: int, window: int, num_global: int) -> AttentionPlan:
-    F = layout.num_frames
-    w = min(window, F - 1)
-    g = global_frames(F, num_global)
-    wants = []
-    for r in range(layout.world_size):
-        s, e = layout.start(r), layout.end(r)
-        wants.append(tuple(sorted(set(range(max(0, s - w), s)) | set(range(e, min(F, e + w)))
-                                  | set(g))))
-    s, e = layout.start(rank), layout.end(rank)
-    pos = {f: i for i, f in enumerate(wants[rank])}
-    return AttentionPlan(
-        wants=tuple(wants), window=w,
-        left=tuple(pos[f] for f in range(max(0, s - w), s)),
-        right=tuple(pos[f] for f in range(e, min(F, e + w))),
-        glob=tuple(pos[f] for f in g))
-
-
-@lru_cache(maxsize=64)
-def halo_wants(layout: ClipLayout, halo: int) -> tuple:
-    F = layout.num_frames
-    return tuple(tuple(range(max(0, layout.start(r) - halo), layout.start(r)))
-                 + tuple(range(layout.end(r), min(F, layout.end(r) + halo)))
-                 for r in range(layout.world_size))
-
-
 @dataclass
 class AttentionContext:
-    left: torch.Tensor           # (N, valid_left, C): halo frames before the clip
-    right: torch.Tensor          # (N, valid_right, C): halo frames after it
-    glob: torch.Tensor | None    # (N, Ng, C) global-scope frames, or None
+    """The frames of a dual-scope attention's input that other ranks hold, with their global
+    frame indices (a family whose projection depends on position, such as RoPE, needs them)."""
+
+    left: torch.Tensor           # (N, valid_left, ...): halo frames before the clip
+    right: torch.Tensor          # (N, valid_right, ...): halo frames after it
+    glob: torch.Tensor | None    # (N, Ng, ...) global-scope frames, or None
     window: int                  # the window clipped to the video
+    left_frames: tuple = ()      # global indices of ``left``, in order
+    right_frames: tuple = ()
+    glob_frames: tuple = ()
 
     @property
     def valid_left(self) -> int:
@@ -179,7 +146,9 @@ class ClipParallel:
             return AttentionContext(
                 left=_take(g, plan.left, self.comm) if plan.left else empty,
                 right=_take(g, plan.right, self.comm) if plan.right else empty,
-                glob=_take(g, plan.glob, self.comm) if plan.glob else None, window=plan.window)
+                glob=_take(g, plan.glob, self.comm) if plan.glob else None, window=plan.window,
+                left_frames=plan.left_frames, right_frames=plan.right_frames,
+                glob_frames=plan.glob_frames)
         return Pending([], finish, self.comm.timeout, "", self.rank)
 
     def start_frame_halo(self, x: torch.Tensor, dim: int, halo: int,
@@ -311,16 +280,19 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
                 comm_mode: str = "overlap", timeout=None):
     """Make ``model`` run one clip of a long video per rank; patches it in place.
 
-    Collective: every rank of ``process_group`` (default: the whole world, or a single
-    process when ``torch.distributed`` is not initialized) calls it with the same model and
-    config. Afterwards each rank calls ``model(...)`` on its own clip, clips in rank order.
-    If any rank's model or config is unsupported or differs, every rank raises the same
-    ``ValueError`` and every model is left unpatched.
+    ``model`` is any model of a registered family (``vinf_engine.models.families()``: diffusers
+    ``UNet3DConditionModel`` and its subclasses, ``WanTransformer3DModel``). Collective: every
+    rank of ``process_group`` (default: the whole world, or a single process when
+    ``torch.distributed`` is not initialized) calls it with the same model and config.
+    Afterwards each rank calls ``model(...)`` with the stock signature on its own clip, clips
+    in rank order. If any rank's model or config is unsupported or differs, every rank raises
+    the same ``ValueError`` and every model is left unpatched.
 
+    ``config`` defaults to the family's (``DualScopeConfig()``, the paper's, for UNet3D).
     ``comm_mode`` is how exchanges move (``scheduler.MODES``): ``"overlap"`` (default, exact),
-    ``"blocking"`` (the published prototype's pattern, exact, for comparison), ``"stale"``
-    (previous step's halos, context and statistics; approximate), ``"loopback"`` (timing
-    only: exchanges replaced by local copies; wrong output). ``timeout`` (seconds or a
+    ``"blocking"`` (the published prototype's pattern, exact, for comparison; UNet3D only),
+    ``"stale"`` (previous step's halos, context and statistics; approximate), ``"loopback"``
+    (timing only: exchanges replaced by local copies; wrong output). ``timeout`` (seconds or a
     timedelta, default 5 minutes) bounds every wait on another rank on the control plane and
     on gloo: a rank that dies or stalls makes the others raise instead of hanging. On NCCL
     the waits inside a step are stream waits, which never block the host; there the process
@@ -328,12 +300,9 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
 
     Returns the model.
     """
-    from .models import adapter_for
-    if config is None:
-        config = DualScopeConfig()
-    local_error = None
-    adapter = None
-    if not isinstance(config, DualScopeConfig):
+    from .models import Patcher, adapter_for
+    local_error, adapter = None, None
+    if config is not None and not isinstance(config, DualScopeConfig):
         local_error = f"config must be a vinf_engine.DualScopeConfig, got {type(config).__name__}"
     elif comm_mode not in MODES:
         local_error = f"comm_mode must be one of {MODES}, got {comm_mode!r}"
@@ -343,6 +312,15 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         adapter = adapter_for(model)
         if isinstance(adapter, str):
             local_error, adapter = adapter, None
+        elif comm_mode not in adapter.comm_modes:
+            local_error = (f"comm_mode {comm_mode!r} is not available for the {adapter.name} "
+                           f"family (it runs {', '.join(adapter.comm_modes)})")
+            adapter = None
+        else:
+            config = config if config is not None else adapter.default_config(model)
+            local_error = adapter.check_config(model, config)
+            if local_error:
+                adapter = None
     comm = ClipComm(process_group, timeout=timeout)
     fingerprint = None if adapter is None else (config.as_tuple(), comm_mode,
                                                 adapter.fingerprint(model))
@@ -361,7 +339,7 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         device = next(model.parameters()).device if comm.backend != "gloo" else "cpu"
         comm.all_reduce_(torch.zeros(1, device=device))
         comm.counters.reset()
-    adapter.patch(model, engine)
+    adapter.patch(model, engine, Patcher(engine))
     model.vinf_engine = engine
     engine.on_undo(lambda: delattr(model, "vinf_engine"))
     return model

@@ -1,0 +1,135 @@
+"""Dual-scope attention over one rank's clip, for any model family and any tokens per frame.
+
+A family's processor projects its own frames and hands this module the queries, keys and
+values, the context exchange already in flight, and how to project the frames that arrive:
+
+    q, k, v      (B, Fc*T, H, D)    this clip's own tokens, frame-major (T tokens per frame)
+    pending      Pending -> AttentionContext: the attention input of the halo and global
+                 frames (frames along dim 1), with their global frame indices
+    project_kv   (x (B, n, ...), frames) -> (k, v), each (B, n*T, H, D): the family's own
+                 projection of n frames' attention input, at the frames' global positions
+                 where position matters (RoPE)
+
+``clip_attention`` attends the query frames whose window needs no halo (``w <= i < Fc - w``)
+to the clip's own keys while the context is in flight; when it arrives, the edge frames attend
+locally and globally in one softmax, and the interior frames' global scope joins their local
+result by a log-sum-exp merge: the same joint softmax as the op's, in parts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..comm import Pending
+from ..layout import halo_wants
+
+__all__ = ["clip_attention", "blocking_clip_attention", "ContextSlot"]
+
+
+def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: float,
+                   tokens_per_frame: int = 1, global_scope=None) -> torch.Tensor:
+    """This clip's dual-scope attention output, (B, Fc*T, H, D).
+
+    ``global_scope(ctx)``, when given, scores the global scope itself and returns ``(out,
+    lse)`` for every query token ((B, Fc*T, H, D), (B, H, Fc*T)): for families whose global
+    logits need per-query positions (``models/wan.py``, clamped RoPE offsets). The op then
+    sees local keys only and the global part joins by log-sum-exp. Otherwise the global
+    frames are projected with ``project_kv`` and attended in the same softmax.
+    """
+    T = tokens_per_frame
+    Fc = q.shape[1] // T
+    w = engine.attention_plan().window
+    lb, gb = engine.local_bias, engine.global_bias
+    interior = engine.world_size > 1 and Fc > 2 * w
+    if interior:
+        o_mid, lse_mid = ops.dual_scope_attention(
+            q[:, w * T:(Fc - w) * T], k, v, window=w, pad=w, valid_left=w, valid_right=w,
+            tokens_per_frame=T, local_bias=lb, scale=scale, return_lse=True)
+    ctx = pending.wait()
+    nl, nr = ctx.valid_left, ctx.valid_right
+    kl, vl = project_kv(ctx.left, ctx.left_frames) if nl else (k[:, :0], v[:, :0])
+    kr, vr = project_kv(ctx.right, ctx.right_frames) if nr else (k[:, :0], v[:, :0])
+    separate = global_scope is not None and ctx.glob is not None
+    kg = vg = None
+    if ctx.glob is not None and not separate:
+        kg, vg = project_kv(ctx.glob, ctx.glob_frames)
+    # Frames past the video's ends are masked by the op, never read: zeros are filler.
+    fill = (0, 0, 0, 0, (w - nl) * T, (w - nr) * T)
+    k_pad = F.pad(torch.cat([kl, k, kr], dim=1), fill)
+    v_pad = F.pad(torch.cat([vl, v, vr], dim=1), fill)
+
+    def attend(a, b):                   # query frames [a, b) against their band (+ globals)
+        return ops.dual_scope_attention(
+            q[:, a * T:b * T], k_pad[:, a * T:(b + 2 * w) * T], v_pad[:, a * T:(b + 2 * w) * T],
+            kg, vg, window=w, pad=w, valid_left=min(w, a + nl), valid_right=min(w, Fc - b + nr),
+            tokens_per_frame=T, local_bias=lb, global_bias=gb, scale=scale,
+            return_lse=separate)
+
+    if not interior:
+        out = attend(0, Fc)
+        return ops.merge_attention(*out, *global_scope(ctx)) if separate else out
+    first, last = attend(0, w), attend(Fc - w, Fc)
+    if separate:
+        o = torch.cat([first[0], o_mid, last[0]], dim=1)
+        lse = torch.cat([first[1], lse_mid, last[1]], dim=2)
+        return ops.merge_attention(o, lse, *global_scope(ctx))
+    if kg is not None:
+        o_glob, lse_glob = ops.attention_with_lse(q[:, w * T:(Fc - w) * T], kg, vg, scale=scale,
+                                                  bias=gb)
+        o_mid = ops.merge_attention(o_mid, lse_mid, o_glob, lse_glob)
+    return torch.cat([first, o_mid, last], dim=1)
+
+
+def blocking_clip_attention(engine, q, k, v, *, scale: float,
+                            tokens_per_frame: int = 1) -> torch.Tensor:
+    """The published prototype's data movement, kept as the baseline (``comm_mode="blocking"``):
+    K and V projected locally, then each fetched from every neighbour separately (one blocking
+    transfer per tensor and peer, a device sync after each), and the global frames' K and V
+    all-gathered. Positions must not matter to the keys' projection (no per-query RoPE)."""
+    layout = engine.layout
+    T = tokens_per_frame
+    Fc = q.shape[1] // T
+    w = engine.attention_plan().window
+    wants = halo_wants(layout, w)
+    start = layout.start(engine.rank)
+    nl = start - max(0, start - w)
+    by_frame = lambda t: t.unflatten(1, (Fc, T))           # noqa: E731
+    if engine.world_size > 1 and any(wants):
+        kh = engine.comm.blocking_frames(by_frame(k), 1, layout, wants, "halo exchange (K)")
+        vh = engine.comm.blocking_frames(by_frame(v), 1, layout, wants, "halo exchange (V)")
+        kh, vh = kh.flatten(1, 2), vh.flatten(1, 2)
+    else:
+        kh, vh = k[:, :0], v[:, :0]
+    nr = kh.shape[1] // T - nl
+    kg = engine.blocking_global_frames(by_frame(k))
+    vg = engine.blocking_global_frames(by_frame(v))
+    if kg is not None:
+        kg, vg = kg.flatten(1, 2), vg.flatten(1, 2)
+    fill = (0, 0, 0, 0, (w - nl) * T, (w - nr) * T)
+    k_pad = F.pad(torch.cat([kh[:, :nl * T], k, kh[:, nl * T:]], dim=1), fill)
+    v_pad = F.pad(torch.cat([vh[:, :nl * T], v, vh[:, nl * T:]], dim=1), fill)
+    return ops.dual_scope_attention(
+        q, k_pad, v_pad, kg, vg, window=w, pad=w, valid_left=nl, valid_right=nr,
+        tokens_per_frame=T, local_bias=engine.local_bias, global_bias=engine.global_bias,
+        scale=scale)
+
+
+class ContextSlot:
+    """An attention context started early by one patched module and taken by another: the
+    state those two share, held by both (never an attribute on a library's module).
+
+    ``transform`` is what the starting module passes along with it: the per-frame map from
+    what it sent to the attention's input (applied by the receiver to the frames that
+    arrive)."""
+
+    def __init__(self, *transform):
+        self.transform = transform
+        self._pending: Pending | None = None
+
+    def put(self, pending: Pending):
+        self._pending = pending
+
+    def take(self) -> Pending | None:
+        pending, self._pending = self._pending, None
+        return pending
