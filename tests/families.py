@@ -10,6 +10,7 @@ import torch
 
 import vinf_engine as vinf
 from helpers import tiny_unet, unet_inputs
+from wan_helpers import tiny_wan_transformer, wan_inputs
 
 FRAMES = 11
 TIMESTEPS = (900, 100)       # both sides of phase_t=500: each bias phase
@@ -46,7 +47,29 @@ class UNet3D:
         return model(clip, t, encoder_hidden_states=ctx).sample
 
 
-FAMILIES = {"unet3d": UNet3D}
+class Wan:
+    modes = ("overlap",)
+    # trained_frames=3: relative distances past 2 are clamped for the global scope, which the
+    # 11-frame video reaches; "true" keeps the global keys at their real positions.
+    configs = dict(CONFIGS, clamp=dict(DUAL, window=2, trained_frames=3),
+                   true_positions=dict(DUAL, window=2, trained_frames=3, global_positions="true"))
+    resolution_cut = 2
+
+    @staticmethod
+    def model():
+        return tiny_wan_transformer()
+
+    @staticmethod
+    def inputs(frames):
+        return wan_inputs(frames)
+
+    @staticmethod
+    def call(model, clip, t, text):
+        t = torch.full((clip.shape[0],), float(t))
+        return model(hidden_states=clip, timestep=t, encoder_hidden_states=text).sample
+
+
+FAMILIES = {"unet3d": UNet3D, "wan": Wan}
 
 
 def split(x, sizes, rank, dim=2):
@@ -114,3 +137,34 @@ def refusal_cases(spec, model, clip, extra, rank):
     res["twice"] = _error(lambda: vinf.parallelize(model, cfg))
     vinf.unparallelize(model)
     return res
+
+
+def wan_rank(rank, world):
+    """Wan on 2 ranks: a video past the RoPE table, per-rank traffic as the video grows, and
+    TI2V-style per-token timesteps (one per token of this rank's clip)."""
+    out = {}
+    short_table = tiny_wan_transformer(rope_max_seq_len=8)
+    x, text = wan_inputs(12)
+    cfg = vinf.DualScopeConfig(**DUAL)
+    vinf.parallelize(short_table, cfg)
+    with torch.no_grad():
+        out["past_table"] = Wan.call(short_table, split(x, (6, 6), rank), 900, text)
+    vinf.unparallelize(short_table)
+    model = tiny_wan_transformer()
+    vinf.parallelize(model, cfg)
+    comm = model.vinf_engine.comm
+    for frames in (8, 16, 32):
+        x, text = wan_inputs(frames)
+        comm.counters.reset()
+        with torch.no_grad():
+            Wan.call(model, split(x, (frames // 2, frames // 2), rank), 900, text)
+        out["bytes", frames] = comm.counters.bytes_received
+    x, text = wan_inputs(FRAMES)
+    sizes = SPLITS[2]
+    clip = split(x, sizes, rank)
+    tokens = clip.shape[2] * (clip.shape[3] // 2) * (clip.shape[4] // 2)
+    with torch.no_grad():
+        out["per_token"] = model(hidden_states=clip, timestep=torch.full((2, tokens), 900.0),
+                                 encoder_hidden_states=text).sample
+    vinf.unparallelize(model)
+    return out

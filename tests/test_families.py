@@ -119,3 +119,26 @@ def test_bad_input_fails_on_every_rank(family):
         ref = spec.call(single, x, 10, extra)
     out = torch.cat([r["after"] for r in results], dim=2)
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_the_registry_resolves_along_the_mro_and_lists_families():
+    from diffusers import UNet3DConditionModel
+    from vinf_engine.models import adapter_for, families
+    from vinf_engine.models.unet3d import UNet3DAdapter
+    from vinf_engine.models.videocrafter2 import VideoCrafter2UNet3DConditionModel
+    from vinf_engine.models.wan import WanAdapter
+    names = families()
+    assert any("UNet3DConditionModel" in c for c in names.values())
+    assert any("WanTransformer3DModel" in c for c in names.values())
+    assert issubclass(VideoCrafter2UNet3DConditionModel, UNet3DConditionModel)
+    vc2 = VideoCrafter2UNet3DConditionModel(**{**__import__("helpers").TINY_UNET})
+    assert isinstance(adapter_for(vc2), UNet3DAdapter)
+    assert isinstance(adapter_for(FAMILIES["wan"].model()), WanAdapter)
+    msg = adapter_for(torch.nn.Conv2d(2, 2, 1))
+    assert isinstance(msg, str) and "Conv2d" in msg and "Wan" in msg and "UNet3D" in msg
+
+
+def test_a_family_refuses_comm_modes_it_does_not_run():
+    with pytest.raises(ValueError, match="comm_mode 'blocking' is not available for the Wan"):
+        vinf.parallelize(FAMILIES["wan"].model(), comm_mode="blocking")
+

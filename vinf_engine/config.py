@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-__all__ = ["DualScopeConfig"]
+__all__ = ["DualScopeConfig", "GLOBAL_POSITIONS"]
+
+GLOBAL_POSITIONS = ("clamp", "true")
 
 
 def _is_int(v) -> bool:
@@ -35,6 +37,17 @@ class DualScopeConfig:
     sync_groupnorm : bool
         GroupNorm statistics over the whole video (exact, the default) or per clip (the
         published prototype's behaviour; breaks partition invariance, kept for ablations).
+    global_positions : "clamp" or "true"
+        Models with temporal position encodings (Wan's RoPE) only: where the global scope's
+        keys sit relative to each query. ``"clamp"`` (default): at the true relative offset
+        clipped to the trained range, ``|offset| <= trained_frames - 1``, so that no logit sees
+        a temporal distance the model never saw (with the window inside the trained range
+        too); equal to ``"true"`` while the video fits the trained length. ``"true"``: at their
+        true global positions (exact mode, ablations). See docs/wan.md.
+    trained_frames : int or None
+        The (latent) frame count the model was trained on, which bounds the relative temporal
+        distances it saw; None: the model family's value (Wan 2.1 / 2.2 A14B: 21, TI2V-5B: 31).
+        Unused by families without temporal positions (UNet3D).
     """
 
     window: int = 8
@@ -42,6 +55,8 @@ class DualScopeConfig:
     phase_t: float = 800
     phase_bias: float = 10.0
     sync_groupnorm: bool = True
+    global_positions: str = "clamp"
+    trained_frames: int | None = None
 
     def __post_init__(self):
         if not _is_int(self.window) or self.window < 0:
@@ -54,6 +69,13 @@ class DualScopeConfig:
             raise ValueError(f"phase_bias must be a finite number, got {self.phase_bias!r}")
         if not isinstance(self.sync_groupnorm, bool):
             raise ValueError(f"sync_groupnorm must be a bool, got {self.sync_groupnorm!r}")
+        if self.global_positions not in GLOBAL_POSITIONS:
+            raise ValueError(f"global_positions must be one of {GLOBAL_POSITIONS}, "
+                             f"got {self.global_positions!r}")
+        if self.trained_frames is not None and (not _is_int(self.trained_frames)
+                                                or self.trained_frames < 1):
+            raise ValueError(f"trained_frames must be None or an int >= 1, "
+                             f"got {self.trained_frames!r}")
 
     def biases(self, timestep: float) -> tuple[float, float]:
         """``(local_bias, global_bias)`` at diffusion timestep ``timestep``."""
@@ -63,3 +85,6 @@ class DualScopeConfig:
 
     def as_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

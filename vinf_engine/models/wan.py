@@ -1,0 +1,300 @@
+"""diffusers ``WanTransformer3DModel`` (Wan 2.1, the Wan 2.2 A14B experts, Wan 2.2 TI2V-5B) made
+clip-parallel.
+
+The patch embedding has temporal patch 1, so tokens are frame-major (``f*h'w' + h*w' + w``)
+and each block's self-attention ``attn1`` is the only thing that couples frames; norms, FFN
+and cross-attention act per token and stay untouched.
+
+    rope             -> ClipWanRotaryPosEmbed  this clip's frames at their *global* positions,
+                                               from the formula (past the 1024-row table)
+    blocks[i].attn1  -> WanDualScopeProcessor  layers.clip_attention over T = h'*w' tokens per
+                                               frame; the halo and global frames' attention
+                                               input arrives and the receiver projects, norms
+                                               and rotates it at those frames' positions
+    forward pre-hook -> engine.begin_step      the step's layout and timestep, agreed
+
+The halos carry ``attn1``'s input, already modulated by its own tokens' timestep (TI2V's
+per-token timesteps never travel). Global keys sit at clamped relative offsets by default
+(``DualScopeConfig.global_positions``): a query never sees a temporal distance past the
+trained range, which needs the global scope scored per query frame (``_ClampedGlobalScope``).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttnProcessor,
+                                                           WanRotaryPosEmbed)
+
+from .. import ops
+from ..config import DualScopeConfig
+from ..layers import clip_attention
+from . import register
+from .base import Patcher, config_fingerprint, step_arguments
+
+__all__ = ["WanAdapter", "WanDualScopeProcessor", "ClipWanRotaryPosEmbed", "trained_frames"]
+
+ROPE_THETA = 10000.0       # WanRotaryPosEmbed's default; checked against the model's table
+# Logits in one chunk of the clamped global scope: bounds its rotated keys to ~256 MiB (fp32).
+_GLOBAL_CHUNK_ELEMS = 1 << 26
+
+
+def trained_frames(model, config: DualScopeConfig | None = None) -> int:
+    """Latent frames the model was trained on: the config's, else the family's (Wan 2.1 and
+    2.2 A14B: 81 video frames = 21 latent; TI2V-5B, 48 latent channels: 121 = 31)."""
+    if config is not None and config.trained_frames is not None:
+        return config.trained_frames
+    return 31 if model.config.in_channels == 48 else 21
+
+
+class _Grid:
+    """The step's token grid, written by the patched ``rope`` and read by every processor:
+    the state they share. ``at(frames)`` caches rotations per frame set for the step."""
+
+    def __init__(self, rope):
+        self.rope = rope
+        self.pph = self.ppw = None
+        self._cache: dict = {}
+
+    def set(self, pph: int, ppw: int):
+        self.pph, self.ppw = pph, ppw
+        self._cache.clear()
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.pph * self.ppw
+
+    def at(self, frames: tuple) -> tuple:
+        got = self._cache.get(frames)
+        if got is None:
+            pos = torch.tensor(frames, dtype=torch.float64)
+            got = self._cache[frames] = self.rope.rotations(pos, self.pph, self.ppw)
+        return got
+
+
+class ClipWanRotaryPosEmbed(WanRotaryPosEmbed):
+    """``WanRotaryPosEmbed`` at this clip's global frame positions (``_vinf``: the engine;
+    ``_vinf_grid``: the shared ``_Grid``)."""
+
+    def forward(self, hidden_states):
+        eng = self._vinf
+        _, _, F, H, W = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        self._vinf_grid.set(H // p_h, W // p_w)
+        start = eng.layout.start(eng.rank)
+        return self._vinf_grid.at(tuple(range(start, start + F // p_t)))
+
+    def rotations(self, frames: torch.Tensor, pph: int, ppw: int) -> tuple:
+        """``(cos, sin)``, each (1, n*pph*ppw, 1, head_dim) fp32, for the tokens of frames at
+        temporal positions ``frames`` (n,) fp64: the stock table's values (bitwise, for
+        integer positions inside it), from its formula, so any position works."""
+        dev = self.freqs_cos.device
+        t = self.t_dim
+        inv = 1.0 / (ROPE_THETA ** (torch.arange(0, t, 2, dtype=torch.float64, device=dev) / t))
+        ang = torch.outer(frames.to(dev, torch.float64), inv)
+        cos_t = ang.cos().repeat_interleave(2, dim=1).float()
+        sin_t = ang.sin().repeat_interleave(2, dim=1).float()
+        n = frames.numel()
+        out = []
+        for table_t, table in ((cos_t, self.freqs_cos), (sin_t, self.freqs_sin)):
+            _, h_tab, w_tab = table.split([self.t_dim, self.h_dim, self.w_dim], dim=1)
+            f = table_t.view(n, 1, 1, -1).expand(n, pph, ppw, -1)
+            h = h_tab[:pph].view(1, pph, 1, -1).expand(n, pph, ppw, -1)
+            w = w_tab[:ppw].view(1, 1, ppw, -1).expand(n, pph, ppw, -1)
+            out.append(torch.cat([f, h, w], dim=-1).reshape(1, n * pph * ppw, 1, -1))
+        return tuple(out)
+
+
+def _rotate(x, cos, sin):
+    """diffusers' Wan ``apply_rotary_emb``, operation for operation (bitwise the same)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = cos[..., 0::2]
+    sin = sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def _keys(attn, x):
+    """Un-rotated keys and values of ``x`` (B, n, C): (B, n, H, D) each."""
+    k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+    return k, attn.to_v(x).unflatten(2, (attn.heads, -1))
+
+
+class WanDualScopeProcessor:
+    """``attn1`` of a Wan block as dual-scope attention over this rank's clip.
+
+    ``max_distance``: None (global keys at their true positions, in the op's softmax), or the
+    largest relative temporal offset a global logit may see (the trained range): global keys
+    farther from a query frame sit at that offset instead, scored per query frame."""
+
+    def __init__(self, engine, grid: _Grid, max_distance: int | None):
+        self.engine = engine
+        self.grid = grid
+        self.max_distance = max_distance
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
+            raise ValueError("Wan self-attention under clip parallelism takes rotary_emb and "
+                             "neither encoder_hidden_states nor an attention_mask")
+        eng, grid = self.engine, self.grid
+        B, S, C = hidden_states.shape
+        T = grid.tokens_per_frame
+        Fc = S // T
+        pending = eng.start_attention_context(hidden_states.view(B, Fc, T, C))
+        q = _rotate(attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)),
+                    *rotary_emb)
+        k, v = _keys(attn, hidden_states)
+        k = _rotate(k, *rotary_emb)
+
+        def project_kv(x, frames):              # x: (B, n, T, C), the frames' attention input
+            k_, v_ = _keys(attn, x.flatten(1, 2))
+            return _rotate(k_, *grid.at(frames)), v_
+
+        scope = None
+        if self.max_distance is not None:
+            s = eng.layout.start(eng.rank)
+            g = eng.attention_plan().glob_frames
+            if g and max(abs(a - b) for a in (s, s + Fc - 1) for b in g) > self.max_distance:
+                scope = _ClampedGlobalScope(attn, q, range(s, s + Fc), T, self.max_distance,
+                                            grid, eng.global_bias)
+        head_dim = attn.inner_dim // attn.heads
+        out = clip_attention(eng, pending, q, k, v, project_kv, scale=head_dim ** -0.5,
+                             tokens_per_frame=T, global_scope=scope)
+        out = out.flatten(2, 3).type_as(q)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class _ClampedGlobalScope:
+    """The global scope with clamped relative offsets: query frame ``a`` sees global frame
+    ``g``'s keys rotated at ``a - clamp(a - g, -M, M)``, i.e. at distance ``min(|a - g|, M)``.
+    Rotation is relative, so the queries keep their own rotation and the keys are rotated
+    once per query frame: Ng*T keys per query frame, T times fewer than its logits."""
+
+    def __init__(self, attn, q, frames: range, T: int, M: int, grid: _Grid, bias: float):
+        self.attn, self.q, self.frames, self.T, self.M = attn, q, frames, T, M
+        self.grid, self.bias = grid, bias
+
+    def __call__(self, ctx):
+        attn, q, T, M = self.attn, self.q, self.T, self.M
+        k, v = _keys(attn, ctx.glob.flatten(1, 2))         # (B, Ng*T, H, D), un-rotated
+        B, NgT, H, D = k.shape
+        g = torch.tensor(ctx.glob_frames, dtype=torch.float64)
+        n = max(1, min(len(self.frames), _GLOBAL_CHUNK_ELEMS // max(1, B * NgT * H * D)))
+        outs, lses = [], []
+        for i in range(0, len(self.frames), n):
+            a = torch.tensor(self.frames[i:i + n], dtype=torch.float64)
+            pos = (a[:, None] - (a[:, None] - g[None, :]).clamp(-M, M)).reshape(-1)
+            cos, sin = self.grid.rope.rotations(pos, self.grid.pph, self.grid.ppw)
+            m = a.numel()
+            kr = _rotate(k.unsqueeze(1).expand(B, m, NgT, H, D), cos.view(1, m, NgT, 1, -1),
+                         sin.view(1, m, NgT, 1, -1))
+            vr = v.unsqueeze(1).expand(B, m, NgT, H, D)
+            qc = q[:, i * T:(i + m) * T].reshape(B * m, T, H, D)
+            o, lse = ops.attention_with_lse(qc, kr.reshape(B * m, NgT, H, D),
+                                            vr.reshape(B * m, NgT, H, D), scale=D ** -0.5,
+                                            bias=self.bias)
+            outs.append(o.reshape(B, m * T, H, D))
+            lses.append(lse.reshape(B, m, H, T).permute(0, 2, 1, 3).reshape(B, H, m * T))
+        return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+@register
+class WanAdapter:
+    """Patches a diffusers ``WanTransformer3DModel`` (or a subclass) for clip parallelism."""
+
+    name = "Wan (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B)"
+    # blocking is the published UNet prototype's K/V pattern; with RoPE it would move keys
+    # rotated at their owner's positions, which the clamped global scope cannot use.
+    comm_modes = ("overlap", "stale", "loopback")
+
+    @classmethod
+    def model_classes(cls) -> tuple:
+        return (WanTransformer3DModel,)
+
+    @staticmethod
+    def check(model) -> str | None:
+        p_t = model.config.patch_size[0]
+        if p_t != 1:
+            return (f"temporal patch size {p_t}: tokens would span {p_t} latent frames; the "
+                    "engine splits Wan's frame-major tokens by latent frame (patch 1)")
+        if type(model.rope) is not WanRotaryPosEmbed:
+            return f"rope is {type(model.rope).__name__}, expected diffusers' WanRotaryPosEmbed"
+        rope = model.rope
+        rows = min(rope.max_seq_len, 3)
+        cos, _ = ClipWanRotaryPosEmbed.rotations(rope, torch.arange(rows, dtype=torch.float64),
+                                                 1, 1)
+        if not torch.equal(cos.view(rows, -1)[:, :rope.t_dim], rope.freqs_cos[:rows, :rope.t_dim]):
+            return ("rope's temporal table does not follow the theta=10000 formula; the engine "
+                    "computes positions past the table from it")
+        if not len(model.blocks):
+            return "model has no transformer blocks"
+        for i, block in enumerate(model.blocks):
+            attn = getattr(block, "attn1", None)
+            where = f"blocks.{i}.attn1"
+            if not isinstance(attn, WanAttention) or attn.is_cross_attention:
+                return f"{where} is {type(attn).__name__}, expected WanAttention self-attention"
+            if attn.add_k_proj is not None:
+                return f"{where} has added image keys; not supported in self-attention"
+            if type(attn.processor) is not WanAttnProcessor:
+                return (f"{where} runs {type(attn.processor).__name__}; the engine replaces "
+                        "diffusers' WanAttnProcessor only")
+            if getattr(attn.processor, "_parallel_config", None) is not None:
+                return (f"{where} is set up for diffusers' own context parallelism; use one "
+                        "of the two, not both")
+        return None
+
+    @staticmethod
+    def fingerprint(model) -> tuple:
+        return config_fingerprint(model)
+
+    @staticmethod
+    def default_config(model) -> DualScopeConfig:
+        # Local scope +-8 (17 frames) and 8 global frames: about the 21 frames of keys each
+        # query saw in training, so attention's entropy stays near the trained regime, and
+        # its cost per frame stays near the trained length's.
+        return DualScopeConfig(window=8, num_global=8)
+
+    @staticmethod
+    def check_config(model, config: DualScopeConfig) -> str | None:
+        if config.trained_frames is not None and config.trained_frames < 2:
+            return f"trained_frames {config.trained_frames}: a model trained on one frame has no temporal range"
+        return None
+
+    def patch(self, model, engine, patcher: Patcher):
+        config = engine.config
+        L = trained_frames(model, config)
+        M = L - 1 if config.global_positions == "clamp" else None
+        grid = _Grid(model.rope)
+        patcher.swap_class(model.rope, ClipWanRotaryPosEmbed, _vinf=engine, _vinf_grid=grid)
+        for block in model.blocks:
+            patcher.set_processor(block.attn1, WanDualScopeProcessor(engine, grid, M))
+        warned = set()
+
+        def begin(module, args, kwargs):
+            layout = engine.begin_step(*step_arguments(args, kwargs, ("hidden_states", "timestep")))
+            w = min(config.window, layout.num_frames - 1)
+            if w > L - 1 and layout.num_frames not in warned:
+                warned.add(layout.num_frames)
+                warnings.warn(f"dual-scope window {w} reaches past the trained range: "
+                              f"{type(model).__name__} was trained on {L} latent frames "
+                              f"(relative distances up to {L - 1})", stacklevel=3)
+        patcher.pre_hook(model, begin)
+        patcher.flush_after([*model.blocks, model])
+
+
+def window_problem(model, config: DualScopeConfig, num_frames: int) -> str | None:
+    """Why ``config``'s local window reaches past ``model``'s trained range on a video of
+    ``num_frames`` latent frames, or None (the generation pipeline refuses it)."""
+    L = trained_frames(model, config)
+    w = min(config.window, num_frames - 1)
+    if w > L - 1:
+        return (f"window {w} reaches past the trained range: the model was trained on {L} "
+                f"latent frames (relative distances up to {L - 1}); use a window <= {L - 1}, "
+                "or give trained_frames if it was trained longer")
+    return None
+
