@@ -1,0 +1,252 @@
+"""Clip-by-clip Wan VAE decoding (vinf_engine.wan_vae) against diffusers' whole-video decode.
+
+Tiny random ``AutoencoderKLWan`` models with the released temporal layout (4x time, three up
+stages, temporal upsampling after the first two), built offline. Every split decode is compared
+bitwise with ``vae.decode(z).sample``.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from vinf_engine.wan_vae import (_decode_window, causal_history, decode_clip, history_range,
+                                 temporal_factor, video_frames_of)
+
+warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLWan  # noqa: E402
+
+TIME = dict(temperal_downsample=[False, True, True])
+TI2V = dict(z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+            scale_factor_temporal=4, scale_factor_spatial=16)   # diffusers' Wan2.2 VAE keys
+
+
+def _build(seed: int, **kw) -> AutoencoderKLWan:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(**kw).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in vae.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return vae
+
+
+# base3: the brief's config. Its Wan 2.1 upsamplers halve 3 channels to 1, and RMS norm of one
+# channel is sign(x) * gamma, which blocks the far edge of the receptive field; base4 keeps two
+# channels there, so its receptive field is exactly causal_history (used for tightness).
+CONFIGS = {
+    "base3": dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, **TIME),
+    "base4": dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, **TIME),
+    "deep": dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=2, **TIME),
+    "ti2v": dict(base_dim=4, decoder_base_dim=6, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                 **TIME, **TI2V),
+}
+_VAES: dict = {}
+
+
+def vae_of(name: str, dtype=torch.float64) -> AutoencoderKLWan:
+    key = (name, dtype)
+    if key not in _VAES:
+        if (name, torch.float64) not in _VAES:
+            _VAES[name, torch.float64] = _build(len(_VAES) + 7, **CONFIGS[name]).double()
+        _VAES[key] = copy.deepcopy(_VAES[name, torch.float64]).to(dtype)
+    return _VAES[key]
+
+
+def latents(vae, n: int, h: int = 2, w: int = 2, b: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, vae.config.z_dim, n, h, w, generator=g, dtype=torch.float64)
+    return z.to(next(vae.parameters()).dtype)
+
+
+def whole(vae, z):
+    with torch.no_grad():
+        return vae.decode(z).sample
+
+
+def split_decode(vae, z, bounds, chunk=1):
+    """Decode z clip by clip (clip q = latent frames bounds[q]:bounds[q+1]) and concatenate."""
+    H = causal_history(vae)
+    pieces = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        r = history_range(H, s)
+        hist = z[:, :, r.start:r.stop] if s else None
+        pieces += list(decode_clip(vae, z[:, :, s:e], start=s, history=hist, chunk=chunk))
+    return torch.cat(pieces, dim=2)
+
+
+# -- causal_history ------------------------------------------------------------------------------
+
+def test_causal_history_per_config_and_released():
+    assert causal_history(vae_of("base3")) == 30
+    assert causal_history(vae_of("base4")) == 30
+    assert causal_history(vae_of("ti2v")) == 30
+    assert causal_history(vae_of("deep")) == 38          # scales with depth: +8 per res block
+    with torch.device("meta"):                            # full size, no memory, no download
+        wan21 = AutoencoderKLWan()
+        wan22 = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, **TI2V)
+    assert causal_history(wan21) == 38
+    assert causal_history(wan22) == 38
+    assert temporal_factor(wan21) == temporal_factor(wan22) == 4
+
+
+@pytest.mark.parametrize("name", ["base4", "ti2v"])
+def test_receptive_field_is_exactly_causal_history(name):
+    """The first video frame of latent i depends on latent i - H and on nothing before it."""
+    vae = vae_of(name)
+    H = causal_history(vae)
+    i = H + 2
+    z = latents(vae, i + 1).requires_grad_(True)
+    out = vae.decode(z).sample
+    out[:, :, 1 + 4 * (i - 1)].sum().backward()
+    dep = z.grad.abs().amax(dim=(0, 1, 3, 4))
+    assert dep[i - H] > 0
+    assert (dep[:i - H] == 0).all()
+
+
+# -- exactness -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", ["base3", "deep", "ti2v"])
+def test_split_decode_is_bitwise(name, dtype):
+    vae = vae_of(name, dtype)
+    H = causal_history(vae)
+    n = 2 * H + 3
+    z = latents(vae, n)
+    ref = whole(vae, z)
+    splits = [[0, 1, H + 1, n],          # one-frame clip at 0, split at 1, a warm-up from frame 1
+              [0, H + 5, n]]             # two uneven clips, warm-up from frame 5
+    if dtype == torch.float64:
+        splits.append([0, H + 2, H + 3, n])   # a one-frame clip in the middle
+    for k, bounds in enumerate(splits):
+        out = split_decode(vae, z, bounds, chunk=1 + k)
+        assert out.shape == ref.shape
+        assert torch.equal(out, ref), (bounds, (out - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", ["base4", "deep"])
+def test_less_warm_up_is_not_exact(name, dtype):
+    vae = vae_of(name, dtype)
+    H = causal_history(vae)
+    s = H + 2
+    z = latents(vae, s + 3, seed=1)
+    ref = whole(vae, z)[:, :, video_frames_of(0, s, 4).stop:]
+    for k in (H, H - 1, H - 2):
+        got = torch.cat(list(_decode_window(vae, z[:, :, s - k:], warm=k, window_start=s - k,
+                                            chunk=2)), dim=2)
+        err = (got - ref).abs().max().item()
+        assert (err == 0) == (k == H), (k, err)
+
+
+def test_slicing_and_batch():
+    vae = copy.deepcopy(vae_of("base3", torch.float32))
+    H = causal_history(vae)
+    z = latents(vae, H + 4, b=2, seed=2)
+    for slicing in (False, True):
+        vae.use_slicing = slicing
+        assert torch.equal(split_decode(vae, z, [0, H + 2, H + 4], chunk=2), whole(vae, z))
+
+
+@pytest.mark.parametrize("name", ["base3", "ti2v"])
+def test_tiled_decode_is_bitwise(name):
+    vae = copy.deepcopy(vae_of(name, torch.float32))
+    s = vae.config.scale_factor_spatial
+    vae.enable_tiling(tile_sample_min_height=2 * s, tile_sample_min_width=2 * s,
+                      tile_sample_stride_height=s, tile_sample_stride_width=s)
+    H = causal_history(vae)
+    w = 2 if name == "base3" else 1                       # 3x2 (3x1) tiles of 2x2 latents
+    z = latents(vae, H + 4, h=3, w=w, seed=3)
+    ref = whole(vae, z)
+    assert torch.equal(split_decode(vae, z, [0, H + 2, H + 4], chunk=2), ref)
+    if name == "base3":                                   # tiling did change the result
+        vae.use_tiling = False
+        assert not torch.allclose(whole(vae, z), ref, atol=1e-3)
+
+
+# -- the generator -------------------------------------------------------------------------------
+
+def test_pieces_are_chunk_sized():
+    vae = vae_of("ti2v", torch.float32)
+    H = causal_history(vae)
+    z = latents(vae, H + 9)
+    sizes0 = [p.shape for p in decode_clip(vae, z[:, :, :7], start=0, chunk=3)]
+    assert [s[2] for s in sizes0] == [9, 12, 4]           # latent 0 -> 1 video frame, others 4
+    assert all(s[:2] == (1, 3) and s[3:] == (32, 32) for s in sizes0)
+    s = H + 2
+    pieces = decode_clip(vae, z[:, :, s:], start=s, history=z[:, :, :s], chunk=2)
+    assert [p.shape[2] for p in pieces] == [8, 8, 8, 4]   # 7 latent frames; longer history ok
+    assert list(decode_clip(vae, z[:, :, :0], start=5, history=z[:, :, :5])) == []
+
+
+def test_vae_cache_untouched_and_reentrant():
+    vae = copy.deepcopy(vae_of("base3", torch.float32))
+    H = causal_history(vae)
+    z = latents(vae, H + 4, seed=4)
+    ref = whole(vae, z)
+    other = latents(vae, 3, seed=5)
+    sentinel = object()
+    vae._feat_map = sentinel
+    gen = decode_clip(vae, z[:, :, H:], start=H, history=z[:, :, :H], chunk=1)
+    pieces = [next(gen)]
+    vae._feat_map = sentinel
+    whole(vae, other)                                     # another decode between pieces
+    vae._feat_map = sentinel
+    pieces += list(gen)
+    assert vae._feat_map is sentinel
+    assert torch.equal(torch.cat(pieces, dim=2), ref[:, :, 1 + 4 * (H - 1):])
+
+    calls = [0]
+    real = vae.decoder.forward
+
+    def failing(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    vae.decoder.forward = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        list(decode_clip(vae, z[:, :, :4], start=0))
+    assert vae._feat_map is sentinel
+
+
+def test_bad_input():
+    vae = vae_of("base3", torch.float32)
+    H = causal_history(vae)
+    z = latents(vae, H + 4)
+    with pytest.raises(ValueError, match=rf"needs {H} history frames.*got {H - 2}"):
+        decode_clip(vae, z[:, :, H + 2:], start=H + 2, history=z[:, :, 4:H + 2])
+    with pytest.raises(ValueError, match=r"needs 3 history frames.*got 1"):
+        decode_clip(vae, z[:, :, 3:], start=3, history=z[:, :, 2:3])
+    with pytest.raises(ValueError, match=r"needs 2 history frames.*got 0"):
+        decode_clip(vae, z[:, :, 2:], start=2, history=None)
+    with pytest.raises(ValueError, match="5-D"):
+        decode_clip(vae, z[0], start=0)
+    with pytest.raises(ValueError, match="only 0 frames before"):
+        decode_clip(vae, z[:, :, 1:], start=0, history=z[:, :, :1])
+    with pytest.raises(ValueError, match="channels"):
+        decode_clip(vae, z[:, :4], start=0)
+    with pytest.raises(ValueError, match="does not match"):
+        decode_clip(vae, z[:, :, 1:], start=1, history=z[:, :, :1, :1])
+    with pytest.raises(ValueError, match="chunk"):
+        decode_clip(vae, z, start=0, chunk=0)
+
+
+def test_frame_ranges():
+    assert video_frames_of(0, 1, 4) == range(0, 1)
+    assert video_frames_of(1, 2, 4) == range(1, 5)
+    assert video_frames_of(0, 3, 4) == range(0, 9)
+    assert video_frames_of(5, 8, 4) == range(17, 29)
+    assert len(video_frames_of(3, 3, 4)) == 0
+    n, bounds = 21, [0, 1, 9, 21]
+    assert sum(len(video_frames_of(a, b, 4)) for a, b in zip(bounds, bounds[1:])) == 1 + 4 * (n - 1)
+    assert history_range(38, 10) == range(0, 10)
+    assert history_range(38, 50) == range(12, 50)
+    with pytest.raises(ValueError):
+        video_frames_of(3, 2, 4)

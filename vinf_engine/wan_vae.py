@@ -1,0 +1,370 @@
+"""Exact clip-by-clip decoding for diffusers' ``AutoencoderKLWan`` (Wan 2.1 and Wan 2.2 VAEs).
+
+``AutoencoderKLWan._decode`` runs the decoder one latent frame at a time and carries, for every
+causal convolution, the last two frames of that convolution's input from one call to the next.
+Latent frame 0 is special (``first_chunk``: one video frame out instead of
+``scale_factor_temporal``, the temporal upsamplers skip their ``time_conv``), so decoding the
+middle of a video as if it were a fresh video is wrong near its start.
+
+The decoder has no other state, and every cached convolution sees a finite window, so the
+output of latent frame ``i`` depends only on latent frames ``i - causal_history(vae) .. i``.
+``decode_clip`` therefore decodes a clip exactly by first running the decoder over that many
+frames of left history (a "warm-up" whose video output is thrown away) and then over the clip:
+
+    K = causal_history(vae)                                     # 38 for the released VAEs
+    hist = z_whole[:, :, max(0, start - K):start]               # what the rank before can send
+    for piece in decode_clip(vae, z_whole[:, :, start:stop], start=start, history=hist):
+        ...                                                     # (B, 3, m, H, W), in order
+
+and the pieces of all clips of a video, concatenated in order, are bitwise equal to
+``vae.decode(z_whole).sample`` (measured in fp32 and fp64 on CPU; the decoder runs on exactly the
+same tensor shapes as in ``_decode``, so the same kernels see the same numbers).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+__all__ = ["causal_history", "decode_clip", "video_frames_of", "history_range", "temporal_factor"]
+
+
+def _wan():
+    from diffusers.models.autoencoders import autoencoder_kl_wan
+    return autoencoder_kl_wan
+
+
+def _left_context(conv) -> int:
+    """Past frames a ``WanCausalConv3d`` reads per output frame: ``(k_t - 1) * dilation_t``."""
+    k, d, s = conv.kernel_size[0], conv.dilation[0], conv.stride[0]
+    if s != 1 or conv._padding[4] != (k - 1) * d:
+        raise ValueError(
+            f"causal conv with temporal kernel {k}, dilation {d}, stride {s}, left pad "
+            f"{conv._padding[4]} is not a same-length causal conv; the decoder walk cannot place it")
+    return (k - 1) * d
+
+
+def _temporal_ops(vae) -> list[tuple[str, int]]:
+    """The decoder's temporal structure, in forward order.
+
+    Returns a list of ``("conv", p)`` (a causal conv reading ``p`` past frames at the current
+    rate) and ``("up", f)`` (the frame rate multiplies by ``f``; every input frame but the first
+    of the video becomes ``f`` frames). Attention, norms, 2-D resamplers, 1x1x1 shortcuts and the
+    ``DupUp3D`` shortcut of Wan 2.2 read no past frames and are left out (the last two are
+    parallel branches that read a subset of what the main path reads).
+    """
+    wan = _wan()
+    ops: list[tuple[str, int]] = []
+    done: set[int] = set()
+    # Module registration order is forward order for every conv and resampler of diffusers'
+    # Wan decoder (the mid block registers its attentions first, the residual up block its
+    # DupUp3D shortcut first; neither reads the past). The split-decode tests check the result.
+    for m in vae.decoder.modules():
+        if id(m) in done:
+            continue
+        if isinstance(m, wan.WanResample):
+            if m.mode == "upsample3d":
+                # time_conv runs at the input rate, then each frame's 2*C channels become 2 frames
+                ops.append(("conv", _left_context(m.time_conv)))
+                ops.append(("up", 2))
+                done.add(id(m.time_conv))
+            elif m.mode not in ("upsample2d", "none"):
+                raise ValueError(f"decoder resampler mode {m.mode!r}")
+        elif isinstance(m, wan.WanCausalConv3d):
+            ops.append(("conv", _left_context(m)))
+    return ops
+
+
+def _decoder_rate(vae) -> int:
+    r = 1
+    for op, f in _temporal_ops(vae):
+        if op == "up":
+            r *= f
+    return r
+
+
+def temporal_factor(vae) -> int:
+    """Video frames per latent frame (after frame 0): ``vae.config.scale_factor_temporal``.
+
+    Checked against the decoder's own upsampling; a config that disagrees is an error.
+    """
+    r = _decoder_rate(vae)
+    cfg = getattr(vae.config, "scale_factor_temporal", None)
+    if cfg is not None and cfg != r:
+        raise ValueError(f"vae.config.scale_factor_temporal={cfg} but the decoder upsamples time {r}x")
+    return r
+
+
+def causal_history(vae) -> int:
+    """Latent frames of left context that make a split decode exact, from the decoder's structure.
+
+    Decoding latent frame ``i >= causal_history(vae)`` after warming the cache up on exactly
+    the ``causal_history(vae)`` latent frames before it gives bitwise what the whole-video
+    decode gives; one frame fewer does not (for generic weights), so the bound is tight. (A
+    decoder with a one-channel stage, e.g. Wan 2.1 with ``base_dim=3``, whose RMS norm of one
+    channel is ``sign(x)``, can see one frame less; the bound still holds.)
+
+    Derivation. Index frames at each rate ``r`` (1 at the latent, ``R = scale_factor_temporal``
+    at the video) as the whole decode produces them: latent frame 0 gives frame 0, latent frame
+    ``a > 0`` gives frames ``r(a-1)+1 .. ra``. A temporal upsampler turns input frame ``a`` into
+    output frames ``2a-1, 2a``, a causal conv with temporal kernel ``k`` makes frame ``t`` from
+    frames ``t-k+1 .. t``; with ``CACHE_T = 2`` frames cached the chunked decode is exactly
+    that convolution. Walk the decoder backwards from the earliest video frame of latent frame
+    ``i``, ``e = R(i-1)+1``: each causal conv ``e -= k-1`` at its own rate (conv_in, both convs
+    of every residual block, conv_out, and the upsamplers' ``time_conv``), each temporal upsampler
+    ``e = ceil(e / 2)``. The index ``e`` reached at the latent rate is ``i - causal_history``.
+
+    Why exactly that much warm-up suffices: a warm-up started at latent frame ``j > 0`` computes
+    wrong values (zero padding, the ``first_chunk`` frame with its skipped ``time_conv``, the
+    upsamplers' zeroed ``"Rep"`` history) only at indices below a threshold that the same walk,
+    run forwards from ``j`` (``T += k-1``; ``T -> 2T-1`` at an upsampler), gives at every layer;
+    ``e >= T`` holds at every layer iff ``i - j >= causal_history``. The whole decode's own
+    frame-0 special cases lie below the same cone, since ``i - causal_history >= 0``.
+
+    Released Wan 2.1 / 2.2 decoders (``num_res_blocks=2``, three up stages, temporal upsampling
+    after the first two): 24 frames at the latent rate (conv_in, 4 mid convs, 6 convs, time_conv),
+    14 at 2x, 26 at 4x: ``e = 4i-3 -26 -> ceil /2 = 2i-14 -14 -> ceil /2 = i-14 -24``, so 38.
+
+    Parameters
+    ----------
+    vae : diffusers.AutoencoderKLWan
+
+    Returns
+    -------
+    int
+        ``H``: a clip starting at latent frame ``start`` needs latent frames
+        ``max(0, start - H) .. start - 1`` as history.
+    """
+    ops = _temporal_ops(vae)
+    rate = 1
+    for op, f in ops:
+        if op == "up":
+            rate *= f
+    i = 1                                    # any i > 0 gives the same distance
+    e = rate * (i - 1) + 1
+    for op, v in reversed(ops):
+        if op == "conv":
+            e -= v
+        else:
+            e = -(-e // v)
+    return i - e
+
+
+def history_range(vae_or_history: object, start: int) -> range:
+    """Global latent frames a clip starting at ``start`` needs as ``history``.
+
+    ``vae_or_history`` is an ``AutoencoderKLWan`` or its ``causal_history`` (int).
+    """
+    h = vae_or_history if isinstance(vae_or_history, int) else causal_history(vae_or_history)
+    return range(max(0, start - h), start)
+
+
+def video_frames_of(latent_start: int, latent_stop: int, temporal_factor: int = 4) -> range:
+    """Global video frames that latent frames ``latent_start .. latent_stop - 1`` decode to.
+
+    Latent frame 0 -> video frame 0; latent frame ``i > 0`` -> video frames
+    ``1 + temporal_factor*(i-1) .. temporal_factor*i``.
+
+    Returns
+    -------
+    range
+        Half-open ``range(first, stop)``; empty when the latent range is.
+    """
+    if not 0 <= latent_start <= latent_stop:
+        raise ValueError(f"need 0 <= latent_start <= latent_stop, got {latent_start}, {latent_stop}")
+
+    def first(i):
+        return 0 if i == 0 else 1 + temporal_factor * (i - 1)
+
+    return range(first(latent_start), first(latent_stop))
+
+
+def decode_clip(vae, z: torch.Tensor, *, start: int, history: torch.Tensor | None = None,
+                chunk: int = 1) -> Iterator[torch.Tensor]:
+    """Decode one clip of a long video's latents, exactly as the whole-video decode would.
+
+    Parameters
+    ----------
+    vae : diffusers.AutoencoderKLWan
+        Any dtype/device; not modified (its ``_feat_map`` cache is never touched: the decode
+        keeps its own caches, so other decodes may run between pieces).
+    z : Tensor (B, C, n, h, w)
+        The clip's latents, ``C = vae.config.z_dim``; its first frame is global latent frame
+        ``start``. ``n = 0`` yields nothing.
+    start : int
+        Global index of the clip's first latent frame.
+    history : Tensor (B, C, k, h, w) or None
+        The latent frames immediately before the clip. None (or ``k = 0``) when ``start == 0``;
+        else ``min(start, causal_history(vae)) <= k <= start`` (only the last
+        ``min(start, causal_history(vae))`` are used).
+    chunk : int
+        Latent frames per yielded piece.
+
+    Returns
+    -------
+    Iterator[Tensor]
+        Lazy: inputs are checked at the call, decoding happens as the iterator is consumed.
+        Each item is a Tensor (B, 3, m, H, W): the clip's video frames in order, clamped to [-1, 1] like ``_decode``, computed without
+        autograd; each piece covers ``chunk`` latent frames (the last one possibly fewer), so
+        ``m = len(video_frames_of(s, s + chunk, R))`` for a piece starting at global latent ``s``.
+        ``H, W = h * scale, w * scale`` (patchified VAEs are unpatchified per piece).
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, a history shorter than needed (the message names both numbers), or a history
+        with frames before global frame 0.
+
+    Notes
+    -----
+    The decoder is called one latent frame at a time on the same tensor shapes as ``_decode``
+    (and per sample with ``vae.use_slicing``, per spatial tile with ``vae.use_tiling`` when the
+    latent exceeds the tile size, mirroring ``tiled_decode``), so the result is bitwise what
+    ``vae.decode`` gives. The warm-up costs ``min(start, causal_history)`` extra latent frames of
+    decoding per clip; its video output is dropped frame by frame.
+    """
+    if not isinstance(z, torch.Tensor) or z.dim() != 5:
+        raise ValueError(f"z must be a 5-D tensor (B, C, n, h, w), got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    z_dim = vae.config.z_dim
+    if z.shape[1] != z_dim:
+        raise ValueError(f"z has {z.shape[1]} channels, the VAE's latent has {z_dim}")
+    full = causal_history(vae)
+    h_needed = min(start, full)
+    if history is None:
+        history = z[:, :, :0]
+    if not isinstance(history, torch.Tensor) or history.dim() != 5:
+        raise ValueError("history must be None or a 5-D tensor (B, C, k, h, w)")
+    b, c, _, hh, ww = z.shape
+    if (history.shape[0], history.shape[1], history.shape[3], history.shape[4]) != (b, c, hh, ww):
+        raise ValueError(f"history {tuple(history.shape)} does not match z {tuple(z.shape)} "
+                         f"outside the frame axis")
+    k = history.shape[2]
+    if k > start:
+        raise ValueError(f"history has {k} frames but the clip starts at latent frame {start}: "
+                         f"there are only {start} frames before it")
+    if k < h_needed:
+        raise ValueError(f"a clip starting at latent frame {start} needs {h_needed} history frames "
+                         f"(min(start, causal_history={full})), got {k}")
+    if z.shape[2] == 0:
+        return iter(())
+    window = torch.cat([history[:, :, k - h_needed:].to(z), z], dim=2)
+    return _decode_window(vae, window, warm=h_needed, window_start=start - h_needed, chunk=chunk)
+
+
+class _Stream:
+    """One decoder cache: the ``_feat_map`` that ``_decode`` would keep, for one sample/tile."""
+
+    def __init__(self, vae, n_convs: int):
+        self.vae, self.feat, self.first = vae, [None] * n_convs, True
+
+    def __call__(self, x1: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decoder(x1, feat_cache=self.feat, feat_idx=[0], first_chunk=self.first)
+        self.first = False
+        return out
+
+
+def _decode_window(vae, window: torch.Tensor, *, warm: int, window_start: int,
+                   chunk: int) -> Iterator[torch.Tensor]:
+    """Decode ``window`` (B, C, T, h, w), global latent frames ``window_start ..``, as a fresh
+    video, dropping the video of its first ``warm`` frames. Unchecked: exact only when
+    ``warm >= min(window_start + warm, causal_history(vae))``; the tests use it to show that
+    less is not."""
+    wan = _wan()
+    R = temporal_factor(vae)
+    n_convs = sum(isinstance(m, wan.WanCausalConv3d) for m in vae.decoder.modules())
+    patch = vae.config.patch_size
+    B, _, T, h, w = window.shape
+    parts = [window[i:i + 1] for i in range(B)] if vae.use_slicing and B > 1 else [window]
+
+    lat_tile_h = vae.tile_sample_min_height // vae.spatial_compression_ratio
+    lat_tile_w = vae.tile_sample_min_width // vae.spatial_compression_ratio
+    tiled = vae.use_tiling and (w > lat_tile_w or h > lat_tile_h)
+    if tiled:
+        lat_stride_h = vae.tile_sample_stride_height // vae.spatial_compression_ratio
+        lat_stride_w = vae.tile_sample_stride_width // vae.spatial_compression_ratio
+        rows_at = list(range(0, h, lat_stride_h))
+        cols_at = list(range(0, w, lat_stride_w))
+        streams = [[[_Stream(vae, n_convs) for _ in cols_at] for _ in rows_at] for _ in parts]
+    else:
+        with torch.no_grad():
+            # _decode applies post_quant_conv (1x1x1) to the whole latent, then slices frames
+            xs = [vae.post_quant_conv(p) for p in parts]
+        streams = [_Stream(vae, n_convs) for _ in parts]
+
+    def step(t):
+        if not tiled:
+            return [s(x[:, :, t:t + 1]) for s, x in zip(streams, xs)]
+        outs = []
+        for p, grid in zip(parts, streams):
+            outs.append([[s(vae.post_quant_conv(
+                p[:, :, t:t + 1, i:i + lat_tile_h, j:j + lat_tile_w]))
+                for j, s in zip(cols_at, row)] for i, row in zip(rows_at, grid)])
+        return outs
+
+    def assemble(frames):           # frames[t][part] (untiled) or frames[t][part][row][col]
+        pieces = []
+        for q in range(len(parts)):
+            if not tiled:
+                out = torch.cat([f[q] for f in frames], dim=2)
+            else:
+                grid = [[torch.cat([f[q][r][cc] for f in frames], dim=2)
+                         for cc in range(len(cols_at))] for r in range(len(rows_at))]
+                out = _blend_tiles(vae, grid, h, w)
+            if patch is not None:
+                out = wan.unpatchify(out, patch_size=patch)
+            pieces.append(torch.clamp(out, min=-1.0, max=1.0))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def gen():
+        pending, expect = [], 0
+        for t in range(T):
+            with torch.no_grad():
+                outs = step(t)
+            g = window_start + t
+            if t < warm:
+                continue
+            pending.append(outs)
+            expect += 1 if g == 0 else R
+            if len(pending) == chunk or t == T - 1:
+                with torch.no_grad():
+                    piece = assemble(pending)
+                if piece.shape[2] != expect:
+                    raise RuntimeError(f"decoder produced {piece.shape[2]} frames for latent frames "
+                                       f"ending at {g}, expected {expect}")
+                pending, expect = [], 0
+                yield piece
+
+    return gen()
+
+
+def _blend_tiles(vae, rows, height: int, width: int) -> torch.Tensor:
+    """``tiled_decode``'s blending of decoded tiles ``rows[r][c]`` (B, C', m, th, tw), for the
+    frames at hand only (blending is per frame). Modifies the tiles in place, as diffusers does."""
+    sample_h = height * vae.spatial_compression_ratio
+    sample_w = width * vae.spatial_compression_ratio
+    stride_h, stride_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
+    patch = vae.config.patch_size
+    if patch is not None:
+        sample_h, sample_w = sample_h // patch, sample_w // patch
+        stride_h, stride_w = stride_h // patch, stride_w // patch
+        blend_h = vae.tile_sample_min_height // patch - stride_h
+        blend_w = vae.tile_sample_min_width // patch - stride_w
+    else:
+        blend_h = vae.tile_sample_min_height - stride_h
+        blend_w = vae.tile_sample_min_width - stride_w
+    result_rows = []
+    for i, row in enumerate(rows):
+        result_row = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                tile = vae.blend_v(rows[i - 1][j], tile, blend_h)
+            if j > 0:
+                tile = vae.blend_h(row[j - 1], tile, blend_w)
+            result_row.append(tile[:, :, :, :stride_h, :stride_w])
+        result_rows.append(torch.cat(result_row, dim=-1))
+    return torch.cat(result_rows, dim=3)[:, :, :, :sample_h, :sample_w]
