@@ -45,7 +45,7 @@ def tiny_pipeline(tmp: str, vc2: bool = False, scheduler: str = "ddim"):
     from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     from vinf_engine.models.videocrafter2 import VideoCrafter2UNet3DConditionModel
-    from vinf_engine.pipeline import _t2v_pipeline
+    from vinf_engine.pipelines.unet3d import t2v_pipeline
     torch.manual_seed(0)
     cls = VideoCrafter2UNet3DConditionModel if vc2 else UNet3DConditionModel
     unet = cls(**TINY_UNET).eval()
@@ -73,7 +73,7 @@ def tiny_pipeline(tmp: str, vc2: bool = False, scheduler: str = "ddim"):
     else:
         sched = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                             beta_end=0.012, algorithm_type="sde-dpmsolver++")
-    return _t2v_pipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched)
+    return t2v_pipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched)
 
 
 def save_tiny_pipeline(folder: str, vc2: bool = False, scheduler: str = "ddim") -> str:

@@ -207,7 +207,8 @@ def test_scheduler_state_survives_a_checkpoint(name, tmp_path):
 
 
 def test_prompt_files_and_schedules(tmp_path):
-    from vinf_engine.pipeline import GenerationError, _scenes
+    from vinf_engine.pipeline import GenerationError
+    from vinf_engine.prompts import scenes as _scenes
     f = tmp_path / "p.txt"
     f.write_text("# scenes\n0: the cat\n\n12: a dog\n")
     assert read_prompt_file(str(f)) == [(0, "the cat"), (12, "a dog")]

@@ -120,3 +120,28 @@ def wan_inputs(frames: int, seed: int = 1, batch: int = 2, hw=(4, 4), z_dim: int
     x = torch.randn(batch, z_dim, frames, *hw, generator=g)
     text = torch.randn(batch, 5, _TEXT_DIM, generator=g)
     return x, text
+
+
+def wan_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases):
+    """On ``world`` ranks: the invariance runs of ``gen_helpers.invariance_rank``, this rank's
+    share of a distributed VAE decode of fixed latents, and each bad-input case's error."""
+    from gen_helpers import invariance_rank
+    import vinf_engine as vinf
+    from vinf_engine.pipelines import load_pipeline
+    from vinf_engine.pipelines.wan import WanPipelines
+    res = invariance_rank(rank, world, model_dir, out_dir, kwargs)
+    pipe = load_pipeline(model_dir)
+    frames = 12
+    z = torch.randn(1, 16, frames, 4, 8, generator=torch.Generator().manual_seed(9))
+    layout = vinf.ClipLayout(frames, world)
+    comm = vinf.ClipComm()
+    mine = z[:, :, layout.start(rank):layout.end(rank)]
+    res["decoded"] = list(WanPipelines().decode(pipe, mine, layout, rank, comm, chunk=2))
+    res["decode_bytes"] = comm.counters.bytes_received
+    for name, kw in bad_cases:
+        try:
+            vinf.generate(model_dir, progress=False, **kw)
+            res["bad", name] = None
+        except vinf.GenerationError as e:
+            res["bad", name] = str(e)
+    return res

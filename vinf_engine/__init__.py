@@ -11,9 +11,10 @@ from .layout import ClipLayout, global_frames
 from .noise import initial_noise, step_noise
 from .parallel import ClipParallel, parallelize, unparallelize
 from .pipeline import GenerationError, GenerationFailed, generate, load_pipeline
+from .settings import GenerateSettings
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "DualScopeConfig", "ClipLayout", "global_frames", "ClipComm", "CommCounters",
            "ClipParallel", "parallelize", "unparallelize", "initial_noise", "step_noise",
-           "generate", "load_pipeline", "GenerationError", "GenerationFailed"]
+           "generate", "load_pipeline", "GenerateSettings", "GenerationError", "GenerationFailed"]

@@ -27,8 +27,27 @@ __all__ = ["main", "build_parser"]
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def _lenient(kind):
+    """argparse ``type``: ``kind(text)``, or the text itself, which the settings' checks then
+    name on every rank together (argparse would exit on one rank alone)."""
+    def parse(text):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            return text
+    parse.__name__ = kind.__name__
+    return parse
+
+
+INT, REAL = _lenient(int), _lenient(float)
+# Flags that set fields of the dual-scope config (over the model family's default config).
+CONFIG_FLAGS = ("window", "num_global", "phase_t", "phase_bias", "global_positions",
+                "trained_frames")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import DEFAULTS, SCHEDULERS
+    """The ``generate`` flags; their ``dest`` names are ``GenerateSettings`` fields."""
+    from .settings import DEFAULTS
     ap = argparse.ArgumentParser(prog="python -m vinf_engine",
                                  description="Long videos from short-clip video diffusion models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -36,58 +55,76 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Generate a long video on one process or on every rank of "
                                    "torchrun. Numbers are checked after parsing, on every rank "
-                                   "together, so that ranks fail with the same message.")
+                                   "together, so that ranks fail with the same message. Unset "
+                                   "steps, guidance, video fps and dual-scope settings take the "
+                                   "model family's defaults (UNet3D: the paper's; Wan: "
+                                   "WanPipeline's, window 8, 8 global frames).")
     m = g.add_argument_group("model and prompt")
     m.add_argument("--model", required=True, metavar="DIR",
                    help="local diffusers pipeline folder (ModelScope / Zeroscope "
-                        "TextToVideoSDPipeline, or VideoCrafter2 in diffusers layout); "
-                        "nothing is downloaded")
-    m.add_argument("--prompt", action="append", metavar="TEXT",
+                        "TextToVideoSDPipeline, VideoCrafter2 in diffusers layout, or a "
+                        "WanPipeline: Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B); nothing is "
+                        "downloaded")
+    m.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="the prompt; repeat it for several scenes splitting the video evenly")
     m.add_argument("--prompt-file", metavar="FILE",
-                   help="one scene per line, optionally 'FRAME: prompt' (first frame of the scene)")
+                   help="one scene per line, optionally 'FRAME: prompt' (first video frame of "
+                        "the scene)")
     m.add_argument("--negative-prompt", metavar="TEXT", default=None)
     v = g.add_argument_group("video")
-    v.add_argument("--frames", required=True, metavar="N", help="frames of the whole video")
-    v.add_argument("--height", metavar="PX", default=None)
-    v.add_argument("--width", metavar="PX", default=None)
+    v.add_argument("--frames", dest="num_frames", required=True, metavar="N", type=INT,
+                   help="video frames of the whole video (Wan: 4k+1)")
+    v.add_argument("--height", metavar="PX", type=INT, default=None)
+    v.add_argument("--width", metavar="PX", type=INT, default=None)
     v.add_argument("--out", metavar="FILE.mp4", default=None,
                    help="the video (rank 0 writes it; renamed into place when complete)")
     v.add_argument("--overwrite", action="store_true", help="replace an existing --out / --save-latents")
-    v.add_argument("--video-fps", metavar="FPS", default=str(DEFAULTS["video_fps"]),
-                   help="frame rate of the mp4")
-    v.add_argument("--crf", metavar="Q", default=str(DEFAULTS["crf"]), help="x264 quality (0-51)")
+    v.add_argument("--video-fps", metavar="FPS", type=REAL, default=None,
+                   help="frame rate of the mp4 (default: the family's: UNet3D 8, Wan 16)")
+    v.add_argument("--crf", metavar="Q", type=INT, default=DEFAULTS["crf"], help="x264 quality (0-51)")
     v.add_argument("--save-latents", metavar="FILE.pt", default=None,
                    help="also save the whole video's final latents")
     s = g.add_argument_group("sampling")
-    s.add_argument("--steps", metavar="S", default=str(DEFAULTS["steps"]))
-    s.add_argument("--guidance", metavar="G", default=str(DEFAULTS["guidance_scale"]),
-                   help="classifier-free guidance scale (no guidance at <= 1)")
-    s.add_argument("--seed", metavar="N", default="0")
+    s.add_argument("--steps", metavar="S", type=INT, default=None,
+                   help="denoising steps (default: UNet3D 30, Wan 50)")
+    s.add_argument("--guidance", dest="guidance_scale", metavar="G", type=REAL, default=None,
+                   help="classifier-free guidance scale, no guidance at <= 1 (default: UNet3D "
+                        "12, Wan 5)")
+    s.add_argument("--guidance-2", dest="guidance_scale_2", metavar="G", type=REAL,
+                   default=None, help="Wan 2.2 A14B's low-noise expert (default: --guidance)")
+    s.add_argument("--seed", metavar="N", type=INT, default=0)
     s.add_argument("--scheduler", default=None, metavar="NAME",
-                   help=f"one of {', '.join(sorted(SCHEDULERS))} (dpm++sde: the paper's "
-                        "DPM-Solver++ (SDE)); default: the pipeline's own")
-    s.add_argument("--fps", metavar="FPS", default=None,
+                   help="UNet3D: dpm++sde (the paper's DPM-Solver++ (SDE)), dpm++, ddim, euler, "
+                        "euler-a, unipc; Wan: unipc, dpm++, dpm++sde; default: the pipeline's own")
+    s.add_argument("--fps", metavar="FPS", type=REAL, default=None,
                    help="VideoCrafter2's frame-rate conditioning (default 24)")
-    s.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: "
-                                                 "float16 on CUDA, float32 on CPU)")
+    s.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default on CUDA: "
+                                                 "float16 for UNet3D, bfloat16 for Wan; float32 on CPU)")
     c = g.add_argument_group("clip parallelism (dual-scope attention)")
-    c.add_argument("--window", metavar="W", default="8")
-    c.add_argument("--num-global", metavar="G", default="16")
-    c.add_argument("--phase-t", metavar="T", default="800")
-    c.add_argument("--phase-bias", metavar="B", default="10.0")
+    c.add_argument("--window", metavar="W", type=INT, default=None,
+                   help="local scope: +-W (latent) frames (default: 8)")
+    c.add_argument("--num-global", metavar="G", type=INT, default=None,
+                   help="global frames spread over the video (default: UNet3D 16, Wan 8)")
+    c.add_argument("--phase-t", metavar="T", type=REAL, default=None, help="default 800")
+    c.add_argument("--phase-bias", metavar="B", type=REAL, default=None, help="default 10")
+    c.add_argument("--global-positions", metavar="P", default=None,
+                   help="Wan: clamp (default: no logit sees a temporal distance past the trained "
+                        "range) or true")
+    c.add_argument("--trained-frames", metavar="N", type=INT, default=None,
+                   help="Wan: latent frames the model was trained on (default 21; TI2V-5B 31)")
     c.add_argument("--per-clip-groupnorm", action="store_true",
                    help="GroupNorm statistics per clip (the published prototype; ablation only)")
     c.add_argument("--comm-mode", metavar="MODE", default="overlap",
                    help="how the ranks' exchanges move: overlap (exact, default), blocking "
-                        "(the published pattern, same video), stale (the previous step's "
-                        "halos and statistics: no waiting, a slightly different video)")
+                        "(the published pattern, same video; UNet3D), stale (the previous "
+                        "step's halos and statistics: no waiting, a slightly different video)")
     r = g.add_argument_group("runtime")
-    r.add_argument("--decode-chunk", metavar="N", default=str(DEFAULTS["decode_chunk"]),
-                   help="frames the VAE decodes at once")
+    r.add_argument("--decode-chunk", metavar="N", type=INT, default=DEFAULTS["decode_chunk"],
+                   help="(latent) frames the VAE decodes at once")
     r.add_argument("--checkpoint-dir", metavar="DIR", default=None,
                    help="save each rank's latents every --checkpoint-every steps")
-    r.add_argument("--checkpoint-every", metavar="K", default=str(DEFAULTS["checkpoint_every"]))
+    r.add_argument("--checkpoint-every", metavar="K", type=INT,
+                   default=DEFAULTS["checkpoint_every"])
     r.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     r.add_argument("--timeout", metavar="SECONDS", default=str(DEFAULTS["timeout"]),
                    help="how long a rank waits for the others at any collective before failing "
@@ -96,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", metavar="FILE.json", default=None, help="also write the JSON report here")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
+
+
+def settings_from(args):
+    """The ``GenerateSettings`` of parsed ``generate`` arguments."""
+    from .settings import GenerateSettings
+    values = {k: v for k, v in vars(args).items() if k in GenerateSettings.field_names()}
+    prompts = values.get("prompts")
+    if prompts:
+        values["prompts"] = prompts[0] if len(prompts) == 1 else list(prompts)
+    config = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    if args.per_clip_groupnorm:
+        config["sync_groupnorm"] = False
+    values["config"] = config
+    return GenerateSettings(**values)
 
 
 def _num(text, kind):
@@ -204,12 +255,6 @@ def _generate_command(args) -> int:
     if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
         device = "__no_cuda__"
 
-    config = dict(window=_num(args.window, int), num_global=_num(args.num_global, int),
-                  phase_t=_num(args.phase_t, float), phase_bias=_num(args.phase_bias, float),
-                  sync_groupnorm=not args.per_clip_groupnorm)
-    prompts = None
-    if args.prompt:
-        prompts = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     # Problems only the CLI can see travel through generate's agreement, so every rank says them.
     extra = []
     if device == "__no_cuda__":
@@ -222,20 +267,9 @@ def _generate_command(args) -> int:
             extra.append(f"--report: directory {parent!r} does not exist or is not writable")
     code = EXIT_OK
     try:
-        report = generate(
-            args.model, prompts, prompt_file=args.prompt_file,
-            num_frames=_num(args.frames, int), out=args.out, steps=_num(args.steps, int),
-            guidance_scale=_num(args.guidance, float), seed=_num(args.seed, int),
-            config=config, negative_prompt=args.negative_prompt,
-            height=_num(args.height, int), width=_num(args.width, int), fps=_num(args.fps, float),
-            video_fps=_num(args.video_fps, float), crf=_num(args.crf, int),
-            scheduler=args.scheduler, dtype=args.dtype,
-            device=None if device == "__no_cuda__" else device,
-            decode_chunk=_num(args.decode_chunk, int), save_latents=args.save_latents,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=_num(args.checkpoint_every, int),
-            resume=args.resume, overwrite=args.overwrite, comm_mode=args.comm_mode,
-            timeout=timeout,
-            progress=not args.quiet, extra_problems=extra)
+        report = generate(settings=settings_from(args),
+                          device=None if device == "__no_cuda__" else device, timeout=timeout,
+                          progress=not args.quiet, extra_problems=extra)
         report.pop("latents", None)
         if rank == 0:
             text = json.dumps(report, indent=1)

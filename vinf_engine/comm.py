@@ -445,6 +445,19 @@ class ClipComm:
         work = dist.all_reduce(t, group=self.group, async_op=True)
         return Pending([work], lambda: t, self._data_timeout, what, self.rank)
 
+    def send(self, t: torch.Tensor, peer: int):
+        """Blocking point-to-point send of ``t`` to ``peer`` (a rank of this group), counted."""
+        import torch.distributed as dist
+        self._count(1, 0, t.numel() * t.element_size(), 0)
+        dist.send(t.contiguous(), dst=self._global[peer], group=self.group)
+
+    def recv(self, t: torch.Tensor, peer: int) -> torch.Tensor:
+        """Blocking receive into ``t`` from ``peer``, counted; returns ``t``."""
+        import torch.distributed as dist
+        self._count(0, 1, 0, t.numel() * t.element_size())
+        dist.recv(t, src=self._global[peer], group=self.group)
+        return t
+
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place."""
         return self.post_all_reduce(t).wait()

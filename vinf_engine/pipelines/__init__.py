@@ -1,0 +1,73 @@
+"""Pipeline families for ``vinf_engine.generate``: one file each, found from a folder's
+``model_index.json`` or from a loaded pipeline.
+
+    unet3d.py  TextToVideoSDPipeline (ModelScope, Zeroscope) and VideoCrafter2
+    wan.py     WanPipeline (Wan 2.1, Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B)
+"""
+from __future__ import annotations
+
+import os
+
+from ..settings import GenerationError
+from .base import PipelineFamily, VideoPlan, read_json
+
+__all__ = ["PipelineFamily", "VideoPlan", "families", "family_of", "inspect_model_dir",
+           "load_pipeline"]
+
+_FAMILIES: list = []
+
+
+def families() -> list:
+    if not _FAMILIES:
+        from .unet3d import UNet3DPipelines
+        from .wan import WanPipelines
+        _FAMILIES.extend([UNet3DPipelines(), WanPipelines()])
+    return _FAMILIES
+
+
+def _runs() -> str:
+    return "; ".join(f.runs for f in families())
+
+
+def family_of(pipe) -> PipelineFamily | None:
+    """The family of a loaded pipeline, or None."""
+    return next((f for f in families() if f.claims(pipe)), None)
+
+
+def inspect_model_dir(path: str) -> tuple:
+    """Check that ``path`` is a local diffusers text-to-video pipeline folder that vinf_engine
+    runs, without loading weights. Returns ``(problem, info)``; ``info["family"]`` is the
+    ``PipelineFamily`` and ``info["kind"]`` says which model it holds."""
+    if not path:
+        return "no model folder given (a local diffusers pipeline folder; nothing is downloaded)", {}
+    if not os.path.exists(path):
+        return f"model folder {path!r} does not exist (models are never downloaded: give a local folder)", {}
+    if not os.path.isdir(path):
+        return f"model path {path!r} is not a folder", {}
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return (f"{path!r} is not a diffusers pipeline folder (no model_index.json); "
+                "save one with pipeline.save_pretrained(folder)"), {}
+    try:
+        mi = read_json(index)
+    except (OSError, ValueError) as e:
+        return f"{index} is unreadable: {e}", {}
+    if not isinstance(mi, dict):
+        return f"{index} is not a JSON object", {}
+    for fam in families():
+        if fam.claims_dir(mi):
+            problem, info = fam.inspect(path, mi)
+            return problem, (dict(info, family=fam, index=mi) if problem is None else {})
+    return (f"{path!r} holds a {mi.get('_class_name', '?')}, not a supported text-to-video "
+            f"pipeline (vinf_engine runs {_runs()})"), {}
+
+
+def load_pipeline(path: str, *, dtype=None, device="cpu"):
+    """Load a local pipeline folder of any supported family, component by component, never
+    downloading. Raises ``GenerationError`` for folders vinf_engine does not run and for
+    weights that do not match their config."""
+    import torch
+    problem, info = inspect_model_dir(path)
+    if problem:
+        raise GenerationError(problem)
+    return info["family"].load(path, info, dtype or torch.float32, device)

@@ -1,0 +1,182 @@
+"""What a pipeline family gives ``vinf_engine.generate``: inspect, load, check, encode,
+predict, decode. ``generate`` itself is the phases only (``vinf_engine/pipeline.py``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..settings import GenerationError
+
+__all__ = ["PipelineFamily", "VideoPlan", "read_json", "component_dirs_problem", "rows"]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def component_dirs_problem(path: str, index: dict, need: tuple, pipe_cls: str, runs: str):
+    """Why the components ``need`` of the pipeline folder ``path`` are missing, or None."""
+    missing = [c for c in need if not isinstance(index.get(c), list) or index[c][0] is None]
+    if missing:
+        return (f"{path!r} holds a {pipe_cls}, not a supported text-to-video pipeline: it lacks "
+                f"{', '.join(missing)} ({runs})")
+    for c in need:
+        if not os.path.isdir(os.path.join(path, c)):
+            return f"model folder {path!r} lacks its {c}/ subfolder"
+    return None
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B*F, C, H, W), one row per frame, as diffusers' UNet3D pipeline
+    steps its scheduler: any per-sample statistic (dynamic thresholding) is then per frame,
+    split-free. Elementwise schedulers give the same on either shape."""
+    b, c, f, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """The run's video in latent and pixel terms, from the settings and the model."""
+
+    frames: int                 # video frames
+    latent_frames: int          # what the denoiser's clips split (the layout's frames)
+    shape: tuple                # (1, C, latent_frames, h, w) of the whole video's latents
+    height: int
+    width: int
+    scene_starts: tuple         # first latent frame of each scene
+
+
+class PipelineFamily(ABC):
+    """One kind of diffusers text-to-video pipeline.
+
+    A family says whether it claims a folder (its ``model_index.json``) or a loaded pipeline,
+    and then: ``inspect`` (check a folder without loading weights), ``load``, ``check`` (the
+    settings against the loaded model), ``plan`` (the video in latent terms), ``denoisers``
+    (the models to parallelize), ``encode`` (the text, per rank: a ``Conditioning`` whose
+    ``predict`` is one guided model evaluation) and ``decode`` (this rank's frames)."""
+
+    name = "?"
+    runs = "?"                            # what the family runs, for error messages
+    defaults = {}                         # steps, guidance_scale, video_fps
+    schedulers = {}                       # --scheduler name -> (diffusers class, overrides)
+    components = ()                       # for the digest: modules that define the video
+
+    @abstractmethod
+    def claims_dir(self, index: dict) -> bool: ...
+
+    @abstractmethod
+    def claims(self, pipe) -> bool: ...
+
+    @abstractmethod
+    def inspect(self, path: str, index: dict) -> tuple: ...
+
+    @abstractmethod
+    def load(self, path: str, info: dict, dtype, device): ...
+
+    @abstractmethod
+    def check(self, settings, pipe) -> list: ...
+
+    @abstractmethod
+    def plan(self, settings, pipe) -> VideoPlan: ...
+
+    @abstractmethod
+    def denoisers(self, pipe) -> list: ...
+
+    @abstractmethod
+    def encode(self, pipe, settings, plan, frames: range, device): ...
+
+    @abstractmethod
+    def decode(self, pipe, latents, layout, rank: int, comm, chunk: int): ...
+
+    def kind(self, pipe) -> str:
+        return self.name
+
+    # ---------------------------------------------------------------- shared behaviour
+    def make_scheduler(self, pipe, name: str | None):
+        import diffusers
+        if name is None:
+            cls, overrides = type(pipe.scheduler), {}
+        else:
+            cls_name, overrides = self.schedulers[name]
+            cls = getattr(diffusers, cls_name)
+        # A fresh scheduler per run: their state (multistep history, step index) lives on them.
+        return cls.from_config(pipe.scheduler.config, **overrides)
+
+    def scheduler_problem(self, name: str | None) -> str | None:
+        if name is not None and name not in self.schedulers:
+            return (f"unknown scheduler {name!r}; choose one of {sorted(self.schedulers)} "
+                    f"for {self.name}, or leave it unset for the pipeline's own")
+        return None
+
+    def digest(self, pipe) -> str:
+        """A cheap identity of the weights: configs, parameter names and shapes, and a checksum
+        of the first elements of every parameter. Equal digests on every rank and in a
+        checkpoint mean the same model, for any practical purpose."""
+        h = hashlib.sha256()
+        for name in self.components:
+            m = getattr(pipe, name, None)
+            if m is None:
+                continue
+            cfg = m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)
+            h.update(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                sort_keys=True, default=str).encode())
+            h.update(type(m).__name__.encode())
+            sums = []
+            with torch.no_grad():
+                for pname, p in m.named_parameters():
+                    h.update(f"{pname}{tuple(p.shape)}{p.dtype}".encode())
+                    sums.append(p.detach().reshape(-1)[:4096].double().sum())
+            if sums:
+                h.update(torch.stack(sums).cpu().numpy().tobytes())
+        return h.hexdigest()[:32]
+
+
+def load_component(name: str, load, path: str):
+    """``load()`` of one diffusers component with its loading info; a GenerationError naming
+    the component on failure or missing weights."""
+    try:
+        model, info = load()
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and diffusers raise many types
+        raise GenerationError(f"cannot load {name} from {path!r}: {type(e).__name__}: {e}") from None
+    if info.get("missing_keys"):
+        raise GenerationError(f"{name} weights in {path!r} lack {len(info['missing_keys'])} "
+                              f"tensor(s), e.g. {sorted(info['missing_keys'])[:3]}")
+    return model.eval()
+
+
+def load_transformers(index: dict, path: str, dtype) -> dict:
+    """The text encoder and tokenizer of a pipeline folder (transformers classes)."""
+    import transformers
+    loaded = {}
+    for name in ("text_encoder", "tokenizer"):
+        cls = getattr(transformers, index[name][1], None)
+        if cls is None:
+            raise GenerationError(f"{name} class {index[name][1]!r} is not in transformers")
+        kw = dict(dtype=dtype) if name == "text_encoder" else {}
+        try:
+            obj = cls.from_pretrained(os.path.join(path, name), local_files_only=True, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise GenerationError(f"cannot load {name} from {path!r}: {type(e).__name__}: {e}") from None
+        loaded[name] = obj.eval() if name == "text_encoder" else obj
+    return loaded
+
+
+def load_scheduler(path: str):
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    try:
+        scfg = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+        scls = getattr(diffusers, scfg.get("_class_name", ""), None)
+        if not (isinstance(scls, type) and issubclass(scls, SchedulerMixin)):
+            raise GenerationError(f"scheduler {scfg.get('_class_name')!r} is not a diffusers scheduler")
+        return scls.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as e:
+        if isinstance(e, GenerationError):
+            raise
+        raise GenerationError(f"cannot load scheduler from {path!r}: {e}") from None

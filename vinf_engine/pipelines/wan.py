@@ -1,0 +1,292 @@
+"""The Wan pipeline family: diffusers ``WanPipeline`` folders (Wan 2.1, Wan 2.2 A14B with two
+experts, Wan 2.2 TI2V-5B with per-token timesteps and its 48-channel VAE).
+
+Video frames are ``4k + 1``: latent frame 0 is one video frame, every later one four. The
+clips split latent frames; scenes given on video frames start at the latent frame holding
+their first frame. Text is UMT5 per scene; classifier-free guidance runs in the batch (the
+stock pipeline runs two calls: the same numbers per sample). The causal VAE decodes each
+rank's clip after a warm-up on the latent frames before it (``vinf_engine.wan_vae``), which
+makes the split decode bitwise the whole decode.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import DualScopeConfig
+from .base import (PipelineFamily, VideoPlan, component_dirs_problem, load_component,
+                   load_scheduler, load_transformers, read_json)
+
+__all__ = ["WanPipelines", "latent_frame_of"]
+
+# WanPipeline.__call__'s max_sequence_length: UMT5 embeddings padded to 512 tokens.
+TEXT_LEN = 512
+
+
+def latent_frame_of(video_frame: int, temporal: int = 4) -> int:
+    """The latent frame that decodes to ``video_frame``."""
+    return 0 if video_frame == 0 else (video_frame - 1) // temporal + 1
+
+
+class WanPipelines(PipelineFamily):
+    name = "Wan"
+    runs = "WanPipeline folders (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B)"
+    # WanPipeline's own defaults (50 steps, guidance 5) and its examples' 16 fps export.
+    defaults = dict(steps=50, guidance_scale=5.0, video_fps=16.0)
+    # Flow-matching samplers that take Wan's scheduler config as it is.
+    schedulers = {
+        "unipc": ("UniPCMultistepScheduler", {}),
+        "dpm++": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++")),
+        "dpm++sde": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
+    }
+    components = ("transformer", "transformer_2", "vae", "text_encoder")
+
+    # ---------------------------------------------------------------- folders
+    def claims_dir(self, index: dict) -> bool:
+        return str(index.get("_class_name", "")).startswith("Wan")
+
+    def inspect(self, path: str, mi: dict) -> tuple:
+        pipe_cls = mi.get("_class_name", "?")
+        if pipe_cls != "WanPipeline":
+            return (f"{path!r} holds a {pipe_cls}; vinf_engine runs text-to-video WanPipeline "
+                    "folders (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B)"), {}
+        problem = component_dirs_problem(path, mi, ("transformer", "vae", "text_encoder",
+                                                    "tokenizer", "scheduler"), pipe_cls, self.runs)
+        if problem:
+            return problem, {}
+        two = isinstance(mi.get("transformer_2"), list) and mi["transformer_2"][0] is not None
+        for name in ("transformer",) + (("transformer_2",) if two else ()):
+            cfg_path = os.path.join(path, name, "config.json")
+            try:
+                cls = read_json(cfg_path).get("_class_name")
+            except (OSError, ValueError) as e:
+                return f"{cfg_path} is unreadable: {e}", {}
+            if cls != "WanTransformer3DModel":
+                return f"{path!r}: {name} is {cls}; expected WanTransformer3DModel", {}
+        if mi["vae"][1] != "AutoencoderKLWan":
+            return f"{path!r}: vae is {mi['vae'][1]}; expected AutoencoderKLWan", {}
+        for c in ("text_encoder", "tokenizer"):
+            if mi[c][0] != "transformers":
+                return f"{path!r}: {c} comes from {mi[c][0]!r}; expected a transformers class", {}
+        kind = ("wan2.2-a14b" if two else "wan2.2-ti2v" if mi.get("expand_timesteps")
+                else "wan2.1")
+        return None, dict(kind=kind, pipeline=pipe_cls, two_experts=two)
+
+    def load(self, path: str, info: dict, dtype, device):
+        from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+        mi = info["index"]
+        kw = dict(dtype=dtype, output_loading_info=True, local_files_only=True)
+        parts = {}
+        for name in ("transformer", "transformer_2") if info["two_experts"] else ("transformer",):
+            parts[name] = load_component(name, lambda n=name: WanTransformer3DModel.from_pretrained(
+                path, subfolder=n, **kw), path)
+        # The VAE stays fp32 whatever the transformer's dtype, as diffusers' Wan examples keep
+        # it: decoding is a small share of the run and bf16 costs it visible quality.
+        parts["vae"] = load_component("vae", lambda: AutoencoderKLWan.from_pretrained(
+            path, subfolder="vae", **dict(kw, dtype=torch.float32)), path)
+        parts.update(load_transformers(mi, path, dtype))
+        parts["scheduler"] = load_scheduler(path)
+        pipe = WanPipeline(**parts, boundary_ratio=mi.get("boundary_ratio"),
+                           expand_timesteps=bool(mi.get("expand_timesteps", False)))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    # ---------------------------------------------------------------- a loaded pipeline
+    def claims(self, pipe) -> bool:
+        from diffusers import WanTransformer3DModel
+        return isinstance(getattr(pipe, "transformer", None), WanTransformer3DModel)
+
+    def kind(self, pipe) -> str:
+        if getattr(pipe, "transformer_2", None) is not None:
+            return "wan2.2-a14b"
+        return "wan2.2-ti2v" if pipe.config.expand_timesteps else "wan2.1"
+
+    def denoisers(self, pipe) -> list:
+        return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+
+    def default_config(self, pipe) -> DualScopeConfig:
+        from ..models.wan import WanAdapter
+        return WanAdapter.default_config(pipe.transformer)
+
+    def check(self, s, pipe) -> list[str]:
+        from ..models.wan import window_problem
+        tr, vae = pipe.transformer, pipe.vae
+        p = []
+        kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        n = s.num_frames
+        if (n - 1) % kt:
+            lo = (n - 1) // kt * kt + 1
+            p.append(f"frames must be {kt}k+1 for Wan (its VAE makes {kt} video frames of each "
+                     f"latent frame after the first), got {n} (try {lo} or {lo + kt})")
+        step = ks * tr.config.patch_size[1]
+        for name, v in (("height", s.height or 480), ("width", s.width or 832)):
+            if v % step:
+                p.append(f"{name} {v} is not a multiple of {step}: the VAE downsamples by {ks} "
+                         f"and the transformer patches by {tr.config.patch_size[1]} more (try "
+                         f"{max(step, v // step * step)})")
+        if s.fps is not None:
+            p.append("--fps conditions VideoCrafter2 only; Wan has no fps input (use --video-fps "
+                     "for the mp4's frame rate)")
+        experts = self.denoisers(pipe)
+        if s.guidance_scale_2 is not None and len(experts) == 1:
+            p.append("guidance scale 2 is for Wan 2.2's second expert; this pipeline has one "
+                     "transformer")
+        if pipe.config.boundary_ratio is not None and len(experts) == 1:
+            p.append(f"the pipeline names a boundary_ratio ({pipe.config.boundary_ratio}) but has "
+                     "no transformer_2")
+        if len(experts) == 2:
+            for key in ("in_channels", "out_channels", "patch_size", "num_attention_heads",
+                        "attention_head_dim", "text_dim", "rope_max_seq_len"):
+                a, b = tr.config[key], experts[1].config[key]
+                if a != b:
+                    p.append(f"the two experts disagree on {key}: transformer {a}, "
+                             f"transformer_2 {b}")
+        if vae.config.z_dim != tr.config.in_channels:
+            p.append(f"the VAE's {vae.config.z_dim} latent channels do not match the "
+                     f"transformer's {tr.config.in_channels} input channels")
+        d_model = getattr(pipe.text_encoder.config, "d_model", None)
+        if d_model is not None and d_model != tr.config.text_dim:
+            p.append(f"the text encoder's width {d_model} does not match the transformer's "
+                     f"text width {tr.config.text_dim}")
+        if (n - 1) % kt == 0 and s.scenes:
+            starts = [latent_frame_of(f, kt) for f, _ in s.scenes]
+            if any(b <= a for a, b in zip(starts, starts[1:])):
+                p.append(f"scenes starting at video frames {[f for f, _ in s.scenes]} share "
+                         f"latent frames ({starts}): Wan's latent frames hold {kt} video frames "
+                         "each; start scenes at least that far apart")
+            try:
+                w = window_problem(tr, s.resolved_config(self.default_config(pipe)),
+                                   (n - 1) // kt + 1)
+            except (TypeError, ValueError):
+                w = None                     # a bad config is reported by the settings' check
+            if w:
+                p.append(w)
+        return p
+
+    def plan(self, s, pipe) -> VideoPlan:
+        kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        H, W = s.height or 480, s.width or 832
+        L = (s.num_frames - 1) // kt + 1
+        shape = (1, pipe.transformer.config.in_channels, L, H // ks, W // ks)
+        return VideoPlan(frames=s.num_frames, latent_frames=L, shape=shape, height=H, width=W,
+                         scene_starts=tuple(latent_frame_of(f, kt) for f, _ in s.scenes))
+
+    def encode(self, pipe, s, plan, frames: range, device):
+        return _Conditioning(pipe, s, plan, frames, device)
+
+    def decode(self, pipe, latents, layout, rank: int, comm, chunk: int):
+        """This rank's video frames, ``chunk`` latent frames at a time: (n, H, W, 3) uint8 on
+        the CPU. The latent frames before the clip that the causal decoder needs (at most
+        ``causal_history``) come from the ranks that hold them, in one exchange."""
+        from ..video import frames_to_uint8
+        from ..wan_vae import causal_history, decode_clip, history_range
+        vae = pipe.vae
+        K = causal_history(vae)
+        wants = tuple(tuple(history_range(K, layout.start(r))) for r in range(layout.world_size))
+        on_host = comm.backend == "gloo"
+        src = latents.cpu() if on_host else latents
+        history = comm.gather_frames(src.contiguous(), 2, layout, wants).to(latents.device)
+
+        def denormalize(z):
+            # WanPipeline's own arithmetic, in the VAE's dtype: latents / (1/std) + mean.
+            z = z.to(vae.dtype)
+            mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
+            std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
+            return z / std.to(z.device, z.dtype) + mean.to(z.device, z.dtype)
+
+        for piece in decode_clip(vae, denormalize(latents), start=layout.start(rank),
+                                 history=denormalize(history), chunk=chunk):
+            yield frames_to_uint8(piece[0].permute(1, 0, 2, 3))
+
+
+class _Conditioning:
+    """UMT5 text for one rank's clip and one guided evaluation of the right expert per step.
+
+    Several scenes: the embeddings of every scene go in as one sequence (the text projection
+    acts per token), and each cross-attention ``attn2`` gives each latent frame's tokens its
+    own scene's part: cross-attention acts per token, so this is exact."""
+
+    def __init__(self, pipe, s, plan, frames: range, device):
+        from ..prompts import scene_of
+        self.pipe = pipe
+        self.experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
+                        if m is not None]
+        self.cfg = s.guidance_scale > 1.0
+        self.guidance = (s.guidance_scale, s.guidance_scale if s.guidance_scale_2 is None
+                         else s.guidance_scale_2)
+        ratio = pipe.config.boundary_ratio
+        self.boundary = (None if ratio is None or len(self.experts) == 1
+                         else ratio * pipe.scheduler.config.num_train_timesteps)
+        self.expand = bool(pipe.config.expand_timesteps)
+        p = pipe.transformer.config.patch_size
+        self.tokens = len(frames) * (plan.shape[3] // p[1]) * (plan.shape[4] // p[2])
+        dtype = pipe.transformer.dtype
+        conds, neg = [], None
+        with torch.no_grad():
+            for _, prompt in s.scenes:
+                cond, uncond = pipe.encode_prompt(
+                    prompt=prompt, negative_prompt=s.negative_prompt,
+                    do_classifier_free_guidance=self.cfg, num_videos_per_prompt=1,
+                    max_sequence_length=TEXT_LEN, device=device)
+                conds.append(cond)
+                neg = uncond
+        n = len(s.scenes)
+        cond = torch.cat(conds, dim=1)                               # (1, n*L, D)
+        self.text = (torch.cat([torch.cat([neg] * n, dim=1), cond]) if self.cfg else cond).to(dtype)
+        self._undo = []
+        if n > 1:
+            local = [scene_of(list(zip(plan.scene_starts, range(n))), f) for f in frames]
+            for m in self.experts:
+                for block in m.blocks:
+                    old = block.attn2.processor
+                    block.attn2.set_processor(_FrameTextProcessor(old, local, TEXT_LEN))
+                    self._undo.append((block.attn2, old))
+
+    def predict(self, x, t):
+        """The guided flow prediction for this rank's latents ``x`` at timestep ``t``."""
+        if self.boundary is None or t >= self.boundary:
+            model, g = self.experts[0], self.guidance[0]
+        else:
+            model, g = self.experts[1], self.guidance[1]
+        xin = torch.cat([x] * 2) if self.cfg else x
+        B = xin.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        ts = t.expand(B, self.tokens) if self.expand else t.expand(B)
+        out = model(hidden_states=xin.to(model.dtype), timestep=ts,
+                    encoder_hidden_states=self.text, return_dict=False)[0].float()
+        if self.cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + g * (cond - uncond)
+        return out
+
+    def close(self):
+        for attn, old in self._undo:
+            attn.set_processor(old)
+        self._undo = []
+
+
+class _FrameTextProcessor:
+    """``attn2`` with one text per scene: frames of one scene attend that scene's ``L`` text
+    tokens of the ``(B, n_scenes*L, D)`` sequence. ``scene`` is each local frame's scene."""
+
+    def __init__(self, inner, scene: list, L: int):
+        self.inner, self.scene, self.L = inner, scene, L
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None, **kwargs):
+        B, S, C = hidden_states.shape
+        F = len(self.scene)
+        T = S // F
+        h = hidden_states.view(B, F, T, C)
+        outs, a = [], 0
+        while a < F:                           # runs of consecutive frames of one scene
+            sc, b = self.scene[a], a
+            while b < F and self.scene[b] == sc:
+                b += 1
+            text = encoder_hidden_states[:, sc * self.L:(sc + 1) * self.L]
+            outs.append(self.inner(attn, h[:, a:b].reshape(B, (b - a) * T, C), text,
+                                   attention_mask, rotary_emb, **kwargs))
+            a = b
+        return torch.cat(outs, dim=1)
+
