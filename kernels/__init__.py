@@ -9,6 +9,8 @@ Importing the package registers the ``triton`` backend of each op with
 # loads and registers the kernels: a second copy would replace the registered functions, and
 # its @triton.jit functions could predate TRITON_INTERPRET.
 if __name__ == "vinf_engine.kernels":
-    from .register import dual_scope_attention, group_norm_apply, group_norm_partials
+    from .register import (attention_with_lse, dual_scope_attention, group_norm_apply,
+                           group_norm_partials)
 
-    __all__ = ["dual_scope_attention", "group_norm_partials", "group_norm_apply"]
+    __all__ = ["dual_scope_attention", "attention_with_lse", "group_norm_partials",
+               "group_norm_apply"]

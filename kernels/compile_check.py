@@ -131,6 +131,9 @@ def cases(dtype):
                   local_bias=0.0, global_bias=0.0, scale=D ** -0.5, return_lse=True)
         out.append((f"dit {F}x{T} +-{w} {Ng}g {H}x{D}", dit_attention.dit_attention,
                     [dit_attention], (q, k, k, g, g), kw))
+        # The global scope alone (interior frames' global part, Wan's clamped scope).
+        out.append((f"dit global {F}x{T} {Ng}g {H}x{D}", dit_attention.global_attention,
+                    [dit_attention], (q, g, g), dict(scale=D ** -0.5, bias=0.0)))
     for layout in ("contiguous", "channels_last"):
         x = torch.empty(2, 320, 16, 40, 64, **m)
         if layout == "channels_last":

@@ -75,7 +75,7 @@ def _dit_attn_fwd(
     qk_scale, local_bias, global_bias,               # scale and biases times log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, RETURN_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_LOCAL: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16,
                      "tl.dot needs every tile dimension >= 16")
@@ -113,18 +113,20 @@ def _dit_attn_fwd(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, lo_tok, mid_lo, hi_tok, q_frame, T,
-                                  window, qk_scale, local_bias, offs_d, d_ok, MASK_BAND,
-                                  BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, mid_lo, mid_hi, hi_tok, q_frame, T,
-                                  window, qk_scale, local_bias, offs_d, d_ok, MASK_NONE,
-                                  BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, mid_hi, hi_tok, hi_tok, q_frame, T,
-                                  window, qk_scale, local_bias, offs_d, d_ok, MASK_BAND,
-                                  BLOCK_N, DOT_PRECISION)
+    # HAS_LOCAL=False: the global tokens alone (a scope merged with the local one by LSE).
+    if HAS_LOCAL:
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
+                                      stride_vn, stride_vd, lo_tok, mid_lo, hi_tok, q_frame, T,
+                                      window, qk_scale, local_bias, offs_d, d_ok, MASK_BAND,
+                                      BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
+                                      stride_vn, stride_vd, mid_lo, mid_hi, hi_tok, q_frame, T,
+                                      window, qk_scale, local_bias, offs_d, d_ok, MASK_NONE,
+                                      BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
+                                      stride_vn, stride_vd, mid_hi, hi_tok, hi_tok, q_frame, T,
+                                      window, qk_scale, local_bias, offs_d, d_ok, MASK_BAND,
+                                      BLOCK_N, DOT_PRECISION)
     if HAS_GLOBAL:
         kg_base = KG + b * stride_gb + h * stride_gh
         vg_base = VG + b * stride_wb + h * stride_wh
@@ -186,6 +188,28 @@ def fits(D: int) -> str | None:
     return None
 
 
+def global_attention(q, k, v, *, scale: float, bias: float, blocks: dict | None = None):
+    """``vinf.ops.attention_with_lse`` on ``_dit_attn_fwd`` with its local scope switched off:
+    q (B, L, H, D) against the N keys k, v (B, N, H, D), N >= 1. Returns (out (B, L, H, D),
+    lse (B, H, L) fp32)."""
+    B, L, H, D = q.shape
+    cfg = dict(pick_blocks(L, D, q.dtype), **(blocks or {}))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    out = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    num_m_tiles = triton.cdiv(L, cfg["BLOCK_M"])
+    # One token per "frame", no halo: the local arguments are inert; k, v stand in for K, V.
+    _dit_attn_fwd[(B * H * num_m_tiles,)](
+        q, k, v, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, L, 1, k.shape[1], 0, 0, 0, L, num_m_tiles,
+        scale * LOG2E, 0.0, bias * LOG2E,
+        HEAD_DIM=D, HAS_GLOBAL=True, RETURN_LSE=True,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_LOCAL=False,
+        num_warps=num_warps, num_stages=num_stages, **cfg)
+    return out, lse
+
+
 def dit_attention(q, k, v, k_global, v_global, *, window: int, pad: int, valid_left: int,
                   valid_right: int, tokens_per_frame: int, local_bias: float,
                   global_bias: float, scale: float, return_lse: bool,
@@ -214,6 +238,6 @@ def dit_attention(q, k, v, k_global, v_global, *, window: int, pad: int, valid_l
         scale * LOG2E, local_bias * LOG2E, global_bias * LOG2E,
         HEAD_DIM=D, HAS_GLOBAL=Ng > 0, RETURN_LSE=return_lse,
         # fp32 stays fp32 (tf32 would cost ~1e-3); 16-bit inputs ignore the setting.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_LOCAL=True,
         num_warps=num_warps, num_stages=num_stages, **cfg)
     return out, (lse if return_lse else None)

@@ -3,6 +3,7 @@
     dual_scope_attention   temporal_attention.py (tokens_per_frame == 1, one-pass tiles of
                            whole sequences) or dit_attention.py (flash tiles over the frame
                            window and the global tokens; any tokens_per_frame)
+    attention_with_lse     dit_attention.py with the local scope off: the global scope alone
     group_norm_partials    group_norm.py: per-channel tile statistics, fp64 merge per group
     group_norm_apply       group_norm.py: normalize + affine + optional SiLU in one pass
 
@@ -21,7 +22,7 @@ from . import group_norm as _gn
 from . import temporal_attention as _temporal
 from ._runtime import why_not_tensor
 
-__all__ = ["dual_scope_attention", "group_norm_partials", "group_norm_apply"]
+__all__ = ["dual_scope_attention", "attention_with_lse", "group_norm_partials", "group_norm_apply"]
 
 
 def _attention_why_not(q, k, v, k_global=None, v_global=None, **kwargs) -> str | None:
@@ -57,6 +58,24 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
     return (out, lse) if return_lse else out
 
 
+def _global_why_not(q, k, v, scale, bias) -> str | None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        why = why_not_tensor(name, t)
+        if why is not None:
+            return why
+    why = _dit.fits(q.shape[-1])
+    return None if why is None else f"q: {why}"
+
+
+def attention_with_lse(q, k, v, scale, bias):
+    """``vinf.ops.attention_with_lse`` on the DiT kernel, local scope off: q (B, L, H, D);
+    k, v (B, N, H, D). Returns (out, lse (B, H, L) fp32)."""
+    if q.numel() == 0:
+        B, L, H, D = q.shape
+        return q.new_empty((B, L, H, D)), q.new_empty((B, H, L), dtype=torch.float32)
+    return _dit.global_attention(q, k, v, scale=float(scale), bias=float(bias))
+
+
 def _partials_why_not(x, num_groups) -> str | None:
     why = why_not_tensor("x", x)
     if why is None and _gn.flat_view(x) is None:
@@ -86,5 +105,6 @@ def _apply_why_not(x, mean, rstd, weight=None, bias=None, activation=None) -> st
 group_norm_apply = _gn.group_norm_apply
 
 dispatch.register("dual_scope_attention", "triton", dual_scope_attention, _attention_why_not)
+dispatch.register("attention_with_lse", "triton", attention_with_lse, _global_why_not)
 dispatch.register("group_norm_partials", "triton", group_norm_partials, _partials_why_not)
 dispatch.register("group_norm_apply", "triton", group_norm_apply, _apply_why_not)

@@ -184,3 +184,22 @@ def test_lse_merges_disjoint_scopes_exactly(name):
     merged = w_l * local + (1 - w_l) * glob
     assert lse_l.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse_l.dtype == torch.float32
     torch.testing.assert_close(merged, joint, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_with_lse_reference_is_chunked_and_exact(monkeypatch):
+    # The global scope of a DiT has tens of thousands of queries and keys: the reference
+    # attends in query chunks of bounded logits; chunked equals one dense pass.
+    from vinf_engine.ops import merge
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, 3, 8, generator=g, dtype=torch.float64) for n in (29, 11, 11))
+    dense = merge.attention_with_lse_reference(q, k, v, 0.5, 1.0)
+    monkeypatch.setattr(merge, "_REF_CHUNK_ELEMS", 2 * 3 * 11 * 4)       # 4 queries a chunk
+    chunked = merge.attention_with_lse_reference(q, k, v, 0.5, 1.0)
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-12)
+    s = torch.einsum("blhd,bnhd->bhln", q, k) * 0.5 + 1.0
+    torch.testing.assert_close(chunked[0], torch.einsum("bhln,bnhd->blhd", s.softmax(-1), v))
+    torch.testing.assert_close(chunked[1].double(), torch.logsumexp(s, -1), rtol=1e-6, atol=1e-6)
+    out, lse = vinf.ops.attention_with_lse(q, k, v, scale=0.5, bias=1.0)
+    torch.testing.assert_close((out, lse), dense, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="k is torch.float32"):
+        vinf.ops.attention_with_lse(q, k.float(), v, scale=0.5)

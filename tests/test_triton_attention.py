@@ -189,6 +189,22 @@ def test_lse_merges_local_and_global_exactly():
                                rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 37, 3, 24, 19), (1, 5, 1, 8, 1), (3, 70, 2, 16, 45)])
+def test_global_attention_kernel(shape):
+    # The DiT kernel with its local scope off: every query against N keys, with lse; NaN in
+    # the output buffers would show an unwritten row (out and lse come from torch.empty).
+    from vinf_engine.ops.merge import attention_with_lse_reference
+    B, L, H, D, N = shape
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, n, H, D, generator=g).to(DEV) for n in (L, N, N))
+    out, lse = kernels.attention_with_lse(q, k, v, 0.3, -0.6)
+    ref, ref_lse = attention_with_lse_reference(q.double(), k.double(), v.double(), 0.3, -0.6)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=0, atol=2e-5)
+    s = torch.einsum("blhd,bnhd->bhln", q.double(), k.double()) * 0.3 - 0.6   # naive, dense
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=0, atol=2e-5)
+
+
 # ------------------------------------------------------------------ GPU only
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -167,3 +167,28 @@ def test_a_window_past_the_trained_range_warns_with_both_numbers():
     from vinf_engine.models.wan import window_problem
     assert window_problem(model, model.vinf_engine.config, 26) is not None
     assert window_problem(model, model.vinf_engine.config, 21) is None     # window clipped to 20
+
+
+def test_a_whole_forward_runs_the_triton_kernels(monkeypatch):
+    # VINF_BACKEND=triton forces every op onto the Triton kernels (here in their CPU
+    # interpreter): the DiT kernel for the local + global scope, its global-only variant for
+    # the interior frames' and the clamped global scope. Same output as the reference path.
+    pytest.importorskip("triton")
+    from vinf_engine.ops import dispatch
+    cfg = vinf.DualScopeConfig(window=1, num_global=2, trained_frames=3, phase_t=500,
+                               phase_bias=1.0)
+    x, text = wan_inputs(7, batch=1)
+    model = tiny_wan_transformer()
+    vinf.parallelize(model, cfg)
+    with torch.no_grad():
+        ref = Wan.call(model, x, 900, text)
+    calls = []
+    for op in ("dual_scope_attention", "attention_with_lse"):
+        impl = dispatch.implementations(op)["triton"]
+        monkeypatch.setitem(dispatch._IMPLS[op], "triton", dispatch.Impl(
+            lambda *a, _f=impl.fn, _op=op, **k: calls.append(_op) or _f(*a, **k), impl.supports))
+    monkeypatch.setenv("VINF_BACKEND", "triton")
+    with torch.no_grad():
+        out = Wan.call(model, x, 900, text)
+    assert {"dual_scope_attention", "attention_with_lse"} <= set(calls)
+    assert rel_err(out, ref) <= 1e-4

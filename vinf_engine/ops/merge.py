@@ -8,18 +8,66 @@ from __future__ import annotations
 
 import torch
 
+from . import dispatch
 from ._checks import check_real, check_tensor, compute_dtype
 
-__all__ = ["attention_with_lse", "merge_attention"]
+__all__ = ["attention_with_lse", "attention_with_lse_reference", "merge_attention"]
+
+
+# Elements of one chunk of fp32 logits in the reference: bounds its memory to ~256 MiB (the
+# global scope of a DiT has tens of thousands of queries and keys).
+_REF_CHUNK_ELEMS = 1 << 26
+
+
+def attention_with_lse_reference(q, k, v, scale, bias):
+    """Plain-PyTorch dense attention with the rows' log-sum-exp, in query chunks of bounded
+    memory: the CPU path and the kernels' oracle. Arguments as ``attention_with_lse``."""
+    B, L, H, D = q.shape
+    N = k.shape[1]
+    cdt = compute_dtype(q.dtype)
+    kc, vc = k.to(cdt), v.to(cdt)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    chunk = max(1, min(L, _REF_CHUNK_ELEMS // max(1, B * H * N)))
+    for a in range(0, L, chunk):
+        b = min(L, a + chunk)
+        s = torch.einsum("blhd,bnhd->bhln", q[:, a:b].to(cdt), kc) * scale + bias
+        lse[:, :, a:b] = torch.logsumexp(s, dim=-1).float()
+        out[:, a:b] = torch.einsum("bhln,bnhd->blhd", torch.softmax(s, dim=-1), vc).to(q.dtype)
+    return out, lse
+
+
+@torch.library.custom_op("vinf::attention_with_lse", mutates_args=())
+def _attention_with_lse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           bias: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op as torch.compile and CUDA graphs see it; arguments checked by the public
+    function, backend chosen by ``dispatch``."""
+    key = (q.dtype, q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[1])
+    out, lse = dispatch.call("attention_with_lse", key, q, k, v, scale, bias)
+    return out.contiguous(), lse
+
+
+@_attention_with_lse_op.register_fake
+def _(q, k, v, scale, bias):
+    B, L, H, D = q.shape
+    return q.new_empty((B, L, H, D)), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+dispatch.reference_autograd(_attention_with_lse_op, attention_with_lse_reference)
+dispatch.register("attention_with_lse", "reference", attention_with_lse_reference)
 
 
 def attention_with_lse(q, k, v, *, scale=None, bias=0.0):
     """Dense attention of every query to every key, with the rows' log-sum-exp.
 
+    Runs as ``torch.ops.vinf.attention_with_lse`` on the backend ``dispatch`` picks: the
+    chunked reference on CPU, the DiT Triton kernel with its local scope switched off on GPUs.
+
     Parameters
     ----------
     q : (B, L, H, D) tensor
-    k, v : (B, N, H, D) tensors, N >= 1 (meant for a few keys: the global scope)
+    k, v : (B, N, H, D) tensors, N >= 1 (the global scope: N may be tens of thousands of
+        DiT tokens)
     scale : float or None (``D ** -0.5``)
     bias : float added to every logit
 
@@ -32,12 +80,12 @@ def attention_with_lse(q, k, v, *, scale=None, bias=0.0):
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or k.shape[1] < 1:
         raise ValueError(f"k and v must be (B, N>=1, H, D) matching q {tuple(q.shape)}, "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}: "
+                             "they must match")
     scale = q.shape[-1] ** -0.5 if scale is None else check_real("scale", scale)
-    cdt = compute_dtype(q.dtype)
-    s = torch.einsum("blhd,bnhd->bhln", q.to(cdt), k.to(cdt)) * scale + check_real("bias", bias)
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.einsum("bhln,bnhd->blhd", torch.softmax(s, dim=-1), v.to(cdt))
-    return out.to(q.dtype), lse.float()
+    return _attention_with_lse_op(q, k, v, float(scale), float(check_real("bias", bias)))
 
 
 def merge_attention(o1, lse1, o2, lse2):
