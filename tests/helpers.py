@@ -19,13 +19,18 @@ def tiny_unet(seed: int = 0, **overrides):
     """
     from diffusers import UNet3DConditionModel
     torch.manual_seed(seed)
-    m = UNet3DConditionModel(**{**TINY_UNET, **overrides}).eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    return fill_zeros(UNet3DConditionModel(**{**TINY_UNET, **overrides}).eval(), seed + 1)
+
+
+def fill_zeros(model, seed: int):
+    """Fill every all-zero parameter of ``model`` with small noise (diffusers zero-initialises
+    some layers), so that the output depends on every module. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in m.parameters():
+        for p in model.parameters():
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+    return model
 
 
 def unet_inputs(frames: int, seed: int = 1, batch: int = 2, hw: int = 8):

@@ -69,15 +69,11 @@ def _vae(ti2v: bool):
 
 def _seeded(make, seed: int):
     """``make()`` under ``torch.manual_seed(seed)`` (global RNG restored), zero params filled."""
+    from helpers import fill_zeros
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         m = make().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+    return fill_zeros(m, seed + 1)
 
 
 def tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):

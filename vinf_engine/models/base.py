@@ -13,7 +13,7 @@ import torch
 
 from ..config import DualScopeConfig
 
-__all__ = ["ModelAdapter", "Patcher", "config_fingerprint", "step_arguments"]
+__all__ = ["ModelAdapter", "AdapterBase", "Patcher", "config_fingerprint", "step_arguments"]
 
 
 @runtime_checkable
@@ -41,6 +41,18 @@ class ModelAdapter(Protocol):
 
     def patch(self, model, engine, patcher: "Patcher") -> None:
         """Replace what couples frames; ``engine.mode`` and ``engine.world_size`` are final."""
+
+
+class AdapterBase:
+    """What most adapters share: the fingerprint of a diffusers model, no config limits."""
+
+    @staticmethod
+    def fingerprint(model) -> tuple:
+        return config_fingerprint(model)
+
+    @staticmethod
+    def check_config(model, config: DualScopeConfig) -> str | None:
+        return None
 
 
 class Patcher:

@@ -26,7 +26,7 @@ from ..config import DualScopeConfig
 from ..layers import (BlockingTemporalConvLayer, ClipGroupNorm, ClipTemporalConvLayer,
                       ContextSlot, blocking_clip_attention, clip_attention, conv_stack)
 from . import register
-from .base import Patcher, config_fingerprint, step_arguments
+from .base import AdapterBase, Patcher, step_arguments
 
 __all__ = ["UNet3DAdapter", "DualScopeAttnProcessor", "BlockingDualScopeAttnProcessor"]
 
@@ -86,7 +86,7 @@ def _project(attn, x, which):
 
 
 @register
-class UNet3DAdapter:
+class UNet3DAdapter(AdapterBase):
     """Patches a diffusers ``UNet3DConditionModel`` (or a subclass) for clip parallelism."""
 
     name = "UNet3D (ModelScope, Zeroscope, VideoCrafter2)"
@@ -149,16 +149,8 @@ class UNet3DAdapter:
         return None
 
     @staticmethod
-    def fingerprint(model) -> tuple:
-        return config_fingerprint(model)
-
-    @staticmethod
     def default_config(model) -> DualScopeConfig:
         return DualScopeConfig()        # the paper's settings (VideoCrafter2)
-
-    @staticmethod
-    def check_config(model, config: DualScopeConfig) -> str | None:
-        return None                     # no positional encoding in time: any window serves
 
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"

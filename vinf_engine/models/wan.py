@@ -31,7 +31,7 @@ from .. import ops
 from ..config import DualScopeConfig
 from ..layers import clip_attention
 from . import register
-from .base import Patcher, config_fingerprint, step_arguments
+from .base import AdapterBase, Patcher, step_arguments
 
 __all__ = ["WanAdapter", "WanDualScopeProcessor", "ClipWanRotaryPosEmbed", "trained_frames"]
 
@@ -204,7 +204,7 @@ class _ClampedGlobalScope:
 
 
 @register
-class WanAdapter:
+class WanAdapter(AdapterBase):
     """Patches a diffusers ``WanTransformer3DModel`` (or a subclass) for clip parallelism."""
 
     name = "Wan (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B)"
@@ -247,10 +247,6 @@ class WanAdapter:
                 return (f"{where} is set up for diffusers' own context parallelism; use one "
                         "of the two, not both")
         return None
-
-    @staticmethod
-    def fingerprint(model) -> tuple:
-        return config_fingerprint(model)
 
     @staticmethod
     def default_config(model) -> DualScopeConfig:

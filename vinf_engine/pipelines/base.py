@@ -12,7 +12,8 @@ import torch
 
 from ..settings import GenerationError
 
-__all__ = ["PipelineFamily", "VideoPlan", "read_json", "component_dirs_problem", "rows"]
+__all__ = ["PipelineFamily", "VideoPlan", "Conditioning", "read_json", "component_dirs_problem",
+           "rows"]
 
 
 def read_json(path):
@@ -135,6 +136,32 @@ class PipelineFamily(ABC):
             if sums:
                 h.update(torch.stack(sums).cpu().numpy().tobytes())
         return h.hexdigest()[:32]
+
+
+class Conditioning:
+    """The text of one rank's clip, and ``predict(x, t)``: one guided model evaluation.
+    Processors a family swaps in for per-frame text are put back by ``close``."""
+
+    cfg = False
+
+    def __init__(self):
+        self._undo = []
+
+    def swap_processor(self, attn, processor):
+        self._undo.append((attn, attn.processor))
+        attn.set_processor(processor)
+
+    def guided(self, out: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance over a batch of [uncond, cond]."""
+        if not self.cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    def close(self):
+        while self._undo:
+            attn, old = self._undo.pop()
+            attn.set_processor(old)
 
 
 def load_component(name: str, load, path: str):

@@ -10,8 +10,8 @@ import os
 import torch
 
 from ..config import DualScopeConfig
-from .base import (PipelineFamily, VideoPlan, component_dirs_problem, load_component,
-                   load_scheduler, load_transformers, read_json, rows)
+from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
+                   load_component, load_scheduler, load_transformers, read_json, rows)
 
 __all__ = ["UNet3DPipelines"]
 
@@ -166,7 +166,7 @@ class UNet3DPipelines(PipelineFamily):
             yield frames_to_uint8(images)
 
 
-class _Conditioning:
+class _Conditioning(Conditioning):
     """The text of one rank's clip and one guided UNet evaluation per step.
 
     One scene: ``(2, L, D)`` ([uncond, cond]). A schedule of scenes: the same stand-in, plus
@@ -176,6 +176,7 @@ class _Conditioning:
 
     def __init__(self, pipe, s, plan, frames, device, fps):
         from ..prompts import scene_of
+        super().__init__()
         self.unet = pipe.unet
         self.guidance = s.guidance_scale
         self.cfg = s.guidance_scale > 1.0
@@ -190,7 +191,6 @@ class _Conditioning:
         dtype = self.unet.dtype
         first = embs[scene_of(s.scenes, frames.start)]
         self.text = (torch.cat([neg, first]) if self.cfg else first).to(dtype)
-        self._undo = []
         if len(s.scenes) > 1:
             per_frame = torch.cat([embs[scene_of(s.scenes, f)] for f in frames])
             rows_ = (torch.cat([neg.expand(len(frames), -1, -1), per_frame]) if self.cfg
@@ -201,24 +201,14 @@ class _Conditioning:
         from diffusers.models.attention_processor import Attention
         for m in self.unet.modules():
             if isinstance(m, Attention) and m.is_cross_attention:
-                old = m.processor
-                m.set_processor(_FrameTextProcessor(old, text_rows))
-                self._undo.append((m, old))
+                self.swap_processor(m, _FrameTextProcessor(m.processor, text_rows))
 
     def predict(self, x, t):
         """The guided noise prediction for this rank's latents ``x`` at timestep ``t``."""
         xin = torch.cat([x] * 2) if self.cfg else x
         eps = self.unet(xin.to(self.unet.dtype), t, encoder_hidden_states=self.text,
                         **self.extra).sample.float()
-        if self.cfg:
-            uncond, cond = eps.chunk(2)
-            eps = uncond + self.guidance * (cond - uncond)
-        return eps
-
-    def close(self):
-        for m, old in self._undo:
-            m.set_processor(old)
-        self._undo = []
+        return self.guided(eps, self.guidance)
 
 
 class _FrameTextProcessor:

@@ -15,8 +15,8 @@ import os
 import torch
 
 from ..config import DualScopeConfig
-from .base import (PipelineFamily, VideoPlan, component_dirs_problem, load_component,
-                   load_scheduler, load_transformers, read_json)
+from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
+                   load_component, load_scheduler, load_transformers, read_json)
 
 __all__ = ["WanPipelines", "latent_frame_of"]
 
@@ -200,7 +200,7 @@ class WanPipelines(PipelineFamily):
             yield frames_to_uint8(piece[0].permute(1, 0, 2, 3))
 
 
-class _Conditioning:
+class _Conditioning(Conditioning):
     """UMT5 text for one rank's clip and one guided evaluation of the right expert per step.
 
     Several scenes: the embeddings of every scene go in as one sequence (the text projection
@@ -209,7 +209,7 @@ class _Conditioning:
 
     def __init__(self, pipe, s, plan, frames: range, device):
         from ..prompts import scene_of
-        self.pipe = pipe
+        super().__init__()
         self.experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
                         if m is not None]
         self.cfg = s.guidance_scale > 1.0
@@ -234,14 +234,12 @@ class _Conditioning:
         n = len(s.scenes)
         cond = torch.cat(conds, dim=1)                               # (1, n*L, D)
         self.text = (torch.cat([torch.cat([neg] * n, dim=1), cond]) if self.cfg else cond).to(dtype)
-        self._undo = []
         if n > 1:
             local = [scene_of(list(zip(plan.scene_starts, range(n))), f) for f in frames]
             for m in self.experts:
                 for block in m.blocks:
-                    old = block.attn2.processor
-                    block.attn2.set_processor(_FrameTextProcessor(old, local, TEXT_LEN))
-                    self._undo.append((block.attn2, old))
+                    self.swap_processor(block.attn2, _FrameTextProcessor(
+                        block.attn2.processor, local, TEXT_LEN))
 
     def predict(self, x, t):
         """The guided flow prediction for this rank's latents ``x`` at timestep ``t``."""
@@ -255,15 +253,7 @@ class _Conditioning:
         ts = t.expand(B, self.tokens) if self.expand else t.expand(B)
         out = model(hidden_states=xin.to(model.dtype), timestep=ts,
                     encoder_hidden_states=self.text, return_dict=False)[0].float()
-        if self.cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + g * (cond - uncond)
-        return out
-
-    def close(self):
-        for attn, old in self._undo:
-            attn.set_processor(old)
-        self._undo = []
+        return self.guided(out, g)
 
 
 class _FrameTextProcessor:
