@@ -206,7 +206,16 @@ def run(label, modes, world, opts, threads):
 
 
 def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", choices=("unet3d", "wan"), default="unet3d")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.model == "wan":                   # the Wan DiT mode: bench/wan_throughput.py
+        import wan_throughput
+        return wan_throughput.main(rest)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("unet3d", "wan"), default="unet3d",
+                    help="unet3d: this benchmark; wan: Wan 2.1 DiT at 1x/2x/4x its trained length "
+                         "(bench/wan_throughput.py; --model wan --help for its options)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--preset", choices=tuple(PRESETS), default=None,
                     help="model shape (default: tiny on cpu, modelscope on cuda)")
