@@ -117,25 +117,45 @@ def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, win
         qc = q[:, f0 * T:f1 * T].to(cdt).transpose(1, 2)      # (B, H, nq, D)
         kc = k[:, j0 * T:j1 * T].to(cdt).transpose(1, 2)      # (B, H, nk, D): valid keys only
         vc = v[:, j0 * T:j1 * T].to(cdt).transpose(1, 2)
-        qf = torch.arange(f0, f1, device=dev).repeat_interleave(T) + pad
-        kf = torch.arange(j0, j1, device=dev).repeat_interleave(T)
-        band = (kf[None, :] - qf[:, None]).abs() <= window
-        bias = torch.full(band.shape, float("-inf"), dtype=cdt, device=dev)
-        bias.masked_fill_(band, local_bias)
+        # The band at frame granularity, expanded over tokens in one copy: the token-level
+        # mask of a DiT chunk has tens of millions of entries.
+        fq = torch.arange(f0, f1, device=dev) + pad
+        fk = torch.arange(j0, j1, device=dev)
+        band = (fk[None, :] - fq[:, None]).abs() <= window
+        bias_f = torch.full(band.shape, float("-inf"), dtype=cdt, device=dev)
+        bias_f.masked_fill_(band, local_bias)
+        nq, nk = (f1 - f0) * T, (j1 - j0) * T
+        bias = torch.empty((nq, nk + Ng), dtype=cdt, device=dev)
+        bias[:, :nk].view(f1 - f0, T, j1 - j0, T).copy_(bias_f[:, None, :, None].expand(-1, T, -1, T))
         if Ng:
-            bias = torch.cat([bias, bias.new_full((bias.shape[0], Ng), global_bias)], dim=1)
+            bias[:, nk:] = global_bias
             kc = torch.cat([kc, kg], dim=2)
             vc = torch.cat([vc, vg], dim=2)
         # Every row holds its own frame (distance 0, always valid): no all -inf rows.
+        o, row_lse = softmax_attention(qc, kc, vc, bias, scale, return_lse)
         if return_lse:
-            s = (qc @ kc.transpose(-1, -2)) * scale + bias
-            row_lse = torch.logsumexp(s, dim=-1)
-            o = torch.softmax(s, dim=-1) @ vc
             lse[:, :, f0 * T:f1 * T] = row_lse.float()
-        else:
-            o = F_.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, scale=scale)
         out[:, f0 * T:f1 * T] = o.transpose(1, 2).to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def softmax_attention(q, k, v, bias, scale: float, return_lse: bool):
+    """``softmax(scale * q.k + bias) v`` over (B, H, n, D) tensors, and the rows' log-sum-exp
+    when asked (else None). On the CPU without autograd, torch's fused flash kernel (it returns
+    the log-sum-exp too): the explicit softmax materialises the logits several times over and
+    was most of a Wan forward's time past its trained length."""
+    fused = q.device.type == "cpu" and not (torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad))
+    if fused:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        return o, lse
+    if not return_lse:
+        return F_.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
+    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
 
 
 def _reference_op(q, k, v, k_global, v_global, window, pad, valid_left, valid_right,

@@ -10,6 +10,7 @@ import torch
 
 from . import dispatch
 from ._checks import check_real, check_tensor, compute_dtype
+from .attention import softmax_attention
 
 __all__ = ["attention_with_lse", "attention_with_lse_reference", "merge_attention"]
 
@@ -29,11 +30,13 @@ def attention_with_lse_reference(q, k, v, scale, bias):
     out = torch.empty_like(q)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     chunk = max(1, min(L, _REF_CHUNK_ELEMS // max(1, B * H * N)))
+    kt, vt = kc.transpose(1, 2), vc.transpose(1, 2)                   # (B, H, N, D)
     for a in range(0, L, chunk):
         b = min(L, a + chunk)
-        s = torch.einsum("blhd,bnhd->bhln", q[:, a:b].to(cdt), kc) * scale + bias
-        lse[:, :, a:b] = torch.logsumexp(s, dim=-1).float()
-        out[:, a:b] = torch.einsum("bhln,bnhd->blhd", torch.softmax(s, dim=-1), vc).to(q.dtype)
+        # A bias on every logit leaves the softmax as it is and shifts the lse by itself.
+        o, row_lse = softmax_attention(q[:, a:b].to(cdt).transpose(1, 2), kt, vt, None, scale, True)
+        lse[:, :, a:b] = (row_lse + bias).float()
+        out[:, a:b] = o.transpose(1, 2).to(q.dtype)
     return out, lse
 
 
