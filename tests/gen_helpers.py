@@ -140,3 +140,30 @@ def cli_cases_rank(rank, world, cases, setup):
                 code = e.code
         results[name] = (code, err.getvalue(), time.perf_counter() - t0)
     return results
+
+
+def stock_pipe_rank(rank, world, runs):
+    """The unchanged diffusers pipeline call after ``vinf.parallelize_pipe``, on every rank:
+    ``runs`` is ``{name: (pipeline class name, folder, config, call kwargs, seed)}``;
+    returns each run's output (latents, np or pt frames). Then the misuse the drop-in
+    replaces: a rank-local model given the same whole video on every rank."""
+    import diffusers
+    import vinf_engine as vinf
+    from helpers import tiny_unet, unet_inputs
+    out = {}
+    for name, (cls, folder, cfg, kw, seed) in runs.items():
+        pipe = getattr(diffusers, cls).from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        vinf.parallelize_pipe(pipe, None if cfg is None else vinf.DualScopeConfig(**cfg))
+        res = pipe(generator=torch.Generator().manual_seed(seed), **kw).frames
+        out[name] = res if isinstance(res, torch.Tensor) else torch.as_tensor(res)
+        vinf.unparallelize_pipe(pipe)
+    model = tiny_unet()
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2))
+    x, ctx = unet_inputs(6)
+    try:
+        model(x, 900, encoder_hidden_states=ctx)
+        out["misuse"] = None
+    except ValueError as e:
+        out["misuse"] = str(e)
+    return out

@@ -9,6 +9,7 @@ from .comm import ClipComm, CommCounters
 from .config import DualScopeConfig
 from .layout import ClipLayout, global_frames
 from .noise import initial_noise, step_noise
+from .dropin import parallelize_pipe, unparallelize_pipe
 from .parallel import ClipParallel, parallelize, unparallelize
 from .pipeline import GenerationError, GenerationFailed, generate, load_pipeline
 from .settings import GenerateSettings
@@ -16,5 +17,6 @@ from .settings import GenerateSettings
 __version__ = "0.1.0"
 
 __all__ = ["ops", "DualScopeConfig", "ClipLayout", "global_frames", "ClipComm", "CommCounters",
-           "ClipParallel", "parallelize", "unparallelize", "initial_noise", "step_noise",
+           "ClipParallel", "parallelize", "unparallelize", "parallelize_pipe",
+           "unparallelize_pipe", "initial_noise", "step_noise",
            "generate", "load_pipeline", "GenerateSettings", "GenerationError", "GenerationFailed"]

@@ -59,9 +59,10 @@ class ClipParallel:
         self.scheduler = CommScheduler(comm, mode)
         self.mode = mode
         self.layout: ClipLayout | None = None
-        self.timestep: float | None = None
-        self.local_bias = 0.0
+        self.timestep: float | None = None     # the step's timestep (tuple: one per sample)
+        self.local_bias = 0.0                  # the step's biases; None when samples differ
         self.global_bias = 0.0
+        self._sample_biases: tuple = ((0.0, 0.0),)
         self._undo = []
 
     @property
@@ -82,22 +83,39 @@ class ClipParallel:
         """
         # Nothing may raise before the agreement: a rank that refused alone would leave the
         # others waiting in it. Local problems travel with the row and fail every rank.
-        local, row = None, (0, 0, 0, 0, 0, -1, None)
+        if self.world_size == 1:                # nothing to agree with: no control traffic
+            if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+                raise ValueError(f"sample must be the clip (B, C, F, H, W), got "
+                                 f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+            if sample.shape[2] < 1:
+                raise ValueError("clip-parallel step refused: the video needs at least one frame")
+            return self._start(ClipLayout.from_sizes([sample.shape[2]]),
+                               _sample_timesteps(timestep, sample.shape[0]))
+        local, row, probe = None, (0, 0, 0, 0, 0, -1, None), None
         try:
             if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
                 shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
                 raise ValueError(f"sample must be this rank's clip (B, C, F, H, W), got {shape}")
-            t = _scalar_timestep(timestep)
             B, C, F, H, W = sample.shape
+            timestep, probe = _read_with_probe(timestep, sample)
+            t = _sample_timesteps(timestep, B)
             dt = _DTYPES.index(sample.dtype) if sample.dtype in _DTYPES else -1
             row = (F, B, C, H, W, dt, t)
         except ValueError as e:
             local = str(e)
-        rows = self.comm.agree((local, row))
-        bad = [f"rank {r}: {err}" for r, (err, _) in enumerate(rows) if err]
+        got = self.comm.agree((local, row, probe))
+        bad = [f"rank {r}: {err}" for r, (err, _, _) in enumerate(got) if err]
         if bad:
             raise ValueError("clip-parallel step refused: " + "; ".join(bad))
-        rows = [row for _, row in rows]
+        rows = [row for _, row, _ in got]
+        if all(r == rows[0] for r in rows) and all(p == got[0][2] for _, _, p in got):
+            # Every rank holds the same clip, bit for bit: a stock pipeline run on every rank
+            # with the whole video, which the rank-local model would turn into N wrong videos.
+            raise ValueError(
+                "clip-parallel step refused: every rank passed the same clip (bitwise), but "
+                "each rank must pass its own clip of the video, in rank order; to run an "
+                "unchanged diffusers pipeline on every rank with the whole video, use "
+                "vinf_engine.parallelize_pipe(pipe)")
         t = rows[self.rank][6]
         problems = []
         empty = [r for r, row in enumerate(rows) if row[0] < 1]
@@ -112,11 +130,33 @@ class ClipParallel:
                                 + ", ".join(f"rank {r}: {v}" for r, v in enumerate(vals)))
         if problems:
             raise ValueError("clip-parallel step refused: " + "; ".join(problems))
-        self.layout = ClipLayout.from_sizes([row[0] for row in rows])
+        return self._start(ClipLayout.from_sizes([row[0] for row in rows]), t)
+
+    def _start(self, layout: ClipLayout, t: tuple) -> ClipLayout:
+        self.layout = layout
         self.scheduler.begin_step(self.layout)
-        self.timestep = t
-        self.local_bias, self.global_bias = self.config.biases(t)
+        self._sample_biases = tuple(self.config.biases(x) for x in t)
+        if len(set(self._sample_biases)) == 1:
+            self.timestep = t[0]
+            self.local_bias, self.global_bias = self._sample_biases[0]
+        else:
+            self.timestep, self.local_bias, self.global_bias = t, None, None
         return self.layout
+
+    def bias_runs(self, rows: int) -> list:
+        """``[(row0, row1, local_bias, global_bias)]``: the step's biases over ``rows`` rows of
+        attention input, batch-major (``rows / B`` rows per sample). One run when every sample
+        is in the same phase; else one per run of consecutive samples sharing a phase."""
+        if self.local_bias is not None:
+            return [(0, rows, self.local_bias, self.global_bias)]
+        per = rows // len(self._sample_biases)
+        runs = []
+        for b, biases in enumerate(self._sample_biases):
+            if runs and runs[-1][2:] == biases:
+                runs[-1] = (runs[-1][0], (b + 1) * per, *biases)
+            else:
+                runs.append((b * per, (b + 1) * per, *biases))
+        return runs
 
     def _require_step(self) -> ClipLayout:
         if self.layout is None:
@@ -262,17 +302,35 @@ def _take(t: torch.Tensor, positions: tuple, comm: ClipComm) -> torch.Tensor:
     return t.index_select(1, comm._index(positions, t.device))
 
 
-def _scalar_timestep(timestep) -> float:
+def _read_with_probe(timestep, sample: torch.Tensor) -> tuple:
+    """``(timestep on the CPU, probe)``: ``probe`` is a checksum of the clip's first elements
+    (telling apart ranks that were given the same clip). A CUDA timestep and the probe come
+    to the host in one copy: the step's one device sync."""
+    probe = sample.reshape(-1)[:4096].double().sum().reshape(1)
+    if isinstance(timestep, torch.Tensor) and timestep.device == sample.device:
+        both = torch.cat([timestep.detach().reshape(-1).double(), probe]).cpu()
+        return both[:-1].view(timestep.shape), float(both[-1])
+    return timestep, float(probe)
+
+
+def _sample_timesteps(timestep, batch: int) -> tuple:
+    """The step's timestep per sample, as floats: a number or a 1-element tensor for every
+    sample, a (B,) tensor one per sample, a (B, S) tensor one per token (TI2V; a sample's
+    phase is its largest, the noise level of its noisiest tokens)."""
     if isinstance(timestep, torch.Tensor):
-        flat = timestep.detach().reshape(-1).to("cpu", torch.float64)
-        if flat.numel() == 0:
+        t = timestep.detach().to("cpu", torch.float64)
+        if t.numel() == 0:
             raise ValueError("timestep is an empty tensor")
-        if not bool((flat == flat[0]).all()):
-            raise ValueError("timestep differs across the batch; the phase bias needs one "
-                             f"timestep per call, got {flat.tolist()}")
-        return float(flat[0])
+        if t.numel() == 1:
+            return (float(t.reshape(())),) * batch
+        if t.dim() == 1 and t.shape[0] == batch:
+            return tuple(float(x) for x in t)
+        if t.dim() == 2 and t.shape[0] == batch:
+            return tuple(float(x) for x in t.amax(dim=1))
+        raise ValueError(f"timestep must be a number, one value, one per sample ({batch},) or "
+                         f"one per token ({batch}, S); got shape {tuple(t.shape)}")
     if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
-        return float(timestep)
+        return (float(timestep),) * batch
     raise ValueError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
 
 
@@ -339,6 +397,7 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         device = next(model.parameters()).device if comm.backend != "gloo" else "cpu"
         comm.all_reduce_(torch.zeros(1, device=device))
         comm.counters.reset()
+    engine.adapter = adapter
     adapter.patch(model, engine, Patcher(engine))
     model.vinf_engine = engine
     engine.on_undo(lambda: delattr(model, "vinf_engine"))

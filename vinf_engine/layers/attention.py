@@ -24,7 +24,8 @@ from .. import ops
 from ..comm import Pending
 from ..layout import halo_wants
 
-__all__ = ["clip_attention", "blocking_clip_attention", "ContextSlot"]
+__all__ = ["clip_attention", "blocking_clip_attention", "by_phase", "global_attention",
+           "ContextSlot"]
 
 
 def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: float,
@@ -40,12 +41,12 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
     T = tokens_per_frame
     Fc = q.shape[1] // T
     w = engine.attention_plan().window
-    lb, gb = engine.local_bias, engine.global_bias
     interior = engine.world_size > 1 and Fc > 2 * w
     if interior:
-        o_mid, lse_mid = ops.dual_scope_attention(
-            q[:, w * T:(Fc - w) * T], k, v, window=w, pad=w, valid_left=w, valid_right=w,
-            tokens_per_frame=T, local_bias=lb, scale=scale, return_lse=True)
+        o_mid, lse_mid = by_phase(
+            engine, ops.dual_scope_attention, q[:, w * T:(Fc - w) * T], k, v, window=w,
+            pad=w, valid_left=w, valid_right=w, tokens_per_frame=T, scale=scale,
+            return_lse=True, global_bias=None)
     ctx = pending.wait()
     nl, nr = ctx.valid_left, ctx.valid_right
     kl, vl = project_kv(ctx.left, ctx.left_frames) if nl else (k[:, :0], v[:, :0])
@@ -60,11 +61,11 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
     v_pad = F.pad(torch.cat([vl, v, vr], dim=1), fill)
 
     def attend(a, b):                   # query frames [a, b) against their band (+ globals)
-        return ops.dual_scope_attention(
-            q[:, a * T:b * T], k_pad[:, a * T:(b + 2 * w) * T], v_pad[:, a * T:(b + 2 * w) * T],
-            kg, vg, window=w, pad=w, valid_left=min(w, a + nl), valid_right=min(w, Fc - b + nr),
-            tokens_per_frame=T, local_bias=lb, global_bias=gb, scale=scale,
-            return_lse=separate)
+        return by_phase(
+            engine, ops.dual_scope_attention, q[:, a * T:b * T],
+            k_pad[:, a * T:(b + 2 * w) * T], v_pad[:, a * T:(b + 2 * w) * T], kg, vg, window=w,
+            pad=w, valid_left=min(w, a + nl), valid_right=min(w, Fc - b + nr),
+            tokens_per_frame=T, scale=scale, return_lse=separate)
 
     if not interior:
         out = attend(0, Fc)
@@ -75,8 +76,7 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
         lse = torch.cat([first[1], lse_mid, last[1]], dim=2)
         return ops.merge_attention(o, lse, *global_scope(ctx))
     if kg is not None:
-        o_glob, lse_glob = ops.attention_with_lse(q[:, w * T:(Fc - w) * T], kg, vg, scale=scale,
-                                                  bias=gb)
+        o_glob, lse_glob = global_attention(engine, q[:, w * T:(Fc - w) * T], kg, vg, scale)
         o_mid = ops.merge_attention(o_mid, lse_mid, o_glob, lse_glob)
     return torch.cat([first, o_mid, last], dim=1)
 
@@ -109,10 +109,31 @@ def blocking_clip_attention(engine, q, k, v, *, scale: float,
     fill = (0, 0, 0, 0, (w - nl) * T, (w - nr) * T)
     k_pad = F.pad(torch.cat([kh[:, :nl * T], k, kh[:, nl * T:]], dim=1), fill)
     v_pad = F.pad(torch.cat([vh[:, :nl * T], v, vh[:, nl * T:]], dim=1), fill)
-    return ops.dual_scope_attention(
-        q, k_pad, v_pad, kg, vg, window=w, pad=w, valid_left=nl, valid_right=nr,
-        tokens_per_frame=T, local_bias=engine.local_bias, global_bias=engine.global_bias,
-        scale=scale)
+    return by_phase(engine, ops.dual_scope_attention, q, k_pad, v_pad, kg, vg, window=w, pad=w,
+                    valid_left=nl, valid_right=nr, tokens_per_frame=T, scale=scale)
+
+
+def by_phase(engine, op, q, *tensors, global_bias=0.0, **kw):
+    """``op(q, *tensors, local_bias=..., global_bias=..., **kw)`` with the step's biases: one
+    call when every sample is in the same phase (always, with one timestep per call), else
+    one per run of samples sharing a phase, rows split along dim 0 (batch-major) and joined.
+    ``global_bias=None``: the op takes no global bias (no global keys)."""
+    outs = []
+    for a, b, lb, gb in engine.bias_runs(q.shape[0]):
+        part = [None if t is None else t[a:b] for t in tensors]
+        biases = dict(local_bias=lb) if global_bias is None else dict(local_bias=lb, global_bias=gb)
+        outs.append(op(q[a:b], *part, **biases, **kw))
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(x, dim=0) for x in zip(*outs))
+    return torch.cat(outs, dim=0)
+
+
+def global_attention(engine, q, k, v, scale):
+    """``ops.attention_with_lse`` of the global scope with the step's global bias: (out, lse)."""
+    return by_phase(engine, lambda q_, k_, v_, local_bias, global_bias:
+                    ops.attention_with_lse(q_, k_, v_, scale=scale, bias=global_bias), q, k, v)
 
 
 class ContextSlot:

@@ -21,6 +21,7 @@ class ModelAdapter(Protocol):
     """One model family (registered in ``vinf_engine.models``)."""
 
     name: ClassVar[str]                  # shown in errors and ``vinf_engine.models.families()``
+    inputs: ClassVar[tuple]              # names of the forward's clip and timestep parameters
     comm_modes: ClassVar[tuple]          # the ``scheduler.MODES`` this family runs
 
     @classmethod

@@ -90,6 +90,7 @@ class UNet3DAdapter(AdapterBase):
     """Patches a diffusers ``UNet3DConditionModel`` (or a subclass) for clip parallelism."""
 
     name = "UNet3D (ModelScope, Zeroscope, VideoCrafter2)"
+    inputs = ("sample", "timestep")       # the forward's clip and timestep parameters
     comm_modes = ("overlap", "blocking", "stale", "loopback")
 
     @classmethod
@@ -183,7 +184,7 @@ class UNet3DAdapter(AdapterBase):
                                    else ClipTemporalConvLayer, _vinf=engine)
 
         def begin(module, args, kwargs):
-            engine.begin_step(*step_arguments(args, kwargs, ("sample", "timestep")))
+            engine.begin_step(*step_arguments(args, kwargs, self.inputs))
         patcher.pre_hook(model, begin)
         # Stale-mode batch boundaries: the end of each block and of the whole forward.
         patcher.flush_after([getattr(model, "transformer_in", None), *model.down_blocks,

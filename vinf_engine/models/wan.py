@@ -27,9 +27,9 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttnProcessor,
                                                            WanRotaryPosEmbed)
 
-from .. import ops
 from ..config import DualScopeConfig
 from ..layers import clip_attention
+from ..layers.attention import global_attention
 from . import register
 from .base import AdapterBase, Patcher, step_arguments
 
@@ -160,7 +160,7 @@ class WanDualScopeProcessor:
             g = eng.attention_plan().glob_frames
             if g and max(abs(a - b) for a in (s, s + Fc - 1) for b in g) > self.max_distance:
                 scope = _ClampedGlobalScope(attn, q, range(s, s + Fc), T, self.max_distance,
-                                            grid, eng.global_bias)
+                                            grid, eng)
         head_dim = attn.inner_dim // attn.heads
         out = clip_attention(eng, pending, q, k, v, project_kv, scale=head_dim ** -0.5,
                              tokens_per_frame=T, global_scope=scope)
@@ -175,9 +175,9 @@ class _ClampedGlobalScope:
     Rotation is relative, so the queries keep their own rotation and the keys are rotated
     once per query frame: Ng*T keys per query frame, T times fewer than its logits."""
 
-    def __init__(self, attn, q, frames: range, T: int, M: int, grid: _Grid, bias: float):
+    def __init__(self, attn, q, frames: range, T: int, M: int, grid: _Grid, engine):
         self.attn, self.q, self.frames, self.T, self.M = attn, q, frames, T, M
-        self.grid, self.bias = grid, bias
+        self.grid, self.engine = grid, engine
 
     def __call__(self, ctx):
         attn, q, T, M = self.attn, self.q, self.T, self.M
@@ -195,9 +195,8 @@ class _ClampedGlobalScope:
                          sin.view(1, m, NgT, 1, -1))
             vr = v.unsqueeze(1).expand(B, m, NgT, H, D)
             qc = q[:, i * T:(i + m) * T].reshape(B * m, T, H, D)
-            o, lse = ops.attention_with_lse(qc, kr.reshape(B * m, NgT, H, D),
-                                            vr.reshape(B * m, NgT, H, D), scale=D ** -0.5,
-                                            bias=self.bias)
+            o, lse = global_attention(self.engine, qc, kr.reshape(B * m, NgT, H, D),
+                                      vr.reshape(B * m, NgT, H, D), D ** -0.5)
             outs.append(o.reshape(B, m * T, H, D))
             lses.append(lse.reshape(B, m, H, T).permute(0, 2, 1, 3).reshape(B, H, m * T))
         return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
@@ -210,6 +209,7 @@ class WanAdapter(AdapterBase):
     name = "Wan (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B)"
     # blocking is the published UNet prototype's K/V pattern; with RoPE it would move keys
     # rotated at their owner's positions, which the clamped global scope cannot use.
+    inputs = ("hidden_states", "timestep")       # the forward's clip and timestep parameters
     comm_modes = ("overlap", "stale", "loopback")
 
     @classmethod
@@ -272,7 +272,7 @@ class WanAdapter(AdapterBase):
         warned = set()
 
         def begin(module, args, kwargs):
-            layout = engine.begin_step(*step_arguments(args, kwargs, ("hidden_states", "timestep")))
+            layout = engine.begin_step(*step_arguments(args, kwargs, self.inputs))
             w = min(config.window, layout.num_frames - 1)
             if w > L - 1 and layout.num_frames not in warned:
                 warned.add(layout.num_frames)

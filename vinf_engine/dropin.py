@@ -1,0 +1,125 @@
+"""The stock diffusers pipeline call, unchanged, on any number of ranks.
+
+    pipe = vinf.parallelize_pipe(pipe)            # every rank, collective
+    video = pipe(prompt, num_frames=256, ...).frames   # every rank, the same arguments
+
+Every rank runs the whole pipeline with the whole video's latents (they are small next to the
+denoiser's activations): prompt encoding, the scheduler, the generator's noise, callbacks,
+guidance and decoding are the pipeline's own, identical on every rank. Only the denoiser is
+shared out: on entry it keeps this rank's clip of the frames (and of per-token timesteps), the
+clip-parallel model runs it, and on exit every rank receives every rank's output frames, so
+the pipeline sees the whole video's prediction. The result equals one process with the same
+config; in exact config it equals the unpatched pipeline.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import DualScopeConfig
+
+__all__ = ["parallelize_pipe", "unparallelize_pipe"]
+
+
+class _Split:
+    """The pre- and post-hook of one denoiser: split its input by frames, gather its output."""
+
+    def __init__(self, model, names: tuple):
+        self.model, self.names = model, names
+
+    @property
+    def engine(self):
+        return self.model.vinf_engine
+
+    def before(self, module, args, kwargs):
+        eng = self.engine
+        args = list(args)
+        values = {}
+        for i, name in enumerate(self.names):
+            if name in kwargs:
+                values[name] = kwargs[name]
+            elif len(args) > i:
+                values[name] = args[i]
+        sample, timestep = values.get(self.names[0]), values.get(self.names[1])
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+            return None                     # the engine's agreement refuses it on every rank
+        F = sample.shape[2]
+        base, extra = divmod(F, eng.world_size)
+        sizes = [base + (r < extra) for r in range(eng.world_size)]
+        s = sum(sizes[:eng.rank])
+        e = s + sizes[eng.rank]             # an empty clip, for F < ranks: refused collectively
+        new = {self.names[0]: sample[:, :, s:e]}
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and F:
+            T = timestep.shape[1] // F      # per-token timesteps (TI2V): this clip's tokens
+            new[self.names[1]] = timestep[:, s * T:e * T]
+        for i, name in enumerate(self.names):
+            if name not in new:
+                continue
+            if name in kwargs:
+                kwargs[name] = new[name]
+            else:
+                args[i] = new[name]
+        return tuple(args), kwargs
+
+    def after(self, module, args, kwargs, output):
+        eng = self.engine
+        layout = eng.layout
+        clip = output[0] if isinstance(output, tuple) else output.sample
+        everything = tuple(tuple(range(layout.num_frames)) for _ in range(layout.world_size))
+        host = eng.comm.backend == "gloo" and clip.device.type != "cpu"
+        src = clip.cpu() if host else clip
+        whole = eng.comm.post_frames(src.contiguous(), 2, layout, everything,
+                                     "denoiser output gather").wait().to(clip.device)
+        if isinstance(output, tuple):
+            return (whole, *output[1:])
+        return type(output)(sample=whole)
+
+
+def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=None, *,
+                     comm_mode: str = "overlap", timeout=None):
+    """Make the unchanged ``pipe(...)`` call, made on every rank with the same arguments,
+    generate one video across the ranks; returns ``pipe``.
+
+    ``pipe`` is a diffusers ``TextToVideoSDPipeline`` (ModelScope, Zeroscope; VideoCrafter2's
+    UNet), or a ``WanPipeline`` (both Wan 2.2 experts are parallelized). Collective, like
+    ``vinf_engine.parallelize``, whose arguments the rest are; ``config`` defaults to the
+    model family's. Every rank returns the whole video, equal to one process with the same
+    config (in exact config: the unpatched pipeline). Each rank still decodes the whole video
+    with the pipeline's own VAE call: ``vinf_engine.generate`` decodes each rank's frames and
+    streams them to one mp4 instead. ``unparallelize_pipe`` restores the pipeline.
+    """
+    from .parallel import parallelize, unparallelize
+    from .pipelines import family_of
+    if getattr(pipe, "_vinf_pipe", None) is not None:
+        raise ValueError("pipeline is already parallelized (call unparallelize_pipe first)")
+    family = family_of(pipe)
+    if family is None:                      # every rank holds the same pipeline: all refuse
+        raise ValueError("parallelize_pipe supports TextToVideoSDPipeline (ModelScope, "
+                         "Zeroscope, VideoCrafter2) and WanPipeline; got "
+                         f"{type(pipe).__name__}")
+    undo = []
+    try:
+        for model in family.denoisers(pipe):
+            parallelize(model, config, process_group, comm_mode=comm_mode, timeout=timeout)
+            undo.append(lambda m=model: unparallelize(m))
+            split = _Split(model, model.vinf_engine.adapter.inputs)
+            # Before the engine's own pre-hook (its agreement must see the clip).
+            pre = model.register_forward_pre_hook(split.before, with_kwargs=True, prepend=True)
+            post = model.register_forward_hook(split.after, with_kwargs=True)
+            undo += [pre.remove, post.remove]
+    except BaseException:
+        for fn in reversed(undo):
+            fn()
+        raise
+    pipe._vinf_pipe = undo
+    return pipe
+
+
+def unparallelize_pipe(pipe):
+    """Restore a pipeline made by ``parallelize_pipe``. Returns it."""
+    undo = getattr(pipe, "_vinf_pipe", None)
+    if undo is None:
+        raise ValueError("pipeline is not parallelized")
+    for fn in reversed(undo):
+        fn()
+    del pipe._vinf_pipe
+    return pipe
