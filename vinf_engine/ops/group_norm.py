@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import dispatch
 from ._checks import check_int, check_real, check_tensor, compute_dtype
 
-__all__ = ["group_norm", "group_norm_partials", "group_norm_finalize", "group_norm_apply",
+__all__ = ["group_norm", "group_norm_partials", "group_norm_finalize", "group_norm_apply", "frame_major",
            "group_norm_partials_reference", "group_norm_apply_reference", "check_group_norm_args"]
 
 _ACTIVATIONS = (None, "silu")
@@ -127,15 +127,54 @@ def _(x, mean, rstd, weight, bias, activation):
 dispatch.reference_autograd(_group_norm_apply_op, group_norm_apply_reference)
 
 
+def frame_major(x: torch.Tensor):
+    """``x`` (N, C, F, *rest) as an (N*F, C, *rest) view when its memory is frame-major,
+    (N, F, C, *rest) contiguous or channels-last per frame, and its spatial dims share no
+    single stride; else None.
+
+    That is how the engine's GroupNorms see their input: diffusers' UNet3D keeps activations
+    as (B*F, C, H, W) and its temporal layers permute them to (B, C, F, H, W). No kernel reads
+    (C, F, H, W) at two strides, so such an ``x`` is normalized as B*F frames: per-frame
+    partial sums added over the frames in fp64 (the sums are additive, as across ranks), the
+    apply per frame with the video's statistics. No copy."""
+    if x.dim() < 4:
+        return None
+    N, C, F = x.shape[:3]
+    try:
+        x.view(N, C, -1)
+        return None                         # one stride already: the kernels read it as is
+    except RuntimeError:
+        pass
+    try:
+        folded = x.transpose(1, 2).view(N * F, C, *x.shape[3:])
+        folded.view(N * F, C, -1)
+    except RuntimeError:
+        return None
+    return folded
+
+
 def group_norm_partials(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
     """Per-group ``[sum x, sum x^2]`` of ``x`` (N, C, *): (N, G, 2) fp64, and the element
-    count of each group. Runs as ``torch.ops.vinf.group_norm_partials`` (see ``dispatch``)."""
+    count of each group. Runs as ``torch.ops.vinf.group_norm_partials`` (see ``dispatch``);
+    a frame-major ``x`` frame by frame (``frame_major``)."""
+    folded = frame_major(x)
+    if folded is not None:
+        N, F = x.shape[0], x.shape[2]
+        parts = _group_norm_partials_op(folded, num_groups).view(N, F, num_groups, 2)
+        return parts.sum(dim=1), _group_count(x, num_groups)
     return _group_norm_partials_op(x, num_groups), _group_count(x, num_groups)
 
 
 def group_norm_apply(x, mean, rstd, weight=None, bias=None, activation=None):
     """``act((x - mean) * rstd * weight + bias)`` for x (N, C, *), mean and rstd (N, G),
-    weight and bias (C,) or None. Runs as ``torch.ops.vinf.group_norm_apply``."""
+    weight and bias (C,) or None; the result has x's layout. Runs as
+    ``torch.ops.vinf.group_norm_apply``; a frame-major ``x`` frame by frame."""
+    folded = frame_major(x)
+    if folded is not None:
+        F = x.shape[2]
+        y = _group_norm_apply_op(folded, mean.repeat_interleave(F, dim=0),
+                                 rstd.repeat_interleave(F, dim=0), weight, bias, activation)
+        return y.view(x.shape[0], F, *y.shape[1:]).transpose(1, 2)
     return _group_norm_apply_op(x, mean, rstd, weight, bias, activation)
 
 
