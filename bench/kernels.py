@@ -36,6 +36,17 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS: list[dict] = []
+ENV: dict = {}
+
+
+def emit(row: dict):
+    """Keep ``row``, print it, and rewrite the JSON file: a run cut short keeps its rows."""
+    ROWS.append(row)
+    print("# row " + json.dumps(row, default=str), flush=True)
+    if _SCRIPT:
+        os.makedirs(ARGS.out, exist_ok=True)
+        with open(os.path.join(ARGS.out, f"kernels-{DEV}.json"), "w") as f:
+            json.dump(dict(env=ENV, rows=ROWS, complete=False), f, indent=1)
 
 
 def parse(argv=None):
@@ -107,7 +118,7 @@ def record(op, case, impl, fn, ref=None, byts=None, flops=None, floor_ms=None, n
             ok, err = check(fn(), ref)
             row.update(check="ok" if ok else "FAILED", max_abs_err=err)
             if not ok:
-                ROWS.append(row)
+                emit(row)
                 return row
         else:
             row["check"] = "n/a"
@@ -121,7 +132,7 @@ def record(op, case, impl, fn, ref=None, byts=None, flops=None, floor_ms=None, n
             row["floor_ms"] = floor_ms
     except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
         row.update(check=row.get("check", "error"), error=f"{type(e).__name__}: {e}"[:300])
-    ROWS.append(row)
+    emit(row)
     return row
 
 
@@ -131,7 +142,7 @@ def copy_bandwidth() -> float:
     src = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
-    ROWS.append(dict(op="copy", case=f"{n >> 20} MiB", impl="copy_", device=DEV, ms=ms,
+    emit(dict(op="copy", case=f"{n >> 20} MiB", impl="copy_", device=DEV, ms=ms,
                      gbps=2 * n / ms / 1e6, check="n/a", note="bandwidth ceiling"))
     return 2 * n / ms / 1e6
 
@@ -180,8 +191,8 @@ def vinf_rows(op, case, args, kw, ref, byts, flops, floor_ms):
     for name, fn, supports in backends("dual_scope_attention"):
         reason = why_not(supports, *args, **kw)
         if reason is not None:
-            ROWS.append(dict(op=op, case=case, impl=f"vinf.{name}", device=DEV,
-                             check="skipped", error=reason))
+            emit(dict(op=op, case=case, impl=f"vinf.{name}", device=DEV,
+                      check="skipped", error=reason))
             continue
         record(op, case, f"vinf.{name}", lambda fn=fn: fn(*args, **kw), ref, byts, flops,
                floor_ms)
@@ -275,6 +286,7 @@ def dit_case(T, F_, w, every, H, D):
     peak = row.get("tflops")
     floor_ms = flops / peak / 1e9 if peak else None
     vinf_rows("dit_attn", case, (q, k, v, kg, vg), kw, ref, byts, flops, floor_ms)
+    global_rows(q, kg, vg, case)
 
     kc = torch.cat([k, kg], 1).transpose(1, 2).contiguous()
     vc = torch.cat([v, vg], 1).transpose(1, 2).contiguous()
@@ -289,7 +301,10 @@ def dit_case(T, F_, w, every, H, D):
                 & (kf < pad + F_)
             return local | (ki >= L_local)
 
-        bm = create_block_mask(mask_mod, None, None, F_ * T, kc.shape[2], device=DEV)
+        # _compile: evaluate mask_mod block by block; uncompiled it materialises the whole
+        # (F*T) x (keys) mask first, ~1.1e10 entries at 64 frames x 1,560 tokens.
+        bm = create_block_mask(mask_mod, None, None, F_ * T, kc.shape[2], device=DEV,
+                               _compile=DEV == "cuda")
         flex = torch.compile(flex_attention, dynamic=False) if DEV == "cuda" else \
             flex_attention
         record("dit_attn", case, "flex (same mask" + (", compiled)" if DEV == "cuda"
@@ -297,7 +312,7 @@ def dit_case(T, F_, w, every, H, D):
                lambda: flex(qt, kc, vc, block_mask=bm).transpose(1, 2), ref, byts, flops,
                floor_ms, note=f"{masked:.0%} of pairs masked; K/V concatenated untimed")
     except Exception as e:  # noqa: BLE001
-        ROWS.append(dict(op="dit_attn", case=case, impl="flex", device=DEV, check="error",
+        emit(dict(op="dit_attn", case=case, impl="flex", device=DEV, check="error",
                          error=f"{type(e).__name__}: {e}"[:300]))
 
 
@@ -331,7 +346,7 @@ def group_norm_case(bw, G, shape, act, layout):
         apply_fn, apply_sup = applies[name]
         reason = why_not(part_sup, x, G) or why_not(apply_sup, x, mean, rstd, w, b, act)
         if reason is not None:
-            ROWS.append(dict(op="group_norm", case=case, impl=f"vinf.{name}",
+            emit(dict(op="group_norm", case=case, impl=f"vinf.{name}",
                              device=DEV, check="skipped", error=reason))
             continue
 
@@ -351,6 +366,30 @@ def group_norm_case(bw, G, shape, act, layout):
            torch_gn, ref, byts, None, floor_ms)
 
 
+def global_rows(q, kg, vg, case):
+    """The global scope alone (``attention_with_lse``: interior frames' global part, Wan's
+    clamped scope): every backend beside SDPA over the same keys (no lse: a lower bound)."""
+    from vinf_engine.ops.merge import attention_with_lse_reference
+    B, L, H, D = q.shape
+    scale = D ** -0.5
+    ref = attention_with_lse_reference(q, kg, vg, scale, 0.0)
+    flops = 4 * D * H * B * L * kg.shape[1]
+    byts = q.element_size() * B * H * D * (2 * L + 2 * kg.shape[1])
+    gcase = f"{case}: global only, {kg.shape[1]} keys"
+    for name, fn, supports in backends("attention_with_lse"):
+        reason = why_not(supports, q, kg, vg, scale, 0.0)
+        if reason is not None:
+            emit(dict(op="global_attn", case=gcase, impl=f"vinf.{name}", device=DEV,
+                      check="skipped", error=reason))
+            continue
+        record("global_attn", gcase, f"vinf.{name}", lambda fn=fn: fn(q, kg, vg, scale, 0.0),
+               ref, byts, flops)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, kg, vg))
+    record("global_attn", gcase, "sdpa (no lse)",
+           lambda: F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2), ref, byts, flops,
+           note="peer without the log-sum-exp the merge needs")
+
+
 # ----------------------------------------------------------------------------- main
 def table():
     cols = ("op", "case", "impl", "check", "ms", "floor_ms", "gbps", "tflops")
@@ -366,7 +405,8 @@ def table():
 
 def main():
     torch.manual_seed(0)
-    env = dict(torch=torch.__version__, device=DEV, dtype=str(DTYPE))
+    env = ENV
+    env.update(torch=torch.__version__, device=DEV, dtype=str(DTYPE))
     if DEV == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     try:
@@ -387,7 +427,8 @@ def main():
     os.makedirs(ARGS.out, exist_ok=True)
     path = os.path.join(ARGS.out, f"kernels-{DEV}.json")
     with open(path, "w") as f:
-        json.dump(dict(env=env, rows=ROWS), f, indent=1)
+        json.dump(dict(env=env, rows=ROWS, complete=True, dispatch=dispatch.summary()), f,
+                  indent=1)
     print(f"# wrote {path}")
     failed = [r for r in ROWS if r.get("check") == "FAILED"]
     return 1 if failed else 0

@@ -158,8 +158,10 @@ def denoise(rank, world, opts):
             if engine is not None:
                 engine.scheduler.record = False
                 log = engine.scheduler.take_log()
+        from vinf_engine.ops import dispatch
         results[mode] = dict(
             seconds=seconds, peak_mib=peak_memory_mib(device), log=log,
+            backends=dispatch.summary(),
             counters=engine.comm.counters.snapshot() if engine is not None else None,
             latents=latents.float().cpu())
         if engine is not None:
@@ -189,7 +191,8 @@ def run(label, modes, world, opts, threads):
         row = dict(name=name, mode=mode, ranks=world, threads_per_rank=threads,
                    frames=opts["frames"], steps=per, seconds=wall,
                    frame_steps_per_s=opts["frames"] * per / wall,
-                   peak_mib_per_rank=[round(r["peak_mib"], 1) for r in rr])
+                   peak_mib_per_rank=[round(r["peak_mib"], 1) for r in rr],
+                   backends=rr[0]["backends"])
         if rr[0]["counters"] is not None:
             c = [r["counters"] for r in rr]
             row["collectives_per_step"] = max(x["collectives"] for x in c) / per
@@ -279,12 +282,28 @@ def main(argv=None):
 
     print(f"vinf_engine throughput: {preset_name} UNet3D, {frames} frames, {steps} steps, "
           f"{a.device}, window {a.window}, {a.num_global} global frames", flush=True)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
+                                f"throughput-{a.device}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     rows = []
+
+    def measured(new):
+        # Each spawn's rows go to disk as soon as they exist: a run cut short keeps them.
+        rows.extend(new)
+        for r in new:
+            print(f"  {r['name']}: " + (r["error"][:200] if "error" in r else
+                                        f"{r['seconds']:.2f} s, {r['frame_steps_per_s']:.2f} "
+                                        "frame-steps/s"), flush=True)
+        with open(out, "w") as f:
+            json.dump(dict(benchmark="throughput", complete=False, device=a.device,
+                           preset=preset_name, frames=frames, steps=steps,
+                           rows=[{k: v for k, v in r.items() if k != "_latents"} for r in rows]),
+                      f, indent=1)
     if ranks > 1:
-        rows += run(f"engine {ranks} ranks", modes, ranks, opts, each)
-    rows += run("engine 1 rank", ["overlap"], 1, opts, one)
+        measured(run(f"engine {ranks} ranks", modes, ranks, opts, each))
+    measured(run("engine 1 rank", ["overlap"], 1, opts, one))
     if not a.skip_diffusers:
-        rows += run("diffusers, whole video", ["diffusers"], 1, opts, one)
+        measured(run("diffusers, whole video", ["diffusers"], 1, opts, one))
 
     ok = {r["name"]: r for r in rows if "error" not in r}
     one_rank = ok.get("engine 1 rank, overlap")
@@ -307,7 +326,7 @@ def main(argv=None):
                   torch=torch.__version__, preset=preset_name, frames=frames, steps=steps,
                   latent_hw=latent_hw, dtype=preset["dtype"], config=config, rows=rows,
                   max_rel_diff_R_ranks_vs_1_rank=invariance,
-                  stale_max_rel_drift_vs_exact=stale_drift)
+                  stale_max_rel_drift_vs_exact=stale_drift, complete=True)
     print()
     head = (f"{'run':<30}{'s':>8}{'frame-steps/s':>15}{'peak MiB/rank':>15}{'launches':>10}"
             f"{'syncs':>7}{'MiB sent':>10}{'MiB recv':>10}{'exposed ms':>12}   (per step)")
@@ -338,9 +357,6 @@ def main(argv=None):
           "minus the loopback run's (exchanges replaced by local copies of the same size)")
     mem_note = "GPU max_memory_allocated" if a.device == "cuda" else "peak RSS of the rank's process"
     print(f"peak memory: {mem_note}; collectives count data-plane launches (one batched p2p = 1)")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                f"throughput-{a.device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if target is not None:
         if preset_name == "tiny":
             print("\nnote: projecting from the tiny preset's exchanges; use --preset modelscope "

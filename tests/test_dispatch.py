@@ -47,3 +47,49 @@ def test_forced_backend_that_cannot_run_is_a_value_error(monkeypatch):
 def test_register_rejects_unknown_backends():
     with pytest.raises(ValueError, match="backend"):
         dispatch.register("dual_scope_attention", "opencl", lambda: None)
+
+
+def _fake_gpu(monkeypatch, backends):
+    """An op whose backends are ``backends`` {name: (fn, supports)}, dispatched as if its
+    tensors were on a GPU."""
+    monkeypatch.setattr(dispatch, "_accelerated", lambda device: True)
+    monkeypatch.setattr(dispatch, "_LOADED", True)
+    monkeypatch.delenv("VINF_BACKEND", raising=False)
+    impls = {"reference": dispatch.Impl(lambda x: ("reference", x), None)}
+    impls.update({n: dispatch.Impl(fn, sup) for n, (fn, sup) in backends.items()})
+    monkeypatch.setitem(dispatch._IMPLS, "fake", impls)
+    monkeypatch.setattr(dispatch, "_FAILED", {})
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})
+
+
+def test_the_choice_is_the_first_supported_backend_of_the_order(monkeypatch):
+    # Deterministic: no timing; support is checked on every call, so the same key with
+    # arguments one backend cannot take (here: x > 5) goes to the next one.
+    _fake_gpu(monkeypatch, {
+        "cuda": (lambda x: ("cuda", x), lambda x: "too large for shared memory" if x > 5 else None),
+        "triton": (lambda x: ("triton", x), None)})
+    assert [dispatch.call("fake", ("k",), x)[0] for x in (1, 9, 1)] == ["cuda", "triton", "cuda"]
+    order = dispatch.choose("fake", ("k",), (9,), {})
+    assert [n for n, _ in order] == ["triton", "reference"]
+    assert "cuda: too large for shared memory" in order[0][1]
+    assert dispatch.chosen() == {("fake", ("k",)): "cuda"}
+    assert dispatch.failures() == []
+
+
+def test_a_failing_backend_is_reported_and_not_used_again_for_that_shape(monkeypatch, caplog):
+    calls = []
+
+    def broken(x):
+        calls.append(x)
+        raise RuntimeError("launch failed: too many resources")
+    _fake_gpu(monkeypatch, {"cuda": (broken, None), "triton": (lambda x: ("triton", x), None)})
+    with caplog.at_level("WARNING", logger="vinf_engine.dispatch"):
+        assert dispatch.call("fake", ("k",), 1) == ("triton", 1)
+        assert dispatch.call("fake", ("k",), 2) == ("triton", 2)
+    assert calls == [1]                                    # tried once for the key
+    assert dispatch.call("fake", ("other",), 3) == ("triton", 3) and calls == [1, 3]
+    got = dispatch.failures()
+    assert len(got) == 2 and got[0]["op"] == "fake" and got[0]["backend"] == "cuda"
+    assert "launch failed: too many resources" in got[0]["error"] and "'k'" in got[0]["key"]
+    assert "the cuda backend of fake failed" in caplog.text
+    assert dispatch.chosen()[("fake", ("k",))] == "triton"

@@ -321,8 +321,9 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
     timings["total"] = time.perf_counter() - t_start
     out_after = comm.counters.snapshot()
     peak, kind = peak_memory_mib(device)
+    from .ops import dispatch
     mine = dict(rank=rank, frames=len(frames), first_frame=frames.start, device=str(device),
-                peak_memory_mib=round(peak, 1), memory_kind=kind,
+                peak_memory_mib=round(peak, 1), memory_kind=kind, backends=dispatch.summary(),
                 timings_s={k: round(v, 4) for k, v in timings.items()},
                 comm=dict(engine_stats,
                           frames_bytes_sent=out_after["bytes_sent"] - out_before["bytes_sent"],

@@ -1,14 +1,26 @@
 """Which implementation runs an op: ``reference`` (plain PyTorch), ``triton`` or ``cuda``.
 
-Backends register implementations per op name; each says which arguments it can take. On
-CPU tensors the reference runs. On CUDA tensors, by default, every registered backend that
-can take the arguments is checked once against the reference on those very inputs and timed;
-the fastest that passed is cached per shape key for the life of the process. The environment
-variable ``VINF_BACKEND=reference|triton|cuda|auto`` overrides the choice
-(``triton`` on CPU runs the kernels under ``TRITON_INTERPRET=1``).
+Backends register implementations per op name; each says which arguments it can take
+(``supports``: the reason it cannot, or None). Which one runs is a pure function of the
+arguments' device, shapes and dtypes, the same on every rank and every run (timing backends
+belongs to ``bench/kernels.py``):
+
+- CPU tensors: the reference.
+- CUDA tensors: the first backend of ``ORDER`` that supports the arguments, checked on every
+  call (what decides support, such as the halo sizes that size the CUDA kernel's shared
+  memory or a row's alignment, is not all in a cache key). ``ORDER_REASON`` says why.
+- A backend that raises is reported, never silently replaced: the failure (op, backend, shape
+  key, exception) is logged once, kept in ``failures()`` (the generation report and the
+  benchmarks print it), that key never uses the backend again in this process, and the call
+  goes on with the next backend. Under CUDA-graph capture the error is raised instead.
+
+The environment variable ``VINF_BACKEND=reference|triton|cuda|auto`` overrides the choice
+(``triton`` on CPU runs the kernels under ``TRITON_INTERPRET=1``); a forced backend that
+cannot take the arguments is a ValueError naming why.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -16,9 +28,19 @@ from typing import Callable
 
 import torch
 
-__all__ = ["register", "call", "chosen", "BACKENDS"]
+__all__ = ["register", "call", "chosen", "failures", "summary", "choose", "BACKENDS", "ORDER"]
 
 BACKENDS = ("reference", "triton", "cuda")
+# Candidates on CUDA tensors, first supported wins.
+ORDER = ("cuda", "triton", "reference")
+ORDER_REASON = (
+    "cuda first: the native kernels read the engine's own layouts (strided QKV views, "
+    "channels-last) without launch-time compilation; triton next: every shape the CUDA "
+    "kernels refuse (tokens per frame > 1, head dims other than 64/128); the reference last. "
+    "Not yet timed on a GPU: bench/kernels.py times each backend beside its peers, and a "
+    "GPU session that measures otherwise should change this order.")
+
+_log = logging.getLogger("vinf_engine.dispatch")
 
 
 @dataclass(frozen=True)
@@ -28,7 +50,8 @@ class Impl:
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
-_CHOSEN: dict[tuple, str] = {}
+_CHOSEN: dict[tuple, str] = {}       # (op, key) -> the backend that ran it last
+_FAILED: dict[tuple, dict] = {}      # (op, key, backend) -> the failure
 _LOCK = threading.Lock()
 _LOADED = False
 
@@ -70,8 +93,37 @@ def _why_not(impl: Impl, args, kwargs) -> str | None:
     return impl.supports(*args, **kwargs) if impl.supports is not None else None
 
 
+def _accelerated(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def choose(op: str, key: tuple, args, kwargs) -> list:
+    """The backends that would run ``op`` on these arguments, in order, each with why not the
+    ones before it: ``[(backend, reason)]``, the first being the one that runs. Pure: the
+    same arguments give the same answer on every rank and every run."""
+    impls = _IMPLS[op]
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    if not _accelerated(device):
+        return [("reference", f"{device.type} tensors run the reference")]
+    out, skipped = [], []
+    for name in ORDER:
+        impl = impls.get(name)
+        if impl is None:
+            skipped.append(f"{name}: not installed")
+            continue
+        if (op, key, name) in _FAILED:
+            skipped.append(f"{name}: failed earlier on this shape")
+            continue
+        why = _why_not(impl, args, kwargs)
+        if why is not None:
+            skipped.append(f"{name}: {why}")
+            continue
+        out.append((name, "; ".join(skipped) or "first in ORDER"))
+    return out
+
+
 def call(op: str, key: tuple, *args, **kwargs):
-    """Run ``op`` on the chosen backend. ``key`` identifies the shape class for caching."""
+    """Run ``op`` on the chosen backend. ``key`` names the shape class in reports."""
     requested = _requested()
     impls = _IMPLS[op]
     if requested == "reference":
@@ -86,67 +138,49 @@ def call(op: str, key: tuple, *args, **kwargs):
         if why is not None:
             raise ValueError(f"VINF_BACKEND={requested} cannot run {op}: {why}")
         return impl.fn(*args, **kwargs)
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-    if device.type != "cuda":
-        return impls["reference"].fn(*args, **kwargs)
-    full_key = (op, key)
-    name = _CHOSEN.get(full_key)
-    if name is None:
-        name = _autoselect(op, full_key, args, kwargs)
-    return impls[name].fn(*args, **kwargs)
+    for name, _ in choose(op, key, args, kwargs):
+        if name == "reference":
+            break
+        try:
+            out = impls[name].fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported below, then the next backend
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"vinf_engine: the {name} backend of {op} failed under "
+                                   f"CUDA-graph capture on {key}: {type(e).__name__}: {e}") from e
+            _record_failure(op, key, name, e)
+            continue
+        _CHOSEN[(op, key)] = name
+        return out
+    _CHOSEN[(op, key)] = "reference"
+    return impls["reference"].fn(*args, **kwargs)
+
+
+def _record_failure(op, key, name, e):
+    with _LOCK:
+        _FAILED[(op, key, name)] = dict(op=op, backend=name, key=repr(key),
+                                        error=f"{type(e).__name__}: {e}"[:500])
+    _log.warning("vinf_engine: the %s backend of %s failed on %r and is not used for it again "
+                 "(%s: %s); the next backend runs it", name, op, key, type(e).__name__, e)
 
 
 def chosen() -> dict:
-    """The backend picked for each (op, shape key) so far."""
+    """The backend that ran each (op, shape key) on CUDA tensors so far."""
     return dict(_CHOSEN)
 
 
-def _close(out, ref) -> bool:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-    for o, r in zip(outs, refs):
-        if not isinstance(o, torch.Tensor):
-            continue
-        if o.shape != r.shape or o.dtype != r.dtype or not torch.isfinite(o).all():
-            return False
-        tol = {torch.float16: 1e-2, torch.bfloat16: 4e-2}.get(r.dtype, 1e-4)
-        scale = r.float().abs().max().clamp_min(1.0)
-        if (o.float() - r.float()).abs().max() > tol * scale:
-            return False
-    return True
+def failures() -> list:
+    """Every backend failure so far: dicts of op, backend, key, error."""
+    return list(_FAILED.values())
 
 
-def _autoselect(op, full_key, args, kwargs) -> str:
-    """Check each candidate against the reference on these inputs, time those that pass."""
-    impls = _IMPLS[op]
-    candidates = [b for b in ("cuda", "triton") if b in impls and _why_not(impls[b], args, kwargs) is None]
-    if not candidates or torch.cuda.is_current_stream_capturing():
-        # Nothing to choose from, or inside CUDA-graph capture where we must not time.
-        return candidates[0] if candidates else "reference"
-    ref = impls["reference"].fn(*args, **kwargs)
-    best, best_ms = "reference", _time(impls["reference"].fn, args, kwargs)
-    for b in candidates:
-        try:
-            ok = _close(impls[b].fn(*args, **kwargs), ref)
-        except Exception:  # noqa: BLE001 - a backend that fails its check is not chosen
-            ok = False
-        if ok:
-            ms = _time(impls[b].fn, args, kwargs)
-            if ms < best_ms:
-                best, best_ms = b, ms
-    _CHOSEN[full_key] = best
-    return best
-
-
-def _time(fn, args, kwargs, reps: int = 5) -> float:
-    fn(*args, **kwargs)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn(*args, **kwargs)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def summary() -> dict:
+    """JSON-ready: per op, how many shape keys each backend ran on CUDA tensors; and every
+    failure. The generation report and the benchmarks print it."""
+    ran: dict = {}
+    for (op, _), name in _CHOSEN.items():
+        ran.setdefault(op, {}).setdefault(name, 0)
+        ran[op][name] += 1
+    return dict(ran=ran, failures=failures())
 
 
 def reference_autograd(op, reference: Callable):
