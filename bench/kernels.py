@@ -414,6 +414,9 @@ def main():
         env["triton"] = triton.__version__
     except ImportError as e:
         env["triton"] = f"missing: {e}"
+    dispatch.implementations("dual_scope_attention")          # imports the optional backends
+    from vinf_engine.ops import xformers_backend
+    env["xformers"] = xformers_backend.STATUS
     if TINY:
         env["note"] = ("CPU: tiny shapes, Triton interpreter. A correctness smoke run; the times "
                        "are not performance.")

@@ -9,9 +9,11 @@ from helpers import run_ranks
 from workers import batch_rank, gather_rank
 
 
-@pytest.mark.parametrize("sizes", [(4, 3), (1, 4, 2), (2, 1, 3, 1)])
-def test_gather_frames_returns_exactly_the_wanted_frames(sizes):
-    results = run_ranks(gather_rank, len(sizes), sizes)
+@pytest.mark.parametrize("sizes,staged", [((4, 3), False), ((1, 4, 2), False),
+                                          ((2, 1, 3, 1), False), ((1, 4, 2), True)])
+def test_gather_frames_returns_exactly_the_wanted_frames(sizes, staged):
+    # staged: every transfer through host buffers, as GPU tensors go over gloo.
+    results = run_ranks(gather_rank, len(sizes), sizes, staged)
     Ft = sum(sizes)
     video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10 + torch.arange(3.0)
     sent = received = 0
@@ -44,11 +46,13 @@ def test_attention_plan_reaches_past_a_neighbour():
     assert whole.window == 8 and whole.left == () and whole.right == ()
 
 
-def test_post_batch_moves_many_exchanges_in_one_launch():
+@pytest.mark.parametrize("staged", [False, True])
+def test_post_batch_moves_many_exchanges_in_one_launch(staged):
     sizes = (3, 1, 4)
     Ft = sum(sizes)
     video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10 + torch.arange(3.0)
-    for rank, (fa, sa, fb, sb, fc, sc, fr_a, fr_b, counters) in enumerate(run_ranks(batch_rank, 3, sizes)):
+    for rank, (fa, sa, fb, sb, fc, sc, fr_a, fr_b, counters) in enumerate(
+            run_ranks(batch_rank, 3, sizes, staged)):
         torch.testing.assert_close(fa, video[:, fr_a], rtol=0, atol=0)
         torch.testing.assert_close(fb, video[:, fr_b, :1].to(torch.bfloat16), rtol=0, atol=0)
         assert sb is None and fc is None

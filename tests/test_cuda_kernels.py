@@ -155,6 +155,7 @@ def test_attention_grid_past_65535_ctas():
     check_attention(q, k, v, kg, vg, kw, out)
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(_free_gib() < 40, reason="needs ~20 GiB of free GPU memory")
 def test_attention_offsets_past_2_pow_31_elements():
     B, F, H, D, pad = (1 << 31) // (16 * 64) + 64, 16, 1, 64, 1
@@ -372,6 +373,7 @@ def test_group_norm_supports_says_why_not():
     assert "channels-last C" in cb.group_norm_partials_supports(wide, 8200 // 8)
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(_free_gib() < 60, reason="needs ~45 GiB of free GPU memory")
 def test_group_norm_offsets_past_2_pow_31_elements():
     x = torch.randn(2, 64, (1 << 24) + 8, device="cuda", dtype=torch.bfloat16)  # 2.1e9 elements

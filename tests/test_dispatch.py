@@ -93,3 +93,32 @@ def test_a_failing_backend_is_reported_and_not_used_again_for_that_shape(monkeyp
     assert "launch failed: too many resources" in got[0]["error"] and "'k'" in got[0]["key"]
     assert "the cuda backend of fake failed" in caplog.text
     assert dispatch.chosen()[("fake", ("k",))] == "triton"
+
+
+def test_the_xformers_backend_builds_the_reference_mask(monkeypatch):
+    # xformers is not installed here: a stand-in memory_efficient_attention (SDPA with the
+    # given bias, xformers' (B, M, H, D) layout) checks the bias the backend builds.
+    import sys
+    import types
+    from vinf_engine.ops import xformers_backend
+    from vinf_engine.ops.attention import dual_scope_attention_reference
+    from helpers import dual_scope_inputs
+
+    def mea(q, k, v, attn_bias=None, scale=None):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_bias,
+            scale=scale)
+        return o.transpose(1, 2)
+    fake = types.ModuleType("xformers.ops")
+    fake.memory_efficient_attention = mea
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake)
+    (q, k, v, kg, vg), kw, _ = dual_scope_inputs((2, 5, 1, 2, 8, 2, 3, 1, 3, 3), torch.float32,
+                                                 poison=float("nan"))
+    got = xformers_backend.dual_scope_attention(q, k, v, kg, vg, local_bias=0.5,
+                                                global_bias=-1.0, scale=0.3, **kw)
+    ref = dual_scope_attention_reference(q, k, v, kg, vg, local_bias=0.5, global_bias=-1.0,
+                                         scale=0.3, **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert "tokens_per_frame 1 only" in xformers_backend.supports(q, k, v, tokens_per_frame=4)
+    assert xformers_backend.STATUS.startswith("skipped: ") or torch.cuda.is_available()

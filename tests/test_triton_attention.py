@@ -229,6 +229,7 @@ def test_gpu_low_precision_within_twice_naive_error(name, dtype):
 
 
 @gpu
+@pytest.mark.heavy
 def test_gpu_large_batch_uses_64bit_offsets():
     # 4.4M sequences (grid axis 0 far past 65,535) and k with 2.25e9 elements: the last
     # sequences sit past 2**31 elements, which 32-bit offsets would wrap.

@@ -13,6 +13,8 @@ from vinf_engine.ops.group_norm import (frame_major, group_norm_apply, group_nor
 
 pytest.importorskip("triton")
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"     # CPU: the Triton interpreter
+
 
 def _counting(monkeypatch, ops):
     calls = []
@@ -26,7 +28,7 @@ def _counting(monkeypatch, ops):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_frame_major_group_norm_runs_the_kernels(monkeypatch, channels_last):
     g = torch.Generator().manual_seed(0)
-    frames = torch.randn(2 * 3, 8, 5, 6, generator=g) * 3 + 1.5     # (B*F, C, H, W)
+    frames = (torch.randn(2 * 3, 8, 5, 6, generator=g) * 3 + 1.5).to(DEV)     # (B*F, C, H, W)
     if channels_last:
         frames = frames.to(memory_format=torch.channels_last)
     x = frames.reshape(2, 3, 8, 5, 6).permute(0, 2, 1, 3, 4)        # (B, C, F, H, W) view
@@ -39,7 +41,7 @@ def test_frame_major_group_norm_runs_the_kernels(monkeypatch, channels_last):
     p, count = group_norm_partials(x, 4)
     assert count == n and torch.allclose(p, ref_p, rtol=1e-6, atol=1e-6)   # fp32 tile sums
     mean, rstd = group_norm_finalize(p, count, 1e-5)
-    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    w, b = torch.randn(8, generator=g).to(DEV), torch.randn(8, generator=g).to(DEV)
     y = group_norm_apply(x, mean, rstd, w, b, "silu")
     ref = group_norm_apply_reference(x.contiguous(), mean, rstd, w, b, "silu")
     assert y.stride() == x.stride()                        # the input's layout, no copy
@@ -50,8 +52,8 @@ def test_frame_major_group_norm_runs_the_kernels(monkeypatch, channels_last):
 
 
 def test_a_whole_unet_forward_on_the_triton_kernels(monkeypatch):
-    model = tiny_unet()
-    x, ctx = unet_inputs(3, batch=1, hw=4)
+    model = tiny_unet().to(DEV)
+    x, ctx = (t.to(DEV) for t in unet_inputs(3, batch=1, hw=4))
     vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2))
     with torch.no_grad():
         ref = model(x, 900, encoder_hidden_states=ctx).sample

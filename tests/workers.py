@@ -36,7 +36,7 @@ def group_norm_rank(rank, world, sizes):
     return out, err
 
 
-def gather_rank(rank, world, sizes):
+def gather_rank(rank, world, sizes, staged=False):
     layout = vinf.ClipLayout.from_sizes(sizes)
     Ft = layout.num_frames
     video = torch.arange(Ft, dtype=torch.float32)[None, :, None].expand(2, Ft, 3) * 10
@@ -46,7 +46,7 @@ def gather_rank(rank, world, sizes):
         g = torch.Generator().manual_seed(100 + r)
         n = int(torch.randint(0, Ft + 1, (1,), generator=g))
         wants.append(tuple(sorted(torch.randperm(Ft, generator=g)[:n].tolist())))
-    comm = vinf.ClipComm()
+    comm = vinf.ClipComm(stage_all=staged)      # staged: the host-buffer path of GPU tensors on gloo
     clip = split(video, sizes, rank, dim=1).contiguous()
     got = comm.gather_frames(clip, 1, layout, wants)
     counters = comm.counters.snapshot()
@@ -57,7 +57,7 @@ def gather_rank(rank, world, sizes):
     return got, wants[rank], counters, fused, comm.counters.snapshot()
 
 
-def batch_rank(rank, world, sizes):
+def batch_rank(rank, world, sizes, staged=False):
     """Three exchanges set aside, then posted as one batch: fp32 frames with sums, bf16 frames
     (odd byte counts: alignment), sums alone. Own positions are the caller's to fill."""
     layout = vinf.ClipLayout.from_sizes(sizes)
@@ -66,7 +66,7 @@ def batch_rank(rank, world, sizes):
     video = video.expand(2, Ft, 3).contiguous()
     wants_a = tuple(tuple(range(Ft)) for _ in range(world))
     wants_b = tuple(tuple(f for f in range(Ft) if (f + r) % 2 == 0) for r in range(world))
-    comm = vinf.ClipComm()
+    comm = vinf.ClipComm(stage_all=staged)
     clip = split(video, sizes, rank, dim=1).contiguous()
     sums = torch.full((2, 3), float(rank + 1), dtype=torch.float64)
     items = [comm.prepare(clip, 1, layout, wants_a, sums),

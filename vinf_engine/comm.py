@@ -181,9 +181,12 @@ class ClipComm:
     else a single process (``world_size == 1``; nothing is ever sent).
     """
 
-    def __init__(self, process_group=None, *, timeout: datetime.timedelta | None = None):
+    def __init__(self, process_group=None, *, timeout: datetime.timedelta | None = None,
+                 stage_all: bool = False):
         import torch.distributed as dist
         self.counters = CommCounters()
+        # Tests: stage CPU tensors through host buffers too (the path GPU tensors take on gloo).
+        self._stage_all = stage_all
         if isinstance(timeout, (int, float)):
             timeout = datetime.timedelta(seconds=timeout)
         self.timeout = timeout or DEFAULT_TIMEOUT
@@ -246,6 +249,24 @@ class ClipComm:
                 self.rank).wait()
 
     # ---------------------------------------------------------------- data plane
+    def _staged(self, device) -> bool:
+        """Whether transfers of tensors on ``device`` go through host buffers: gloo moves CPU
+        tensors only, so two processes on one GPU (or GPUs without NCCL) stage there."""
+        return self.backend == "gloo" and (torch.device(device).type != "cpu" or self._stage_all)
+
+    def _outbound(self, t: torch.Tensor) -> torch.Tensor:
+        """What goes on the wire for ``t``: itself, or a host copy (pinned for a GPU tensor)."""
+        if not self._staged(t.device):
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        return host.copy_(t)
+
+    def _inbound(self, shape, dtype, device) -> torch.Tensor:
+        """A buffer to receive into: on ``device``, or on the host when staged."""
+        if not self._staged(device):
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, pin_memory=torch.device(device).type == "cuda")
+
     def _index(self, idx: tuple, device) -> torch.Tensor:
         # Index tensors live on the device once per plan: building them per call would be a
         # host-to-device copy, i.e. a synchronisation, on every exchange.
@@ -303,12 +324,12 @@ class ClipComm:
         import torch.distributed as dist
         ops, recvs, sent, received = [], [], 0, 0
         for peer, idx in plan.sends:
-            buf = x.index_select(dim, self._index(idx, x.device))
+            buf = self._outbound(x.index_select(dim, self._index(idx, x.device)))
             ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
             sent += buf.numel() * buf.element_size()
         for peer, pos in plan.recvs:
             shape[dim] = len(pos)
-            buf = x.new_empty(shape)
+            buf = self._inbound(shape, x.dtype, x.device)
             ops.append(dist.P2POp(dist.irecv, buf, self._global[peer], self.group))
             recvs.append((pos, buf))
             received += buf.numel() * buf.element_size()
@@ -317,7 +338,7 @@ class ClipComm:
 
         def finish():
             for pos, buf in recvs:
-                out.index_copy_(dim, self._index(pos, x.device), buf)
+                out.index_copy_(dim, self._index(pos, x.device), buf.to(x.device))
             return out
         return Pending(works, finish, self._data_timeout, what, self.rank)
 
@@ -385,6 +406,7 @@ class ClipComm:
                     else:
                         buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
                     off += _pad8(n)
+                buf = self._outbound(buf)
                 ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
                 sent, n_send = sent + size, n_send + 1
             layout_in, off = [], 0
@@ -397,7 +419,7 @@ class ClipComm:
                     f_off, off = off, off + _pad8(nf)
                 layout_in.append((s_off, f_off))
             if off:
-                buf = torch.empty(off, dtype=torch.uint8, device=device)
+                buf = self._inbound((off,), torch.uint8, device)
                 ops.append(dist.P2POp(dist.irecv, buf, self._global[peer], self.group))
                 incoming.append((peer, buf, layout_in))
                 received, n_recv = received + off, n_recv + 1
@@ -405,12 +427,13 @@ class ClipComm:
         works = dist.batch_isend_irecv(ops) if ops else []
 
         def finish():
+            landed = [(peer, buf.to(device), lay) for peer, buf, lay in incoming]
             results = []
             for i, it in enumerate(items):
                 out = None if it.out_shape is None else torch.empty(it.out_shape, dtype=it.dtype,
                                                                       device=it.device)
                 parts = None if it.sums is None else [None] * self.world_size
-                for peer, buf, layout_in in incoming:
+                for peer, buf, layout_in in landed:
                     s_off, f_off = layout_in[i]
                     if s_off is not None:
                         n = it.sums.numel() * it.sums.element_size()
@@ -438,8 +461,8 @@ class ClipComm:
         import torch.distributed as dist
         n = t.numel() * t.element_size()
         self._count(0, 0, n, n)
-        if self.backend == "gloo" and t.device.type != "cpu":
-            host = t.cpu()
+        if self._staged(t.device):
+            host = self._outbound(t)
             work = dist.all_reduce(host, group=self.group, async_op=True)
             return Pending([work], lambda: t.copy_(host), self._data_timeout, what, self.rank)
         work = dist.all_reduce(t, group=self.group, async_op=True)
@@ -449,14 +472,15 @@ class ClipComm:
         """Blocking point-to-point send of ``t`` to ``peer`` (a rank of this group), counted."""
         import torch.distributed as dist
         self._count(1, 0, t.numel() * t.element_size(), 0)
-        dist.send(t.contiguous(), dst=self._global[peer], group=self.group)
+        dist.send(self._outbound(t.contiguous()), dst=self._global[peer], group=self.group)
 
     def recv(self, t: torch.Tensor, peer: int) -> torch.Tensor:
         """Blocking receive into ``t`` from ``peer``, counted; returns ``t``."""
         import torch.distributed as dist
         self._count(0, 1, 0, t.numel() * t.element_size())
-        dist.recv(t, src=self._global[peer], group=self.group)
-        return t
+        buf = self._inbound(t.shape, t.dtype, t.device)
+        dist.recv(buf, src=self._global[peer], group=self.group)
+        return t if buf is t else t.copy_(buf)
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place."""
@@ -478,19 +502,19 @@ class ClipComm:
             ops, got = [], None
             sent = received = 0
             if peer in sends:
-                buf = x.index_select(dim, self._index(sends[peer], x.device))
+                buf = self._outbound(x.index_select(dim, self._index(sends[peer], x.device)))
                 ops.append(dist.P2POp(dist.isend, buf, self._global[peer], self.group))
                 sent = buf.numel() * buf.element_size()
             if peer in recvs:
                 shape[dim] = len(recvs[peer])
-                got = x.new_empty(shape)
+                got = self._inbound(shape, x.dtype, x.device)
                 ops.append(dist.P2POp(dist.irecv, got, self._global[peer], self.group))
                 received = got.numel() * got.element_size()
             self._count(int(peer in sends), int(peer in recvs), sent, received)
             Pending(dist.batch_isend_irecv(ops), lambda: None, self._data_timeout, what,
                     self.rank).wait()
             if got is not None:
-                out.index_copy_(dim, self._index(recvs[peer], x.device), got)
+                out.index_copy_(dim, self._index(recvs[peer], x.device), got.to(x.device))
             self.device_sync(x.device)
         return out
 

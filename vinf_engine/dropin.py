@@ -65,10 +65,8 @@ class _Split:
         layout = eng.layout
         clip = output[0] if isinstance(output, tuple) else output.sample
         everything = tuple(tuple(range(layout.num_frames)) for _ in range(layout.world_size))
-        host = eng.comm.backend == "gloo" and clip.device.type != "cpu"
-        src = clip.cpu() if host else clip
-        whole = eng.comm.post_frames(src.contiguous(), 2, layout, everything,
-                                     "denoiser output gather").wait().to(clip.device)
+        whole = eng.comm.post_frames(clip.contiguous(), 2, layout, everything,
+                                     "denoiser output gather").wait()
         if isinstance(output, tuple):
             return (whole, *output[1:])
         return type(output)(sample=whole)

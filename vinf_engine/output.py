@@ -20,6 +20,7 @@ def stream_video(chunks, comm, size: tuple, writer, note) -> int:
     decodes at once and rank 0 holds at most one foreign chunk. Each chunk goes as a frame
     count, then the frames; a count of 0 ends a rank's stream. Returns frames written (rank 0)."""
     H, W = size
+    # The frames are on the host already; NCCL moves device tensors only.
     device = torch.device("cpu")
     if comm.backend == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -50,9 +51,7 @@ def gather_latents(latents: torch.Tensor, layout, comm, path: str) -> str | None
     """The whole video's final latents ``(B, C, F, h, w)`` fp32 in one ``.pt`` file, written
     by rank 0 to a temporary file beside ``path``, whose name is returned (None elsewhere) for
     the caller to move into place once the video is complete too."""
-    device = torch.device("cpu")
-    if comm.backend == "nccl":
-        device = latents.device
+    device = latents.device
     if comm.rank == 0:
         parts = [latents.float().cpu()]
         for src in range(1, comm.world_size):
@@ -62,5 +61,5 @@ def gather_latents(latents: torch.Tensor, layout, comm, path: str) -> str | None
         directory, name = os.path.split(os.path.abspath(path))
         return save_temp({"latents": torch.cat(parts, dim=2)}, directory, prefix=f".{name}.",
                          suffix=".partial")
-    comm.send(latents.float().to(device), 0)
+    comm.send(latents.float(), 0)
     return None

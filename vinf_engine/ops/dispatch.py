@@ -14,7 +14,7 @@ belongs to ``bench/kernels.py``):
   benchmarks print it), that key never uses the backend again in this process, and the call
   goes on with the next backend. Under CUDA-graph capture the error is raised instead.
 
-The environment variable ``VINF_BACKEND=reference|triton|cuda|auto`` overrides the choice
+The environment variable ``VINF_BACKEND=reference|triton|cuda|xformers|auto`` overrides the choice
 (``triton`` on CPU runs the kernels under ``TRITON_INTERPRET=1``); a forced backend that
 cannot take the arguments is a ValueError naming why.
 """
@@ -30,13 +30,14 @@ import torch
 
 __all__ = ["register", "call", "chosen", "failures", "summary", "choose", "BACKENDS", "ORDER"]
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "xformers")
 # Candidates on CUDA tensors, first supported wins.
-ORDER = ("cuda", "triton", "reference")
+ORDER = ("cuda", "triton", "xformers", "reference")
 ORDER_REASON = (
     "cuda first: the native kernels read the engine's own layouts (strided QKV views, "
     "channels-last) without launch-time compilation; triton next: every shape the CUDA "
-    "kernels refuse (tokens per frame > 1, head dims other than 64/128); the reference last. "
+    "kernels refuse (tokens per frame > 1, head dims other than 64/128); xformers (a peer, "
+    "when its CUDA operator runs: a dense bias per clip) before the reference, last. "
     "Not yet timed on a GPU: bench/kernels.py times each backend beside its peers, and a "
     "GPU session that measures otherwise should change this order.")
 
@@ -81,7 +82,8 @@ def _load_backends(requested: str):
         if requested == "triton" and not torch.cuda.is_available():
             # Must precede the first import of triton.
             os.environ.setdefault("TRITON_INTERPRET", "1")
-        for mod in ("vinf_engine.kernels", "vinf_engine.ops.cuda_backend"):
+        for mod in ("vinf_engine.kernels", "vinf_engine.ops.cuda_backend",
+                    "vinf_engine.ops.xformers_backend"):
             try:
                 __import__(mod)
             except ImportError:

@@ -184,9 +184,7 @@ class WanPipelines(PipelineFamily):
         vae = pipe.vae
         K = causal_history(vae)
         wants = tuple(tuple(history_range(K, layout.start(r))) for r in range(layout.world_size))
-        on_host = comm.backend == "gloo"
-        src = latents.cpu() if on_host else latents
-        history = comm.gather_frames(src.contiguous(), 2, layout, wants).to(latents.device)
+        history = comm.gather_frames(latents.contiguous(), 2, layout, wants)
 
         def denormalize(z):
             # WanPipeline's own arithmetic, in the VAE's dtype: latents / (1/std) + mean.
