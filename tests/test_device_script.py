@@ -1,5 +1,6 @@
 """bench/device_check.sh, the one call a lent GPU gets: its CPU dry run (DEVICE=cpu, the same
-steps at tiny shapes) passes every step and returns what the device tool can bring back; the
+steps at tiny shapes) passes every step and returns what the device tool can bring back (the
+kernel and Wan benchmarks' rows checked here: their CPU smoke runs); the
 budget skips what does not fit, never starting it; failures are reported, the next step still
 runs; ONLY reruns chosen steps."""
 import json
@@ -59,6 +60,22 @@ def test_the_cpu_dry_run_passes_every_step(tmp_path):
     errs = [x["rel_err_2_vs_1_rank"] for x in inv if "rel_err_2_vs_1_rank" in x]
     assert len(errs) == 4 and max(errs) <= 1e-5
     assert json.load(open(tmp_path / "throughput.json"))["complete"]
+    # The Wan benchmark: every method at each length, the engine's 2-rank output equal to
+    # its 1-rank output, Ulysses' to dense attention's, ring's reason for not running.
+    report = json.load(open(tmp_path / "throughput-wan.json"))
+    wan = {(x["method"], x["frames"]): x for x in report["rows"]}
+    for method in ("engine", "engine1", "dense", "ulysses"):
+        for frames in (3, 6):
+            x = wan[(method, frames)]
+            assert "error" not in x and x["seconds_per_step"] > 0, x
+            assert len(x["peak_mib_per_rank"]) == (1 if method in ("engine1", "dense") else 2)
+    for frames in (3, 6):
+        assert wan[("engine", frames)]["max_rel_diff_vs_1_rank"] <= 1e-5
+        assert wan[("ulysses", frames)]["max_rel_diff_vs_dense"] <= 1e-5
+        assert "per_frame_vs_dense" in wan[("engine", frames)]
+    assert all(b > 0 for b in wan[("ulysses", 6)]["mib_sent_per_rank_per_step"])
+    assert all(b > 0 for b in wan[("engine", 6)]["mib_received_per_rank_per_step"])
+    assert "LSE" in wan[("ring", None)]["skipped"]
 
 
 def test_the_budget_skips_steps_it_cannot_hold(tmp_path):
