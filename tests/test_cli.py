@@ -70,7 +70,27 @@ def table(tmp_path_factory, tiny_model):
     shutil.copytree(model, broken)
     weights = next(p for p in (broken / "unet").iterdir() if p.suffix == ".safetensors")
     weights.write_bytes(weights.read_bytes()[:200])
+    # Weights that load but hold NaN; a config that does not fit its weights.
+    nan = w / "nan"
+    shutil.copytree(model, nan)
+    from safetensors.torch import load_file, save_file
+    wfile = next(p for p in (nan / "unet").iterdir() if p.suffix == ".safetensors")
+    tensors = load_file(str(wfile))
+    tensors[sorted(tensors)[0]].fill_(float("nan"))
+    save_file(tensors, str(wfile))
+    mismatch = w / "mismatch"
+    shutil.copytree(model, mismatch)
+    ucfg = json.loads((mismatch / "unet" / "config.json").read_text())
+    ucfg["block_out_channels"] = [16, 48]
+    (mismatch / "unet" / "config.json").write_text(json.dumps(ucfg))
+    # Checkpoints that are all corrupt (this run's names, garbage inside).
+    ck_corrupt = w / "ck_corrupt"
+    ck_corrupt.mkdir()
+    for r in range(WORLD):
+        (ck_corrupt / f"rank{r:05d}-of-{WORLD:05d}.step000001.pt").write_bytes(b"PK\x03\x04 not a zip")
     # Prompt files.
+    empty_scene = w / "empty_scene.txt"
+    empty_scene.write_text("0: the cat\n2:\n")
     good_prompts = w / "prompts.txt"
     good_prompts.write_text("0: the cat\n2: a dog\n")
     binary = w / "binary.txt"
@@ -136,6 +156,19 @@ def table(tmp_path_factory, tiny_model):
                                           "already holds a checkpoint"),
         "missing required argument": ([["generate", "--model", model, "--prompt", "x"]] * WORLD,
                                       "the following arguments are required: --frames"),
+        "seed past 64 bits": (same(**{"--seed": str(2 ** 64)}), "seed must be an integer in [0, 2**64)"),
+        "steps past the scheduler": (same(**{"--steps": "2000"}),
+                                     "steps 2000 is more than the scheduler's 1000 training timesteps"),
+        "report is a folder": (same(**{"--report": str(w / "empty")}), "--report path"),
+        "checkpoint dir under a file": (same(**{"--checkpoint-dir": str(binary / "ck")}),
+                                        "is a file, not a directory"),
+        "scene with no text": (same(**{P: None, "--prompt-file": str(empty_scene)}),
+                               "line 2: the scene at frame 2 has no text"),
+        "weights holding NaN": (same(**{"--model": str(nan)}), "weights hold NaN or Inf in 1 tensor"),
+        "config that does not fit its weights": (
+            same(**{"--model": str(mismatch)}), "its config does not match its weights: "),
+        "every checkpoint corrupt": (same(**{"--checkpoint-dir": str(ck_corrupt), "--resume": True}),
+                                     "is unreadable (not a complete checkpoint file: truncated or corrupt)"),
     }
     names = list(cases)
     reference = str(w / "reference" / "ref.mp4")
@@ -163,7 +196,10 @@ def test_the_table_has_at_least_15_cases(table):
     "ranks with different arguments", "unknown scheduler", "negative window",
     "fps on a model without fps input", "bad dtype", "resume without checkpoint dir",
     "resume with nothing to resume", "checkpoint from another config",
-    "checkpoint dir already in use", "missing required argument"])
+    "checkpoint dir already in use", "missing required argument", "seed past 64 bits",
+    "steps past the scheduler", "report is a folder", "checkpoint dir under a file",
+    "scene with no text", "weights holding NaN", "config that does not fit its weights",
+    "every checkpoint corrupt"])
 def test_bad_input_is_refused_on_every_rank(table, name):
     _, needle = table["cases"][name]
     messages = []
@@ -172,8 +208,11 @@ def test_bad_input_is_refused_on_every_rank(table, name):
         assert code == 2, (rank, code, err)
         assert needle in err, (rank, err)
         assert seconds < 20, (rank, seconds)                   # refused, not timed out
-        # The same message on every rank, up to the "[rank r/2]" prefix.
+        # The same message on every rank, up to the "[rank r/2]" prefix; one line, short,
+        # and never advice to switch a safety check off.
         messages.append(err.replace(f"[rank {rank}/{WORLD}]", "[rank]"))
+        assert (err.count("\n") == 1 or name == "missing required argument") and len(err) < 2000, err
+        assert "weights_only" not in err and "ignore_mismatched_sizes" not in err, err
     assert messages[0] == messages[1]
     # Nothing written: no video, no partial file; the existing file is untouched.
     assert sorted(os.listdir(os.path.dirname(table["out"]))) == ["existing.mp4", "folder.mp4"]

@@ -215,7 +215,7 @@ def test_prompt_files_and_schedules(tmp_path):
     f.write_text("the cat\na dog\nthe end\n")
     assert _scenes(read_prompt_file(str(f)), 10) == [(0, "the cat"), (3, "a dog"), (6, "the end")]
     f.write_text("0: the cat\na dog\n")
-    with pytest.raises(GenerationError, match="no 'FRAME:' prefix"):
+    with pytest.raises(GenerationError, match="line 2: no 'FRAME: ' prefix"):
         read_prompt_file(str(f))
     f.write_bytes(b"\xff\xfe bad")
     with pytest.raises(GenerationError, match="not UTF-8"):

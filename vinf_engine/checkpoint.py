@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 
 import numpy as np
 import torch
+
+from .files import temp_file
 
 __all__ = ["Checkpointer", "CheckpointError", "pack_scheduler_state", "restore_scheduler_state"]
 
@@ -34,7 +35,7 @@ def _unlink(path):
 def save_temp(obj, directory: str, *, prefix: str, suffix: str) -> str:
     """``torch.save`` ``obj`` into a new hidden file in ``directory``, flushed to disk; returns
     its path, for the caller to ``os.replace`` into place. Nothing is left behind on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    fd, tmp = temp_file(directory, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -48,6 +49,17 @@ def save_temp(obj, directory: str, *, prefix: str, suffix: str) -> str:
 
 class CheckpointError(ValueError):
     pass
+
+
+def unreadable(e: BaseException) -> str:
+    """Why a checkpoint file cannot be read, in one short line: torch's own message for a
+    damaged file runs to many lines and ends with advice to load it unsafely."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if "weights_only" in str(e) or "Unpickl" in type(e).__name__ or "pickle" in text.lower():
+        return "not a complete checkpoint file: truncated or corrupt"
+    if "zip archive" in text or "central directory" in text or "EOF" in text:
+        return "not a complete checkpoint file: truncated or corrupt"
+    return f"{type(e).__name__}: {text[:160]}"
 
 
 # ---------------------------------------------------------------- scheduler state
@@ -138,34 +150,36 @@ class Checkpointer:
     def my_steps(self) -> list[int]:
         return sorted(self.scan().get(self.world, {}).get(self.rank, []))
 
-    def check_resumable(self) -> tuple[str | None, list[int]]:
-        """``(problem, steps)``: the steps this rank can resume from, newest last, after checking
-        that they belong to this run; or why it cannot resume. Reads only this rank's files."""
+    def check_resumable(self) -> tuple[str | None, list[int], list[str]]:
+        """``(problem, steps, skipped)``: the steps this rank can resume from, newest last,
+        after checking that they belong to this run, and the unreadable files it skipped; or
+        why it cannot resume. Reads only this rank's files."""
         found = self.scan()
         if not found:
-            return f"--resume: no checkpoint in {self.dir}", []
+            return f"--resume: no checkpoint in {self.dir}", [], []
         if self.world not in found:
             other = ", ".join(str(w) for w in sorted(found))
             return (f"--resume: the checkpoint in {self.dir} was written by {other} rank(s); "
-                    f"this run has {self.world}. Resume with the same number of ranks"), []
+                    f"this run has {self.world}. Resume with the same number of ranks"), [], []
         steps = self.my_steps()
         if not steps:
-            return f"--resume: rank {self.rank} has no checkpoint file in {self.dir}", []
+            return f"--resume: rank {self.rank} has no checkpoint file in {self.dir}", [], []
         good, problems = [], []
         for s in steps:
             try:
                 head = self._load(s)
             except Exception as e:  # noqa: BLE001 - a damaged file is reported, not fatal here
-                problems.append(f"{os.path.basename(self.path(s))} is unreadable ({type(e).__name__}: {e})")
+                problems.append(f"{os.path.basename(self.path(s))} is unreadable ({unreadable(e)})")
                 continue
             if head.get("fingerprint") != self.fingerprint:
                 return (f"--resume: the checkpoint in {self.dir} was made with different settings "
                         f"({_diff(head.get('settings', {}), self.settings)}); refusing to mix "
-                        "them. Use the original settings or another --checkpoint-dir"), []
+                        "them. Use the original settings or another --checkpoint-dir"), [], []
             good.append(s)
         if not good:
-            return f"--resume: no usable checkpoint for rank {self.rank}: " + "; ".join(problems), []
-        return None, good
+            return (f"--resume: no usable checkpoint for rank {self.rank}: "
+                    + "; ".join(problems), [], [])
+        return None, good, problems
 
     def check_fresh(self) -> str | None:
         """Why a new run must not start in this directory (it holds a checkpoint), or None."""
@@ -176,7 +190,9 @@ class Checkpointer:
                     "pass --resume to continue it, or choose an empty directory")
         if os.path.exists(self.dir) and not os.path.isdir(self.dir):
             return f"--checkpoint-dir {self.dir} exists and is not a directory"
-        parent = self.dir if os.path.isdir(self.dir) else os.path.dirname(self.dir)
+        parent = self.dir if os.path.isdir(self.dir) else os.path.dirname(os.path.abspath(self.dir))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            return f"--checkpoint-dir: its parent {parent} is a file, not a directory"
         if not os.path.isdir(parent):
             return f"--checkpoint-dir: parent directory {parent} does not exist"
         if not os.access(parent, os.W_OK | os.X_OK):

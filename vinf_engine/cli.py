@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import traceback
 
 __all__ = ["main", "build_parser"]
@@ -171,8 +170,10 @@ def _env_int(name, default):
 
 
 def _log(rank: int, world: int, msg: str):
+    # One write per message: ranks sharing a terminal (torchrun) then never mix their lines.
     prefix = "vinf_engine generate" + (f" [rank {rank}/{world}]" if world > 1 else "")
-    print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{prefix}: {msg}\n")
+    sys.stderr.flush()
 
 
 def main(argv=None) -> int:
@@ -262,9 +263,10 @@ def _generate_command(args) -> int:
     if args.out is None and args.save_latents is None:
         extra.append("nothing to write: give --out VIDEO.mp4 (and/or --save-latents FILE.pt)")
     if rank == 0 and args.report:
-        parent = os.path.dirname(os.path.abspath(args.report))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            extra.append(f"--report: directory {parent!r} does not exist or is not writable")
+        from .video import check_output_path
+        e = check_output_path(args.report, overwrite=args.overwrite, suffixes=(".json",))
+        if e:
+            extra.append(e.replace("output", "--report", 1))
     code = EXIT_OK
     try:
         report = generate(settings=settings_from(args),
@@ -296,8 +298,9 @@ def _generate_command(args) -> int:
 
 
 def _write_atomic(path: str, text: str):
+    from .files import temp_file
     directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    fd, tmp = temp_file(directory, prefix=f".{name}.", suffix=".partial")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)

@@ -34,8 +34,9 @@ def initial_noise(seed: int, shape: Sequence[int], frames: range | None = None, 
     -------
     (B, C, len(frames), H, W) tensor.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        # Seeds are mixed as 64-bit words: 2**64 would draw what 0 draws.
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if len(shape) != 5 or any((not isinstance(s, int)) or s < 1 for s in shape):
         raise ValueError(f"shape must be (B, C, F_total, H, W) of positive ints, got {tuple(shape)}")
     B, C, F, H, W = shape
@@ -78,8 +79,8 @@ def step_noise(seed: int, step: int, shape: Sequence[int], frames: range | None 
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     step_seed = _frame_seed(seed ^ _STEP_SALT, step)
     return initial_noise(step_seed, shape, frames, dtype=dtype, device=device)
 

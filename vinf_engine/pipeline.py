@@ -24,13 +24,14 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 import time
 from typing import Callable, Sequence
 
 import torch
 
 from .checkpoint import (Checkpointer, CheckpointError, pack_scheduler_state,
-                         restore_scheduler_state)
+                         restore_scheduler_state, unreadable)
 from .comm import ClipComm
 from .layout import ClipLayout
 from .noise import initial_noise, step_generators, step_noise
@@ -192,6 +193,10 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
                               f"{[r for r, d in enumerate(digests) if d != digests[0]]} "
                               "loaded different model weights than rank 0")
     timings["load"] = time.perf_counter() - t0
+    warns = family.prompt_warnings(s, pipe)
+    if rank == 0:
+        for w in warns:
+            _say(f"warning: {w}")
     config = s.resolved_config(family.default_config(pipe))
     tdtype = next(family.denoisers(pipe)[0].parameters()).dtype
 
@@ -218,11 +223,11 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
     fingerprint = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
 
     # 3. Checkpoints: what this rank can resume from, then agree on the step.
-    ckpt, start_step, latents = None, 0, None
+    ckpt, start_step, latents, skipped = None, 0, None, []
     if s.checkpoint_dir:
         ckpt = Checkpointer(s.checkpoint_dir, rank, world, fingerprint, record)
-        start_step, latents = _resume_point(ckpt, s, sched, comm, device,
-                                            (1, plan.shape[1], len(frames), *plan.shape[3:]))
+        start_step, latents, skipped = _resume_point(
+            ckpt, s, sched, comm, device, (1, plan.shape[1], len(frames), *plan.shape[3:]))
 
     # Inputs are settled. From here a failure is a broken run, not bad input.
     from .parallel import parallelize, unparallelize
@@ -249,11 +254,14 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
         bar = Progress(progress and rank == 0, n_iter, plan.frames, start_step)
         if start_step:
             bar.note(f"resuming from the checkpoint of step {start_step}/{n_iter}")
+        for x in skipped:
+            bar.note(f"skipped an unreadable checkpoint: {x}")
         with torch.no_grad():
             for i in range(start_step, n_iter):
                 step_i = i
                 latents = denoise_step(sched, cond, latents, i, timesteps[i], s.seed,
                                        plan.shape, frames, device)
+                _check_finite(comm, latents, i, n_iter)
                 done = i + 1
                 if ckpt is not None and (done % s.checkpoint_every == 0 or done == n_iter):
                     phase = "checkpoint"
@@ -299,7 +307,7 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
             raise
         where = f" (step {step_i + 1}/{n_iter})" if phase in ("denoising", "checkpoint") else ""
         msg = f"rank {rank}: generation failed during {phase}{where}: {type(e).__name__}: {_short(e)}"
-        if world > 1 and "peer" not in msg:
+        if world > 1 and "peer" not in msg and not isinstance(e, NonFiniteError):
             msg += (" -- if this is a communication error or a timeout, another rank died or "
                     "stopped responding; see its log")
         raise GenerationFailed(msg) from e
@@ -348,7 +356,8 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
         fps_conditioning=fps_value, scenes=[list(x) for x in s.scenes], config=config.as_dict(),
         ranks=world, backend=comm.backend or "none", comm_mode=s.comm_mode,
         dtype=str(tdtype).replace("torch.", ""),
-        resumed_from_step=start_step or None, steps_run=denoised,
+        resumed_from_step=start_step or None, skipped_checkpoints=skipped, warnings=warns,
+        steps_run=denoised,
         frame_steps_per_s=(plan.frames * denoised / slowest) if slowest > 0 and denoised else None,
         timings_s={k: max(r["timings_s"].get(k, 0.0) for r in per_rank)
                    for k in per_rank[0]["timings_s"]},
@@ -375,6 +384,23 @@ def denoise_step(sched, cond, latents, i: int, t, seed: int, shape: tuple, frame
     return nxt.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4).float()
 
 
+class NonFiniteError(RuntimeError):
+    """The latents hold NaN or Inf: the model's weights or numerics broke, not a peer."""
+
+
+def _check_finite(comm: ClipComm, latents, i: int, n: int):
+    """Every rank's latents finite after step ``i``, or every rank raises naming the ranks:
+    one device sync and, with several ranks, one control-plane agreement per step."""
+    ok = bool(torch.isfinite(latents).all())
+    oks = comm.agree(ok) if comm.world_size > 1 else [ok]
+    if not all(oks):
+        bad = [r for r, x in enumerate(oks) if not x]
+        raise NonFiniteError(
+            f"the latents hold NaN or Inf after step {i + 1}/{n} on rank(s) {bad}: the model's "
+            "weights or its numerics produce them (in float16, try --dtype bfloat16); nothing "
+            "was written")
+
+
 # ==================================================================== phases' helpers
 def _model_problems(family, s: GenerateSettings, pipe, world: int) -> list[str]:
     from .models import adapter_for
@@ -394,9 +420,20 @@ def _model_problems(family, s: GenerateSettings, pipe, world: int) -> list[str]:
         if why:
             p.append(why)
     p = list(dict.fromkeys(p))                 # two experts: one message each
+    p += family.check_weights(pipe)
     why = family.scheduler_problem(s.scheduler)
     if why:
         p.append(why)
+    else:
+        sched = family.make_scheduler(pipe, s.scheduler)
+        limit = getattr(sched.config, "num_train_timesteps", None)
+        if limit is not None and s.steps > limit:
+            p.append(f"steps {s.steps} is more than the scheduler's {limit} training timesteps")
+        else:
+            try:
+                sched.set_timesteps(s.steps)
+            except Exception as e:  # noqa: BLE001 - whatever the scheduler says, said now
+                p.append(f"{type(sched).__name__} cannot take {s.steps} steps: {_short(e)}")
     if not p:
         plan = family.plan(s, pipe)
         if plan.latent_frames < world:
@@ -407,11 +444,11 @@ def _model_problems(family, s: GenerateSettings, pipe, world: int) -> list[str]:
 
 def _resume_point(ckpt, s, sched, comm, device, clip_shape) -> tuple:
     """``(start_step, latents or None)`` from the checkpoints every rank holds, agreed."""
-    problems, steps_avail = [], []
+    problems, steps_avail, skipped = [], [], []
     try:
         pack_scheduler_state(sched)          # a scheduler we cannot save fails now, not at step k
         if s.resume:
-            err, steps_avail = ckpt.check_resumable()
+            err, steps_avail, skipped = ckpt.check_resumable()
         else:
             err = ckpt.check_fresh()
         if err:
@@ -420,9 +457,11 @@ def _resume_point(ckpt, s, sched, comm, device, clip_shape) -> tuple:
         problems.append(f"checkpointing: {e}")
     except Exception as e:  # noqa: BLE001
         problems.append(f"checkpoint dir: {type(e).__name__}: {e}")
-    held = _agree(comm, problems, steps_avail, "the checkpoint")
+    held = _agree(comm, problems, (steps_avail, skipped), "the checkpoint")
     if not s.resume:
-        return 0, None
+        return 0, None, []
+    skipped = [f"rank {r}: {x}" for r, (_, sk) in enumerate(held) for x in sk]
+    held = [h for h, _ in held]
     common = set(held[0]).intersection(*(set(x) for x in held[1:]))
     if not common:
         raise GenerationError(
@@ -438,10 +477,10 @@ def _resume_point(ckpt, s, sched, comm, device, clip_shape) -> tuple:
                                   f"{ckpt.path(start)} do not fit this run")
         restored = head["scheduler"]
     except Exception as e:  # noqa: BLE001
-        problems.append(f"checkpoint step {start}: {type(e).__name__}: {e}")
+        problems.append(f"checkpoint step {start}: {unreadable(e)}")
     _agree(comm, problems, None, "the checkpoint")
     restore_scheduler_state(sched, restored, device)
-    return start, latents.to(device)
+    return start, latents.to(device), skipped
 
 
 def _same(values: list, what: str):
@@ -477,6 +516,12 @@ def _sum_counters(snapshots) -> dict:
         for k, v in snap.items():
             total[k] = total.get(k, 0) + v
     return total
+
+
+def _say(line: str):
+    """One line on stderr in one write, so that ranks sharing a terminal never mix lines."""
+    sys.stderr.write(f"vinf_engine: {line}\n")
+    sys.stderr.flush()
 
 
 def _short(e: BaseException, limit: int = 400) -> str:

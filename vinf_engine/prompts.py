@@ -1,22 +1,33 @@
 """Prompts: one scene or several, from arguments or a prompt file, placed on global frames."""
 from __future__ import annotations
 
+import re
+
 from .settings import GenerationError
 
 __all__ = ["read_prompt_file", "scenes", "scene_of"]
 
 
-def read_prompt_file(path: str) -> list:
-    """Scenes from a text file: one prompt per non-empty line (``#`` starts a comment line).
+_SCENE = re.compile(r"^(\d+):(?:\s+(.*))?$")
 
-    Either no line names a frame (the scenes split the video evenly), or every line starts with
-    ``FRAME:`` (the global frame at which that scene begins; the first must be 0)::
+
+def read_prompt_file(path: str) -> list:
+    """Scenes from a UTF-8 text file (a byte-order mark is fine): one prompt per non-empty
+    line; a line starting with ``#`` is a comment.
+
+    Either no line names a frame (the scenes split the video evenly), or every line is a scene
+    ``FRAME: prompt``, digits, a colon, then whitespace: the global (video) frame at which that
+    scene begins, the first 0::
 
         0: a red panda wakes up in a bamboo forest
         96: the red panda climbs a tree
+
+    ``16:9 cinematic shot`` is a plain prompt (no space after the colon). A line that starts
+    with a backslash is taken literally without it: ``\12: the apostles`` is the prompt
+    ``12: the apostles``, ``\# one`` the prompt ``# one``.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except FileNotFoundError:
         raise GenerationError(f"prompt file {path!r} does not exist") from None
@@ -28,21 +39,33 @@ def read_prompt_file(path: str) -> list:
         raise GenerationError(f"prompt file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise GenerationError(f"prompt file {path!r} cannot be read: {e}") from None
-    lines = [ln.strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
+    entries = []                              # (line number, frame or None, text)
+    for number, raw in enumerate(text.splitlines(), 1):
+        ln = raw.strip()
+        if not ln or ln.startswith("#"):
+            continue
+        if ln.startswith("\\"):
+            entries.append((number, None, ln[1:].strip()))
+            continue
+        m = _SCENE.match(ln)
+        if m is None:
+            entries.append((number, None, ln))
+            continue
+        if not (m.group(2) or "").strip():
+            raise GenerationError(f"prompt file {path!r}, line {number}: the scene at frame "
+                                  f"{m.group(1)} has no text")
+        entries.append((number, int(m.group(1)), m.group(2).strip()))
+    if not entries:
         raise GenerationError(f"prompt file {path!r} holds no prompt")
-    starts = []
-    for ln in lines:
-        head, sep, rest = ln.partition(":")
-        starts.append(int(head) if sep and head.strip().isdigit() and rest.strip() else None)
-    if all(s is None for s in starts):
-        return lines
-    if any(s is None for s in starts):
-        bad = next(i for i, s in enumerate(starts) if s is None)
-        raise GenerationError(f"prompt file {path!r}: line {bad + 1} of its prompts has no "
-                              "'FRAME:' prefix; give every scene its first frame, or none")
-    return [(s, ln.partition(":")[2].strip()) for s, ln in zip(starts, lines)]
+    if all(f is None for _, f, _ in entries):
+        return [t for _, _, t in entries]
+    plain = [n for n, f, _ in entries if f is None]
+    if plain:
+        raise GenerationError(f"prompt file {path!r}, line {plain[0]}: no 'FRAME: ' prefix, but "
+                              "other lines have one; give every scene its first frame, or none "
+                              "(a prompt that itself starts with digits and ': ' is written "
+                              "with a leading backslash)")
+    return [(f, t) for _, f, t in entries]
 
 
 def scenes(prompts, num_frames: int) -> list[tuple[int, str]]:

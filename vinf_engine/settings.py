@@ -101,8 +101,8 @@ class GenerateSettings:
             if v is not None and (not _is_num(v) or v < 0):
                 what = "guidance scale" + (" 2" if name.endswith("2") else "")
                 p.append(f"{what} must be a finite number >= 0, got {v!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            p.append(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 64:
+            p.append(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if isinstance(self.config, dict):
             try:
                 DualScopeConfig(**self.config)

@@ -8,9 +8,10 @@ the requested name and never replaces an existing one.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from .files import temp_file
 
 __all__ = ["VideoWriter", "read_video", "check_output_path", "frames_to_uint8"]
 
@@ -62,7 +63,7 @@ class VideoWriter:
         self.size = (width, height)
         self.frames = 0
         directory, name = os.path.split(self.path)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.mp4", dir=directory)
+        fd, self.tmp = temp_file(directory, prefix=f".{name}.", suffix=".partial.mp4")
         os.close(fd)
         self._gen = imageio_ffmpeg.write_frames(
             self.tmp, (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",

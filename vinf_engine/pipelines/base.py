@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -98,6 +99,37 @@ class PipelineFamily(ABC):
     def kind(self, pipe) -> str:
         return self.name
 
+    def text_limit(self, pipe) -> int:
+        """Tokens of the text encoder's input; longer prompts are cut to it."""
+        return int(pipe.tokenizer.model_max_length)
+
+    def prompt_warnings(self, s, pipe) -> list[str]:
+        """A line for every prompt the text encoder will cut short, naming the limit."""
+        limit = self.text_limit(pipe)
+        out = []
+        texts = [t for _, t in s.scenes] + ([s.negative_prompt] if s.negative_prompt else [])
+        for text in dict.fromkeys(texts):
+            n = len(pipe.tokenizer(text, truncation=False).input_ids)
+            if n > limit:
+                short = text if len(text) <= 40 else text[:37] + "..."
+                out.append(f"prompt {short!r} is {n} tokens; the text encoder takes {limit}, "
+                           "the rest is cut")
+        return out
+
+    def check_weights(self, pipe) -> list[str]:
+        """A problem for every module whose weights hold NaN or Inf (they load, then make a
+        black video)."""
+        out = []
+        for name in self.components:
+            m = getattr(pipe, name, None)
+            if m is None:
+                continue
+            bad = [n for n, p in m.named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                out.append(f"{name} weights hold NaN or Inf in {len(bad)} tensor(s), e.g. "
+                           f"{bad[:3]}")
+        return out
+
     # ---------------------------------------------------------------- shared behaviour
     def make_scheduler(self, pipe, name: str | None):
         import diffusers
@@ -164,13 +196,29 @@ class Conditioning:
             attn.set_processor(old)
 
 
+def load_error(e: BaseException) -> str:
+    """One line for a loading error: torch lists every mismatched tensor (tens of KB for a
+    config that does not fit its weights) and ends with advice to ignore the mismatch."""
+    text = str(e)
+    mismatches = re.findall(r"size mismatch for ([\w.]+): copying a param with shape "
+                            r"torch.Size\((\[[^\]]*\])\) from checkpoint, the shape in current "
+                            r"model is torch.Size\((\[[^\]]*\])\)", text)
+    if mismatches:
+        first = "; ".join(f"{n}: weights {a}, config {b}" for n, a, b in mismatches[:2])
+        return (f"its config does not match its weights: {len(mismatches)} tensor(s) differ in "
+                f"shape, e.g. {first}")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    return f"{type(e).__name__}: {line if len(line) <= 300 else line[:300] + '...'}"
+
+
 def load_component(name: str, load, path: str):
     """``load()`` of one diffusers component with its loading info; a GenerationError naming
     the component on failure or missing weights."""
     try:
         model, info = load()
     except Exception as e:  # noqa: BLE001 - safetensors, torch and diffusers raise many types
-        raise GenerationError(f"cannot load {name} from {path!r}: {type(e).__name__}: {e}") from None
+        raise GenerationError(f"cannot load {name} from {path!r}: {load_error(e)}") from None
     if info.get("missing_keys"):
         raise GenerationError(f"{name} weights in {path!r} lack {len(info['missing_keys'])} "
                               f"tensor(s), e.g. {sorted(info['missing_keys'])[:3]}")
@@ -189,7 +237,7 @@ def load_transformers(index: dict, path: str, dtype) -> dict:
         try:
             obj = cls.from_pretrained(os.path.join(path, name), local_files_only=True, **kw)
         except Exception as e:  # noqa: BLE001
-            raise GenerationError(f"cannot load {name} from {path!r}: {type(e).__name__}: {e}") from None
+            raise GenerationError(f"cannot load {name} from {path!r}: {load_error(e)}") from None
         loaded[name] = obj.eval() if name == "text_encoder" else obj
     return loaded
 

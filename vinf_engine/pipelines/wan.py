@@ -102,6 +102,9 @@ class WanPipelines(PipelineFamily):
             return "wan2.2-a14b"
         return "wan2.2-ti2v" if pipe.config.expand_timesteps else "wan2.1"
 
+    def text_limit(self, pipe) -> int:
+        return TEXT_LEN
+
     def denoisers(self, pipe) -> list:
         return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
 
