@@ -155,8 +155,11 @@ class UNet3DAdapter(AdapterBase):
 
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"
+        # One process holds the whole video: the stock GroupNorm and temporal convs are then
+        # exactly the whole-video ones (zero padding at the true ends), with no overhead.
+        alone = engine.world_size == 1
         # Starting the context from the transformer's input pays only when it can overlap.
-        early = not blocking and engine.world_size > 1
+        early = not blocking and not alone
         for m in list(model.modules()):
             if type(m) is TransformerTemporalModel:
                 first = m.transformer_blocks[0] if len(m.transformer_blocks) else None
@@ -168,7 +171,8 @@ class UNet3DAdapter(AdapterBase):
                         and isinstance(m.proj_in, nn.Linear)
                         and m.proj_in.in_features <= m.proj_in.out_features):
                     slot = ContextSlot(m.proj_in, first.norm1)
-                patcher.swap_class(m.norm, ClipGroupNorm, _vinf=engine, _vinf_slot=slot)
+                if not alone:
+                    patcher.swap_class(m.norm, ClipGroupNorm, _vinf=engine, _vinf_slot=slot)
                 for block in m.transformer_blocks:
                     for attn in (block.attn1, block.attn2):
                         if attn is None:
@@ -179,7 +183,7 @@ class UNet3DAdapter(AdapterBase):
                             proc = DualScopeAttnProcessor(
                                 engine, slot if attn is first.attn1 else None)
                         patcher.set_processor(attn, proc)
-            elif type(m) is TemporalConvLayer:
+            elif type(m) is TemporalConvLayer and not alone:
                 patcher.swap_class(m, BlockingTemporalConvLayer if blocking
                                    else ClipTemporalConvLayer, _vinf=engine)
 
