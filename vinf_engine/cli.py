@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = g.add_argument_group("runtime")
     r.add_argument("--decode-chunk", metavar="N", type=INT, default=DEFAULTS["decode_chunk"],
                    help="(latent) frames the VAE decodes at once")
+    r.add_argument("--chunk-mib", metavar="MIB", type=REAL, default=1024.0,
+                   help="working memory of each per-frame or per-token layer: layers that would "
+                        "need more run over chunks of frames, positions or tokens (0: off)")
     r.add_argument("--checkpoint-dir", metavar="DIR", default=None,
                    help="save each rank's latents every --checkpoint-every steps")
     r.add_argument("--checkpoint-every", metavar="K", type=INT,

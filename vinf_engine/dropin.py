@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .config import DualScopeConfig
+from .parallel import DEFAULT_CHUNK_MIB
 
 __all__ = ["parallelize_pipe", "unparallelize_pipe"]
 
@@ -73,7 +74,7 @@ class _Split:
 
 
 def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=None, *,
-                     comm_mode: str = "overlap", timeout=None):
+                     comm_mode: str = "overlap", timeout=None, chunk_mib=DEFAULT_CHUNK_MIB):
     """Make the unchanged ``pipe(...)`` call, made on every rank with the same arguments,
     generate one video across the ranks; returns ``pipe``.
 
@@ -97,7 +98,8 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
     undo = []
     try:
         for model in family.denoisers(pipe):
-            parallelize(model, config, process_group, comm_mode=comm_mode, timeout=timeout)
+            parallelize(model, config, process_group, comm_mode=comm_mode, timeout=timeout,
+                        chunk_mib=chunk_mib)
             undo.append(lambda m=model: unparallelize(m))
             split = _Split(model, model.vinf_engine.adapter.inputs)
             # Before the engine's own pre-hook (its agreement must see the clip).

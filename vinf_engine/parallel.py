@@ -53,8 +53,11 @@ class ClipParallel:
     mode : str, one of ``scheduler.MODES``
     """
 
-    def __init__(self, config: DualScopeConfig, comm: ClipComm, mode: str = "overlap"):
+    def __init__(self, config: DualScopeConfig, comm: ClipComm, mode: str = "overlap",
+                 chunk_mib: float | None = None):
         self.config = config
+        # Per-layer working memory of memory-bounded execution (layers.chunked); 0: off.
+        self.chunk_bytes = int((chunk_mib or 0) * 2 ** 20)
         self.comm = comm
         self.scheduler = CommScheduler(comm, mode)
         self.mode = mode
@@ -334,8 +337,11 @@ def _sample_timesteps(timestep, batch: int) -> tuple:
     raise ValueError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
 
 
+DEFAULT_CHUNK_MIB = 1024
+
+
 def parallelize(model, config: DualScopeConfig | None = None, process_group=None, *,
-                comm_mode: str = "overlap", timeout=None):
+                comm_mode: str = "overlap", timeout=None, chunk_mib: float | None = DEFAULT_CHUNK_MIB):
     """Make ``model`` run one clip of a long video per rank; patches it in place.
 
     ``model`` is any model of a registered family (``vinf_engine.models.families()``: diffusers
@@ -356,6 +362,13 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     the waits inside a step are stream waits, which never block the host; there the process
     group's own timeout (``init_process_group(timeout=...)``) bounds them.
 
+    ``chunk_mib`` (default 1024) bounds each per-frame or per-token layer's working memory:
+    layers whose temporaries would exceed it run over chunks of frames (a UNet's resnets,
+    spatial transformers, samplers), positions (temporal feed-forwards) or tokens (a DiT's
+    feed-forwards), their outputs written in place, so that memory grows with the video only
+    by what each frame must keep between layers. The same output as unchunked up to the
+    rounding of a smaller matrix product. None or 0: off.
+
     Returns the model.
     """
     from .models import Patcher, adapter_for
@@ -364,6 +377,9 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         local_error = f"config must be a vinf_engine.DualScopeConfig, got {type(config).__name__}"
     elif comm_mode not in MODES:
         local_error = f"comm_mode must be one of {MODES}, got {comm_mode!r}"
+    elif chunk_mib is not None and (isinstance(chunk_mib, bool) or not isinstance(
+            chunk_mib, (int, float)) or not chunk_mib >= 0):
+        local_error = f"chunk_mib must be a number of MiB >= 0 or None, got {chunk_mib!r}"
     elif getattr(model, "vinf_engine", None) is not None:
         local_error = "model is already parallelized (call vinf_engine.unparallelize first)"
     else:
@@ -390,7 +406,7 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         diff = [r for r, (_, fp) in enumerate(rows) if fp != rows[0][1]]
         raise ValueError(f"parallelize refused: rank(s) {diff} hold a different config or model "
                          f"than rank 0 (config {rows[0][1][0]} on rank 0)")
-    engine = ClipParallel(config, comm, comm_mode)
+    engine = ClipParallel(config, comm, comm_mode, chunk_mib)
     if comm.world_size > 1:
         # Touch the data plane once so that a broken link fails here, not mid-step, and so
         # that NCCL's first collective is one every rank joins.

@@ -115,7 +115,8 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
         on CPU), ``decode_chunk`` (latent frames the VAE decodes at once), ``save_latents`` (a
         ``.pt`` file for the whole video's final latents), ``checkpoint_dir``,
         ``checkpoint_every``, ``resume`` (a resumed video is identical to an uninterrupted
-        one), ``comm_mode`` ("overlap", exact, the default; "blocking", the published
+        one), ``chunk_mib`` (each layer's working memory, default 1024; see
+        ``vinf_engine.parallelize``), ``comm_mode`` ("overlap", exact, the default; "blocking", the published
         pattern, UNet3D only; "stale", the previous step's halos and statistics).
         Unset steps, guidance and video fps take the family's defaults (UNet3D: the paper's
         30, 12, 8; Wan: WanPipeline's 50, 5, 16).
@@ -238,7 +239,8 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
     denoisers = family.denoisers(pipe)
     try:
         for m in denoisers:
-            parallelize(m, config, process_group, comm_mode=s.comm_mode, timeout=ctl_timeout)
+            parallelize(m, config, process_group, comm_mode=s.comm_mode, timeout=ctl_timeout,
+                        chunk_mib=s.chunk_mib)
 
         # 4. Text: one embedding per scene (+ the negative prompt for guidance).
         phase = "text encoding"

@@ -75,6 +75,7 @@ class GenerateSettings:
     resume: bool = False
     overwrite: bool = False
     comm_mode: str = "overlap"
+    chunk_mib: float = 1024.0
     scenes: list = field(default_factory=list, init=False)   # set by problems()
 
     @classmethod
@@ -120,6 +121,8 @@ class GenerateSettings:
             p.append(f"video fps must be a positive number, got {self.video_fps!r}")
         if not _is_int(self.crf) or not 0 <= self.crf <= 51:
             p.append(f"crf must be an integer in [0, 51], got {self.crf!r}")
+        if not _is_num(self.chunk_mib) or self.chunk_mib < 0:
+            p.append(f"chunk MiB must be a number >= 0 (0: unchunked), got {self.chunk_mib!r}")
         if self.comm_mode not in COMM_MODES:
             p.append(f"comm mode must be one of {list(COMM_MODES)}, got {self.comm_mode!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -92,6 +92,15 @@ class Patcher:
         handle = module.register_forward_hook(fn)
         self.engine.on_undo(handle.remove)
 
+    def chunk(self, module: torch.nn.Module, rows: tuple, dim: int, factor: float):
+        """Run ``module`` over chunks of the rows (dim ``dim`` of its arguments ``rows``)
+        within the engine's memory budget (``layers.chunked``); nothing when unbudgeted."""
+        from ..layers.chunked import chunked
+        if not self.engine.chunk_bytes:
+            return
+        self.swap_class(module, chunked(type(module)), _vinf_rows=rows, _vinf_dim=dim,
+                        _vinf_bytes=self.engine.chunk_bytes, _vinf_factor=factor)
+
     def flush_after(self, modules):
         """Stale-mode batch boundaries: the scheduler posts what it set aside after each of
         ``modules`` runs (no-op in the other modes). Every rank runs the same modules, so

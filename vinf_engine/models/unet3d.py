@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 from diffusers import UNet3DConditionModel
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.upsampling import Upsample2D
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
@@ -83,6 +87,14 @@ def _project(attn, x, which):
     k = attn.to_k(x).unflatten(-1, (H, -1))
     v = attn.to_v(x).unflatten(-1, (H, -1))
     return (attn.norm_k(k) if attn.norm_k is not None else k), v
+
+
+# Per-frame layers and their peak temporaries per input byte (a resnet holds ~3 activations
+# besides its input; a spatial transformer's GEGLU feed-forward 8, plus attention and
+# projections), and the temporal transformers' feed-forwards, per position.
+_FRAME_LAYERS = ((ResnetBlock2D, ("input_tensor", "temb"), 4),
+                 (Transformer2DModel, ("hidden_states", "encoder_hidden_states"), 12),
+                 (Downsample2D, ("hidden_states",), 3), (Upsample2D, ("hidden_states",), 4))
 
 
 @register
@@ -153,6 +165,22 @@ class UNet3DAdapter(AdapterBase):
     def default_config(model) -> DualScopeConfig:
         return DualScopeConfig()        # the paper's settings (VideoCrafter2)
 
+    @staticmethod
+    def _chunk(model, patcher: Patcher, alone: bool):
+        """Memory-bounded execution: per-frame layers over frame chunks; the temporal
+        transformers' feed-forwards over position chunks, and on one process their whole
+        blocks (on several ranks a block per chunk would exchange its context per chunk)."""
+        for m in list(model.modules()):
+            for cls, rows, factor in _FRAME_LAYERS:
+                if type(m) is cls:
+                    patcher.chunk(m, rows, 0, factor)
+            if type(m) is TransformerTemporalModel:
+                for block in m.transformer_blocks:
+                    if type(block.ff) is FeedForward:
+                        patcher.chunk(block.ff, ("hidden_states",), 0, 10)
+                    if alone and type(block) is BasicTransformerBlock:
+                        patcher.chunk(block, ("hidden_states",), 0, 8)
+
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"
         # One process holds the whole video: the stock GroupNorm and temporal convs are then
@@ -186,6 +214,8 @@ class UNet3DAdapter(AdapterBase):
             elif type(m) is TemporalConvLayer and not alone:
                 patcher.swap_class(m, BlockingTemporalConvLayer if blocking
                                    else ClipTemporalConvLayer, _vinf=engine)
+
+        self._chunk(model, patcher, alone)
 
         def begin(module, args, kwargs):
             engine.begin_step(*step_arguments(args, kwargs, self.inputs))

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttnProcessor,
                                                            WanRotaryPosEmbed)
 
@@ -269,6 +270,10 @@ class WanAdapter(AdapterBase):
         patcher.swap_class(model.rope, ClipWanRotaryPosEmbed, _vinf=engine, _vinf_grid=grid)
         for block in model.blocks:
             patcher.set_processor(block.attn1, WanDualScopeProcessor(engine, grid, M))
+            if type(block.ffn) is FeedForward:
+                # Its hidden layer is ffn_dim/dim (5.8 for Wan 2.1) times the tokens, in the
+                # model's dtype, plus the GELU's temporary: over token chunks.
+                patcher.chunk(block.ffn, ("hidden_states",), 1, 8)
         warned = set()
 
         def begin(module, args, kwargs):

@@ -180,8 +180,13 @@ class Conditioning:
         self._undo = []
 
     def swap_processor(self, attn, processor):
-        self._undo.append((attn, attn.processor))
+        old = attn.processor
         attn.set_processor(processor)
+        self._undo.append(lambda: attn.set_processor(old))
+
+    def pre_hook(self, module, fn):
+        """``fn(module, args, kwargs)`` before every call of ``module``, until ``close``."""
+        self._undo.append(module.register_forward_pre_hook(fn, with_kwargs=True).remove)
 
     def guided(self, out: torch.Tensor, scale: float) -> torch.Tensor:
         """Classifier-free guidance over a batch of [uncond, cond]."""
@@ -192,8 +197,7 @@ class Conditioning:
 
     def close(self):
         while self._undo:
-            attn, old = self._undo.pop()
-            attn.set_processor(old)
+            self._undo.pop()()
 
 
 def load_error(e: BaseException) -> str:

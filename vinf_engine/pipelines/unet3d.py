@@ -198,10 +198,20 @@ class _Conditioning(Conditioning):
             self._install(rows_)
 
     def _install(self, text_rows):
-        from diffusers.models.attention_processor import Attention
+        # Every spatial transformer gets the rows as its encoder_hidden_states before it
+        # runs (before a memory-bounded run splits them into frame chunks with its input).
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        def give_rows(module, args, kwargs):
+            if kwargs.get("encoder_hidden_states") is None:
+                return None
+            if text_rows.shape[0] != args[0].shape[0]:
+                raise RuntimeError(f"per-frame text has {text_rows.shape[0]} rows for "
+                                   f"{args[0].shape[0]} frames")
+            return args, dict(kwargs, encoder_hidden_states=text_rows)
         for m in self.unet.modules():
-            if isinstance(m, Attention) and m.is_cross_attention:
-                self.swap_processor(m, _FrameTextProcessor(m.processor, text_rows))
+            if isinstance(m, Transformer2DModel):
+                self.pre_hook(m, give_rows)
 
     def predict(self, x, t):
         """The guided noise prediction for this rank's latents ``x`` at timestep ``t``."""
@@ -209,26 +219,6 @@ class _Conditioning(Conditioning):
         eps = self.unet(xin.to(self.unet.dtype), t, encoder_hidden_states=self.text,
                         **self.extra).sample.float()
         return self.guided(eps, self.guidance)
-
-
-class _FrameTextProcessor:
-    """Cross-attention with text that changes along the video: UNet3D repeats the text
-    embedding over frames before its spatial transformers; this substitutes each frame's own
-    scene embedding."""
-
-    def __init__(self, inner, text_rows):
-        self.inner = inner
-        self.text_rows = text_rows
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 **kwargs):
-        if encoder_hidden_states is not None:
-            if self.text_rows.shape[0] != hidden_states.shape[0]:
-                raise RuntimeError(f"per-frame text has {self.text_rows.shape[0]} rows for "
-                                   f"{hidden_states.shape[0]} frames")
-            encoder_hidden_states = self.text_rows
-        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          attention_mask=attention_mask, **kwargs)
 
 
 def t2v_pipeline(**components):

@@ -1,0 +1,205 @@
+"""Peak memory of one denoising forward against the video's length, side by side in one run:
+the engine (memory-bounded execution, its default), the engine with chunking off, diffusers,
+and diffusers with ``enable_forward_chunking``; the per-frame slope of each; a PNG plot.
+
+    python bench/memory.py                          # CPU: tiny UNet3D, latent 32x32, fp32
+    python bench/memory.py --preset modelscope --latent 8x8 --frames 8,16,24
+                                                    # the 1.41B UNet's per-frame bytes, scaled
+    python bench/memory.py --device cuda --preset modelscope --frames 64,128,256
+
+One no-grad forward with classifier-free guidance (batch 2) per (method, frames), each in its
+own process (a fresh allocator): on CPUs the peak RSS above the process's resident size just
+before the forward (``/proc/self/clear_refs`` resets the peak; large allocations mapped one by
+one, ``MALLOC_MMAP_THRESHOLD_``, so that freed memory leaves the RSS), on GPUs
+``max_memory_allocated`` above the memory held before it. The slope is a least-squares fit of
+peak memory against frames. With ``--preset modelscope`` the bytes per frame are also scaled to
+320x512 (the activations grow with the latent's area, as bench/throughput.py scales bytes) and
+give, with the SPEC's measured H200 step time, the longest video that fits one H200 and the
+projected time of 2,300 frames x 30 steps. Weights are random, never downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import PRESETS, build_unet  # noqa: E402
+
+METHODS = {
+    "engine": "vinf_engine.parallelize (exact config, memory-bounded default)",
+    "engine unchunked": "vinf_engine.parallelize(chunk_mib=0)",
+    "diffusers": "stock UNet3DConditionModel",
+    "diffusers chunked FF": "stock + enable_forward_chunking(chunk_size=1, dim=1)",
+}
+H200_GIB = 139.0                  # SPEC: about 139 GiB of GPU memory
+H200_MS_PER_FRAME_STEP = 6.68     # SPEC section 5: eager diffusers, 256 frames, 320x512, CFG
+FULL_LATENT = (40, 64)            # 320x512
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(rank, world, method, preset_name, frames, latent_hw, device_name, chunk_mib):
+    """Peak bytes of one forward of ``method`` on ``frames`` frames, above the memory held
+    just before it."""
+    import vinf_engine as vinf
+    device = torch.device(device_name)
+    preset = PRESETS[preset_name]
+    dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
+    model = build_unet(preset, device, dtype)
+    if method.startswith("engine"):
+        vinf.parallelize(model, vinf.DualScopeConfig(window=1000, num_global=0, phase_bias=0.0),
+                         chunk_mib=chunk_mib if method == "engine" else 0)
+    elif method == "diffusers chunked FF":
+        model.enable_forward_chunking(chunk_size=1, dim=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, frames, *latent_hw, generator=g).to(device, dtype)
+    text = torch.randn(2, preset["text_len"], preset["unet"]["cross_attention_dim"],
+                       generator=g).to(device, dtype)
+    with torch.no_grad():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _rss_kib("VmRSS:") * 1024
+        t0 = time.perf_counter()
+        model(x, 500, encoder_hidden_states=text)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            peak = _rss_kib("VmHWM:") * 1024
+    return dict(peak_bytes=max(0, peak - before), seconds=time.perf_counter() - t0)
+
+
+def slope(points):
+    """Least-squares bytes per frame of [(frames, bytes)]."""
+    n = len(points)
+    mx = sum(f for f, _ in points) / n
+    my = sum(b for _, b in points) / n
+    den = sum((f - mx) ** 2 for f, _ in points)
+    return sum((f - mx) * (b - my) for f, b in points) / den if den else float("nan")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
+    ap.add_argument("--frames", default="8,16,32", help="comma-separated lengths (3 or more)")
+    ap.add_argument("--latent", default="32x32")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--chunk-mib", type=float, default=64.0,
+                    help="the engine's budget per layer (the package default is 1024; the "
+                         "CPU default run's tiny layers need a smaller one to chunk at all)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "out", "memory.json"))
+    a = ap.parse_args(argv)
+    # glibc keeps freed memory mapped (arenas, the trim threshold), so peak RSS would also
+    # count what an earlier layer freed: every allocation of 64 KiB or more gets its own
+    # mapping instead, returned on free, and the peak RSS follows the live tensors. The
+    # spawned processes read it at start.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    from vinf_engine.launch import run_local
+    frames = [int(f) for f in a.frames.split(",")]
+    if len(frames) < 3:
+        ap.error("--frames: give 3 or more lengths")
+    latent = tuple(int(v) for v in a.latent.lower().split("x"))
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    device = "cuda:0" if a.device == "cuda" else "cpu"
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    rows = []
+    report = dict(benchmark="memory", date=time.strftime("%Y-%m-%d"), device=a.device,
+                  preset=a.preset, latent_hw=latent, chunk_mib=a.chunk_mib, rows=rows,
+                  methods={m: METHODS[m] for m in methods})
+
+    def save():
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"vinf_engine memory: {a.preset} UNet3D, latent {latent}, CFG batch 2, {a.device}",
+          flush=True)
+    for method in methods:
+        for n in frames:
+            try:
+                (r,) = run_local(measure, 1, method, a.preset, n, latent, device, a.chunk_mib,
+                                 threads=2, timeout=1800)
+                row = dict(method=method, frames=n, peak_mib=r["peak_bytes"] / 2 ** 20,
+                           seconds=r["seconds"])
+            except RuntimeError as e:
+                row = dict(method=method, frames=n, error=str(e)[-400:])
+            rows.append(row)
+            print("  " + json.dumps(row), flush=True)
+            save()
+    slopes = {}
+    for method in methods:
+        pts = [(r["frames"], r["peak_mib"] * 2 ** 20) for r in rows
+               if r["method"] == method and "error" not in r]
+        if len(pts) >= 2:
+            slopes[method] = slope(pts)
+    report["mib_per_frame"] = {m: s / 2 ** 20 for m, s in slopes.items()}
+    print()
+    for m, s in slopes.items():
+        rel = f" ({s / slopes['diffusers']:.2f}x diffusers')" if "diffusers" in slopes else ""
+        print(f"{m:<22} {s / 2 ** 20:8.2f} MiB per frame{rel}")
+    if a.preset == "modelscope" and "engine" in slopes:
+        scale = (FULL_LATENT[0] * FULL_LATENT[1]) / (latent[0] * latent[1])
+        if a.device == "cpu":
+            scale /= 2                             # fp32 here, bf16 on the GPU
+        proj = {}
+        for m, s in slopes.items():
+            per_frame_gib = s * scale / 2 ** 30
+            proj[m] = dict(gib_per_frame_320x512_bf16=per_frame_gib,
+                           gib_at_2300_frames=per_frame_gib * 2300,
+                           longest_video_on_one_h200=int(H200_GIB / per_frame_gib))
+            print(f"{m:<22} at 320x512 bf16: {per_frame_gib:.4f} GiB per frame; 2,300 frames "
+                  f"{per_frame_gib * 2300:.1f} GiB; one H200 holds {proj[m]['longest_video_on_one_h200']} "
+                  "frames (activations only, beside ~2.8 GiB of weights)")
+        report["projection"] = dict(
+            per_method=proj, assumption="activations scale with the latent's area; fp32 on CPU "
+            "halved for bf16; weights not included",
+            time_2300x30_s=2300 * 30 * H200_MS_PER_FRAME_STEP / 1e3,
+            time_note="SPEC's measured eager diffusers 6.68 ms per frame-step on one H200 "
+                      "(engine overhead on one process ~1.0x on CPU; not measured on a GPU)")
+        print(f"2,300 frames x 30 steps at the SPEC's {H200_MS_PER_FRAME_STEP} ms per frame-step: "
+              f"{report['projection']['time_2300x30_s']:.0f} s")
+    save()
+    _plot(rows, methods, os.path.splitext(a.out)[0] + ".png", report)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _plot(rows, methods, path, report):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = [(r["frames"], r["peak_mib"]) for r in rows if r["method"] == m and "error" not in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xlabel("frames")
+    ax.set_ylabel("peak MiB of one forward")
+    ax.set_title(f"{report['preset']} UNet3D, latent {report['latent_hw']}, {report['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    report["plot"] = path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

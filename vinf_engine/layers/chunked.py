@@ -1,0 +1,86 @@
+"""Memory-bounded execution: a module's forward over chunks of its rows.
+
+Layers that act per frame (a UNet's resnets, spatial transformers, samplers) or per token
+(feed-forwards, cross-attention) hold, at their peak, several temporaries the size of their
+input. Run over chunks of rows, each chunk's temporaries are freed before the next starts and
+the outputs are written into one preallocated tensor, so a layer's working memory is bounded
+by the budget whatever the video's length; what still grows with the video is what must be
+held per frame between layers (the latents, the skip connections, layer outputs).
+
+``chunked(cls)`` is ``cls`` with that forward, a subclass (same parameters, same
+``state_dict``), given to a module with ``Patcher.swap_class`` and these attributes:
+
+    _vinf_rows    names of the forward's arguments whose dim ``_vinf_dim`` are the rows
+    _vinf_dim     the row dimension (0: frames or positions in a batch; 1: a DiT's tokens)
+    _vinf_bytes   the working memory allowed: a chunk's input rows x ``_vinf_factor``
+    _vinf_factor  temporaries per input byte at the layer's peak (a reasoned estimate)
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+__all__ = ["chunked", "rows_per_chunk"]
+
+_CLASSES: dict = {}
+
+
+def rows_per_chunk(x: torch.Tensor, dim: int, budget_bytes: int, factor: float) -> int:
+    """Rows of ``x`` (along ``dim``) per chunk: the largest number whose input bytes times
+    ``factor`` fit ``budget_bytes``, at least one."""
+    n = x.shape[dim]
+    per_row = x.numel() // max(1, n) * x.element_size()
+    return max(1, int(budget_bytes // max(1.0, per_row * factor)))
+
+
+class _Chunked:
+    def forward(self, *args, **kwargs):
+        bound = self._vinf_sig.bind(self, *args, **kwargs)
+        a = bound.arguments
+        d = self._vinf_dim
+        names = [n for n in self._vinf_rows if isinstance(a.get(n), torch.Tensor)]
+        base = super().forward
+        if not names or not self._vinf_bytes:
+            return base(*args, **kwargs)
+        x = a[names[0]]
+        n = x.shape[d]
+        step = rows_per_chunk(x, d, self._vinf_bytes, self._vinf_factor)
+        if step >= n:
+            return base(*args, **kwargs)
+        full = {nm: a[nm] for nm in names if a[nm].dim() > d and a[nm].shape[d] == n}
+        out = None
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            for nm, t in full.items():
+                a[nm] = t.narrow(d, r0, r1 - r0)
+            y = base(*bound.args[1:], **bound.kwargs)
+            out = _place(out, y, d, n, r0, r1)
+        return out
+
+
+def _place(out, y, d: int, n: int, r0: int, r1: int):
+    """Write chunk output ``y`` (a tensor, a tuple of them, or a diffusers output) into
+    ``out``, allocated at the first chunk with ``n`` rows along ``d``."""
+    if isinstance(y, torch.Tensor):
+        if out is None:
+            shape = list(y.shape)
+            shape[d] = n
+            out = y.new_empty(shape)
+        out.narrow(d, r0, r1 - r0).copy_(y)
+        return out
+    if isinstance(y, tuple):
+        return tuple(_place(None if out is None else o, v, d, n, r0, r1)
+                     for o, v in zip(out or (None,) * len(y), y))
+    # diffusers' BaseOutput: an ordered dict of tensors
+    placed = {k: _place(None if out is None else out[k], v, d, n, r0, r1) for k, v in y.items()}
+    return type(y)(**placed)
+
+
+def chunked(cls: type) -> type:
+    """``cls`` with its forward run over chunks of rows (see the module docstring)."""
+    got = _CLASSES.get(cls)
+    if got is None:
+        got = _CLASSES[cls] = type(f"Chunked{cls.__name__}", (_Chunked, cls),
+                                   {"_vinf_sig": inspect.signature(cls.forward)})
+    return got
