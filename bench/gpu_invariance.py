@@ -65,10 +65,22 @@ def _call(family, model, x, t, ctx):
 
 
 def rank_outputs(rank, world, device, dtype_name, backend):
-    """This rank's outputs per (family, timestep), and the dispatcher's summary."""
+    """This rank's outputs per (family, timestep), and the dispatcher's summary (world 1:
+    in this process, no process group)."""
     import vinf_engine as vinf
     from vinf_engine.ops import dispatch
+    old = os.environ.get("VINF_BACKEND")
     os.environ["VINF_BACKEND"] = backend
+    try:
+        return _outputs(vinf, dispatch, rank, world, device, dtype_name)
+    finally:
+        if old is None:
+            os.environ.pop("VINF_BACKEND", None)
+        else:
+            os.environ["VINF_BACKEND"] = old
+
+
+def _outputs(vinf, dispatch, rank, world, device, dtype_name):
     dtype = getattr(torch, dtype_name)
     dev = torch.device(device)
     out = {}
@@ -107,12 +119,11 @@ def main(argv=None):
     for dtype in dtypes:
         t0 = time.time()
         try:
-            (one, disp1), = run_local(rank_outputs, 1, device, dtype, "auto", threads=1,
-                                      timeout=240)
+            # One rank in this process (no process group); two in spawned ones.
+            one, disp1 = rank_outputs(0, 1, device, dtype, "auto")
             two = run_local(rank_outputs, 2, device, dtype, "auto", threads=1, timeout=240)
             # On the CPU "auto" is the reference already.
-            ref = one if a.device == "cpu" else run_local(
-                rank_outputs, 1, device, dtype, "reference", threads=1, timeout=240)[0][0]
+            ref = one if a.device == "cpu" else rank_outputs(0, 1, device, dtype, "reference")[0]
         except RuntimeError as e:
             emit(dict(dtype=dtype, error=str(e)[-1500:]))
             continue
