@@ -15,6 +15,10 @@ def check_int(name: str, v, lo: int = 0) -> int:
 
 
 def check_real(name: str, v) -> float:
+    """``v`` as a float; a symbolic number under torch.compile passes as it is (its value is
+    the data of the graph, not a constant to specialize on)."""
+    if isinstance(v, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
+        return v
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)

@@ -240,8 +240,9 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
                                         valid_right, tokens_per_frame, local_bias, global_bias,
                                         scale)
     out, lse = _dual_scope_attention_op(q, k, v, k_global, v_global, window, pad, valid_left,
-                                        valid_right, T, float(local_bias), float(global_bias),
-                                        float(scale), bool(return_lse))
+                                        valid_right, T, check_real("local_bias", local_bias),
+                                        check_real("global_bias", global_bias), scale,
+                                        bool(return_lse))
     return (out, lse) if return_lse else out
 
 

@@ -88,7 +88,7 @@ def attention_with_lse(q, k, v, *, scale=None, bias=0.0):
             raise ValueError(f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}: "
                              "they must match")
     scale = q.shape[-1] ** -0.5 if scale is None else check_real("scale", scale)
-    return _attention_with_lse_op(q, k, v, float(scale), float(check_real("bias", bias)))
+    return _attention_with_lse_op(q, k, v, scale, check_real("bias", bias))
 
 
 def merge_attention(o1, lse1, o2, lse2):
