@@ -106,6 +106,8 @@ class ClipParallel:
             row = (F, B, C, H, W, dt, t)
         except ValueError as e:
             local = str(e)
+        except Exception as e:          # whatever fails here must reach every rank too
+            local = f"{type(e).__name__}: {e}"
         got = self.comm.agree((local, row, probe))
         bad = [f"rank {r}: {err}" for r, (err, _, _) in enumerate(got) if err]
         if bad:
@@ -309,8 +311,9 @@ def _read_with_probe(timestep, sample: torch.Tensor) -> tuple:
     """``(timestep on the CPU, probe)``: ``probe`` is a checksum of the clip's first elements
     (telling apart ranks that were given the same clip). A CUDA timestep and the probe come
     to the host in one copy: the step's one device sync."""
-    # The first frame's first channel of the first sample: a copy of at most one plane.
-    probe = sample[0, 0, 0].reshape(-1)[:4096].double().sum().reshape(1)
+    # The first frame's first channel of the first sample: a copy of at most one plane (and
+    # of nothing for an empty clip, which the agreement refuses on every rank).
+    probe = sample[:1, :1, :1].reshape(-1)[:4096].double().sum().reshape(1)
     if isinstance(timestep, torch.Tensor) and timestep.device == sample.device:
         both = torch.cat([timestep.detach().reshape(-1).double(), probe]).cpu()
         return both[:-1].view(timestep.shape), float(both[-1])
