@@ -36,25 +36,32 @@ def rows_per_chunk(x: torch.Tensor, dim: int, budget_bytes: int, factor: float) 
 
 class _Chunked:
     def forward(self, *args, **kwargs):
-        bound = self._vinf_sig.bind(self, *args, **kwargs)
-        a = bound.arguments
         d = self._vinf_dim
-        names = [n for n in self._vinf_rows if isinstance(a.get(n), torch.Tensor)]
+        args = list(args)
+        # Each row argument's place: by name, else by position (``_vinf_pos``, from the
+        # signature at class creation: nothing inspected while torch.compile traces).
+        where = []
+        for nm in self._vinf_rows:
+            if nm in kwargs:
+                where.append((kwargs, nm))
+            elif self._vinf_pos.get(nm, len(args)) < len(args):
+                where.append((args, self._vinf_pos[nm]))
+        where = [(c, k) for c, k in where if isinstance(c[k], torch.Tensor)]
         base = super().forward
-        if not names or not self._vinf_bytes:
+        if not where or not self._vinf_bytes:
             return base(*args, **kwargs)
-        x = a[names[0]]
+        x = where[0][0][where[0][1]]
         n = x.shape[d]
         step = rows_per_chunk(x, d, self._vinf_bytes, self._vinf_factor)
         if step >= n:
             return base(*args, **kwargs)
-        full = {nm: a[nm] for nm in names if a[nm].dim() > d and a[nm].shape[d] == n}
+        full = [(c, k, c[k]) for c, k in where if c[k].dim() > d and c[k].shape[d] == n]
         out = None
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            for nm, t in full.items():
-                a[nm] = t.narrow(d, r0, r1 - r0)
-            y = base(*bound.args[1:], **bound.kwargs)
+            for c, k, t in full:
+                c[k] = t.narrow(d, r0, r1 - r0)
+            y = base(*args, **kwargs)
             out = _place(out, y, d, n, r0, r1)
         return out
 
@@ -82,5 +89,12 @@ def chunked(cls: type) -> type:
     got = _CLASSES.get(cls)
     if got is None:
         got = _CLASSES[cls] = type(f"Chunked{cls.__name__}", (_Chunked, cls),
-                                   {"_vinf_sig": inspect.signature(cls.forward)})
+                                   {"_vinf_pos": _positions(cls.forward)})
     return got
+
+
+def _positions(forward) -> dict:
+    """``{name: index in *args}`` of ``forward``'s positional parameters (after ``self``)."""
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: i for i, p in enumerate(params) if p.kind in kinds}
