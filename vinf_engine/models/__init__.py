@@ -40,10 +40,10 @@ def _load():
 
 
 def families() -> dict:
-    """Family name -> the model class names it serves."""
+    """Family name -> the model class names it serves, by name (whatever the import order)."""
     _load()
     out: dict = {}
-    for cls, adapter in _REGISTRY.items():
+    for cls, adapter in sorted(_REGISTRY.items(), key=lambda kv: (kv[1].name, kv[0].__name__)):
         out.setdefault(adapter.name, []).append(cls.__name__)
     return out
 
