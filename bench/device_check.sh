@@ -107,7 +107,8 @@ export -f build
 export PY DEVICE
 if [ "$DEVICE" = cuda ]; then
     GPU_TESTS=(tests/test_cuda_kernels.py tests/test_triton_attention.py
-               tests/test_triton_group_norm.py tests/test_triton_engine.py tests/test_dispatch.py)
+               tests/test_triton_group_norm.py tests/test_triton_engine.py tests/test_dispatch.py
+               tests/test_cuda_graph.py)
     THROUGHPUT=(--device cuda --ranks 1 --frames 16 --steps 2 --modes overlap)
     WAN=(--model wan --device cuda --ranks 1 --steps 1 --methods engine1,dense)
 else

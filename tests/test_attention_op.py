@@ -203,3 +203,58 @@ def test_attention_with_lse_reference_is_chunked_and_exact(monkeypatch):
     torch.testing.assert_close((out, lse), dense, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="k is torch.float32"):
         vinf.ops.attention_with_lse(q, k.float(), v, scale=0.5)
+
+
+@pytest.mark.parametrize("name", ["interior", "tokens_odd", "no_globals", "one_frame_clip"])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_tensor_biases_one_per_row_match_reference(name, return_lse):
+    # Biases as graph data (torch.compile, CUDA graphs): one (local, global) pair per row of
+    # q, each row's output equal to the independent reference at that row's biases; the lse
+    # equal to the float path's at those biases.
+    (q, k, v, kg, vg), kw, T = make(CASES[name], torch.float32)
+    B = q.shape[0]
+    lb = torch.linspace(-1.0, 2.0, B)
+    gb = torch.linspace(1.5, -0.5, B)
+    got = vinf.ops.dual_scope_attention(q, k, v, kg, vg, tokens_per_frame=T, local_bias=lb,
+                                        global_bias=gb, return_lse=return_lse, **kw)
+    out, lse = got if return_lse else (got, None)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    for b in range(B):
+        part = [t[b:b + 1] if t is not None else None for t in (q, k, v, kg, vg)]
+        ref = naive_dual_scope(*part, T=T, local_bias=float(lb[b]), global_bias=float(gb[b]),
+                               scale=q.shape[-1] ** -0.5, **kw)
+        torch.testing.assert_close(out[b:b + 1].double(), ref, rtol=1e-5, atol=1e-5)
+        if return_lse:
+            _, want = vinf.ops.dual_scope_attention(
+                *part, tokens_per_frame=T, local_bias=float(lb[b]), global_bias=float(gb[b]),
+                return_lse=True, **kw)
+            torch.testing.assert_close(lse[b:b + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_bias_of_one_value_and_attention_with_lse():
+    (q, k, v, kg, vg), kw, T = make(CASES["interior"], torch.float64)
+    flt = vinf.ops.dual_scope_attention(q, k, v, kg, vg, local_bias=0.7, global_bias=-0.4, **kw)
+    ten = vinf.ops.dual_scope_attention(q, k, v, kg, vg, local_bias=torch.tensor(0.7),
+                                        global_bias=torch.tensor([-0.4]), **kw)
+    # the scopes merge by their lse, which is fp32 whatever the inputs (fp64 here)
+    torch.testing.assert_close(ten, flt, rtol=1e-6, atol=1e-6)
+    o1, l1 = vinf.ops.attention_with_lse(q, kg, vg, bias=1.25)
+    o2, l2 = vinf.ops.attention_with_lse(q, kg, vg, bias=torch.full((q.shape[0],), 1.25))
+    torch.testing.assert_close(o2, o1, rtol=0, atol=0)
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias,needle", [
+    (torch.zeros(2), r"one per row \(3,\)"),           # 3 rows of q
+    (torch.zeros(3, 1), "got shape"),
+    (torch.zeros(3, dtype=torch.bool), "real tensor"),
+    (torch.zeros(3, device="meta"), "is on meta"),
+])
+def test_bad_tensor_biases_raise_naming_them(bias, needle):
+    a = good_args()
+    q, k, v, kg, vg = (a.pop(n) for n in ("q", "k", "v", "k_global", "v_global"))
+    for name in ("local_bias", "global_bias"):
+        with pytest.raises(ValueError, match=name + ".*" + needle):
+            vinf.ops.dual_scope_attention(q, k, v, kg, vg, **a, **{name: bias})
+    with pytest.raises(ValueError, match="bias.*" + needle):
+        vinf.ops.attention_with_lse(q, kg, vg, bias=bias)

@@ -1,7 +1,8 @@
-"""torch.compile over the parallelized model: fullgraph across a schedule's timesteps given
-as Python numbers (UNet3D takes them), equal to eager, with a bounded number of compilations
-(the first, the timestep made dynamic, the other bias phase), not one per timestep. A tensor
-timestep (Wan's only form) makes the phase a data-dependent branch: fullgraph refuses it."""
+"""torch.compile over the parallelized model on one process: fullgraph across a schedule's
+timesteps, equal to eager, with a bounded number of compilations, never one per timestep.
+Python-number timesteps (UNet3D takes them): the first, the timestep made dynamic, the other
+bias phase. Tensor timesteps (diffusers' loops, Wan's only form): the phase becomes tensor
+biases inside the graph, so one graph serves both phases."""
 import pytest
 import torch
 
@@ -23,11 +24,86 @@ def test_fullgraph_compile_across_timesteps(family):
                                                  phase_bias=2.0))
     steps = (999, 900, 700, 400, 300, 100, 50)          # both phases, 7 distinct timesteps
     with torch.no_grad():
-        eager = [spec.call(model, x, t, extra) for t in steps]
-        # backend="eager": Dynamo's tracing, guards and graph breaks without code generation
+        # backend="eager": Dynamo's tracing, guards and graph breaks without code generation;
+        # compiled before any eager call, from a cold engine
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         got = [spec.call(compiled, x, t, extra) for t in steps]
+        eager = [spec.call(model, x, t, extra) for t in steps]
     for a, b in zip(got, eager):
         assert rel_err(a, b) <= 1e-5
     frames = counters["stats"]["unique_graphs"]
     assert frames <= 8, frames                          # not 7 timesteps x frames
+
+
+def _tensor_timestep(family, t, batch):
+    # the forms pipelines pass: a 0-dim tensor (diffusers' UNet3D loop), one per sample (Wan)
+    return torch.tensor(float(t)) if family == "unet3d" else torch.full((batch,), float(t))
+
+
+@pytest.mark.parametrize("family", ["unet3d", "wan"])
+def test_fullgraph_compile_tensor_timesteps_no_recompile(family):
+    """A tensor timestep under fullgraph: the phase becomes tensor biases inside the graph, so
+    one graph per frame (the pre-hook's, the forward's) serves the whole schedule in both
+    phases, equal to eager (which reads the value). Compiled first, from a cold engine: the
+    second call recompiles once, for the engine's warmed caches, and never again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    spec = FAMILIES[family]
+    model = spec.model()
+    x, extra = spec.inputs(5)
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2, phase_t=500,
+                                                 phase_bias=2.0))
+    steps = (999, 700, 501, 500, 300, 1)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    got, graphs = [], []
+    with torch.no_grad():
+        for t in steps:
+            tt = _tensor_timestep(family, t, x.shape[0])
+            if family == "unet3d":
+                got.append(compiled(x, tt, encoder_hidden_states=extra).sample)
+            else:
+                got.append(compiled(hidden_states=x, timestep=tt,
+                                    encoder_hidden_states=extra).sample)
+            graphs.append(counters["stats"]["unique_graphs"])
+        eager = [spec.call(model, x, t, extra) for t in steps]
+    for a, b in zip(got, eager):
+        assert rel_err(a, b) <= 1e-5
+    assert graphs[1] == graphs[-1] <= 4, graphs
+    # The last step in the other phase's biases: far from what the graph gave, so a graph that
+    # froze the first step's biases (or ignored them) would have failed above.
+    vinf.unparallelize(model)
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2, phase_t=0,
+                                                 phase_bias=2.0))
+    with torch.no_grad():
+        other = spec.call(model, x, steps[-1], extra)
+    assert rel_err(got[-1], other) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["unet3d", "wan"])
+@pytest.mark.parametrize("timestep", [(900.0, 100.0), (100.0, 100.0)])
+def test_traced_biases_equal_read_biases(family, timestep, monkeypatch):
+    """What a trace computes (the phase as tensor biases, one per row) equals what eager does
+    (the value read, samples split into runs by phase), per-sample timesteps included: the
+    traced path is forced here in eager, so only the bias mechanism differs."""
+    from vinf_engine import parallel
+    spec = FAMILIES[family]
+    model = spec.model()
+    x, extra = spec.inputs(5)
+    vinf.parallelize(model, vinf.DualScopeConfig(window=1, num_global=2, phase_t=500,
+                                                 phase_bias=2.0))
+    t = torch.tensor(timestep)
+
+    def call():
+        if family == "unet3d":
+            return model(x, t, encoder_hidden_states=extra).sample
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=extra).sample
+
+    with torch.no_grad():
+        read = call()
+        assert model.vinf_engine._bias_tensors is None
+        monkeypatch.setattr(parallel, "_traced", lambda: True)
+        traced = call()
+        assert model.vinf_engine._bias_tensors is not None
+    assert rel_err(traced, read) <= 1e-5

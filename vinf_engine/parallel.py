@@ -66,6 +66,7 @@ class ClipParallel:
         self.local_bias = 0.0                  # the step's biases; None when samples differ
         self.global_bias = 0.0
         self._sample_biases: tuple = ((0.0, 0.0),)
+        self._bias_tensors: tuple | None = None  # (local, global) (B,): a traced timestep's
         self._undo = []
 
     @property
@@ -92,6 +93,14 @@ class ClipParallel:
                                  f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
             if sample.shape[2] < 1:
                 raise ValueError("clip-parallel step refused: the video needs at least one frame")
+            if isinstance(timestep, torch.Tensor) and (
+                    _traced() or (timestep.device == sample.device and sample.device.type != "cpu")):
+                # Under torch.compile or a CUDA-graph capture the timestep is graph data, and on
+                # one accelerator reading it would be the step's one host sync: its phase becomes
+                # tensor biases, never read on the host (no sync, no guard). The same path
+                # eager and captured, so a graph's warm-up runs what its replay will.
+                return self._start_traced(ClipLayout.from_sizes([sample.shape[2]]),
+                                          _timestep_tensor(timestep, sample))
             return self._start(ClipLayout.from_sizes([sample.shape[2]]),
                                _sample_timesteps(timestep, sample.shape[0]))
         local, row, probe = None, (0, 0, 0, 0, 0, -1, None), None
@@ -140,6 +149,7 @@ class ClipParallel:
     def _start(self, layout: ClipLayout, t: tuple) -> ClipLayout:
         self.layout = layout
         self.scheduler.begin_step(self.layout)
+        self._bias_tensors = None
         self._sample_biases = tuple(self.config.biases(x) for x in t)
         if len(set(self._sample_biases)) == 1:
             self.timestep = t[0]
@@ -148,10 +158,24 @@ class ClipParallel:
             self.timestep, self.local_bias, self.global_bias = t, None, None
         return self.layout
 
+    def _start_traced(self, layout: ClipLayout, t: torch.Tensor) -> ClipLayout:
+        self.layout = layout
+        self.scheduler.begin_step(self.layout)
+        # Kernels only (no host-to-device copy): capturable.
+        late = (t >= self.config.phase_t).to(torch.float32)
+        pb = float(self.config.phase_bias)
+        self._bias_tensors = ((1.0 - late) * pb, late * pb)
+        self.timestep, self.local_bias, self.global_bias = t, None, None
+        return self.layout
+
     def bias_runs(self, rows: int) -> list:
         """``[(row0, row1, local_bias, global_bias)]``: the step's biases over ``rows`` rows of
         attention input, batch-major (``rows / B`` rows per sample). One run when every sample
-        is in the same phase; else one per run of consecutive samples sharing a phase."""
+        is in the same phase; else one per run of consecutive samples sharing a phase. Under
+        a trace of a tensor timestep: one run whose biases are (rows,) tensors."""
+        if self._bias_tensors is not None:
+            per = rows // self._bias_tensors[0].shape[0]
+            return [(0, rows, *(b.repeat_interleave(per) for b in self._bias_tensors))]
         if self.local_bias is not None:
             return [(0, rows, self.local_bias, self.global_bias)]
         per = rows // len(self._sample_biases)
@@ -318,6 +342,28 @@ def _read_with_probe(timestep, sample: torch.Tensor) -> tuple:
         both = torch.cat([timestep.detach().reshape(-1).double(), probe]).cpu()
         return both[:-1].view(timestep.shape), float(both[-1])
     return timestep, float(probe)
+
+
+def _traced() -> bool:
+    """Whether this call is being traced: by torch.compile, or into a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _timestep_tensor(timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The step's timestep per sample, (B,), as ``_sample_timesteps`` reads it, on the
+    sample's device and never read back."""
+    batch = sample.shape[0]
+    t = timestep.detach().to(sample.device)
+    if t.numel() == 1:
+        return t.reshape(1).expand(batch)
+    if t.dim() == 1 and t.shape[0] == batch:
+        return t
+    if t.dim() == 2 and t.shape[0] == batch and t.shape[1] > 0:
+        return t.amax(dim=1)
+    raise ValueError(f"timestep must be a number, one value, one per sample ({batch},) or "
+                     f"one per token ({batch}, S); got shape {tuple(t.shape)}")
 
 
 def _sample_timesteps(timestep, batch: int) -> tuple:

@@ -24,6 +24,26 @@ def check_real(name: str, v) -> float:
     return float(v)
 
 
+def check_bias(name: str, v, rows: int, device: torch.device):
+    """A logit bias: a finite number (``check_real``), or a tensor of one value for all rows
+    (shape ``()`` or ``(1,)``) or one per row of the op's batch (``(rows,)``), on the op's
+    device, returned as fp32 ``(rows, 1, 1)`` to broadcast over an lse ``(rows, H, L)``. A
+    tensor bias is data of the graph: what torch.compile and CUDA graphs need, where the value
+    (the phase of a tensor timestep) must not be read on the host."""
+    if not isinstance(v, torch.Tensor):
+        return check_real(name, v)
+    if not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name} must be a real tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device}, the op's inputs on {device}")
+    if v.numel() == 1 and v.dim() <= 1:
+        v = v.reshape(1).expand(rows)
+    elif tuple(v.shape) != (rows,):
+        raise ValueError(f"{name} must be a number, one value, or one per row ({rows},); "
+                         f"got shape {tuple(v.shape)}")
+    return v.float().view(rows, 1, 1)
+
+
 def check_tensor(name: str, t, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

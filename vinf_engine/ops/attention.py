@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F_
 
 from . import dispatch
-from ._checks import check_int, check_real, check_tensor, compute_dtype
+from ._checks import check_bias, check_int, check_real, check_tensor, compute_dtype
 
 __all__ = ["dual_scope_attention", "dual_scope_attention_reference", "check_dual_scope_args"]
 
@@ -47,8 +47,8 @@ def check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left, 
         raise ValueError(f"valid_left ({valid_left}) must be <= pad ({pad})")
     if valid_right > pad:
         raise ValueError(f"valid_right ({valid_right}) must be <= pad ({pad})")
-    check_real("local_bias", local_bias)
-    check_real("global_bias", global_bias)
+    check_bias("local_bias", local_bias, q.shape[0], q.device)
+    check_bias("global_bias", global_bias, q.shape[0], q.device)
     B, FT, H, D = q.shape
     if FT == 0 or FT % T:
         raise ValueError(
@@ -227,7 +227,11 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
     pad : int, halo frames on each side of ``k``/``v``
     valid_left, valid_right : int in ``[0, pad]``, how many halo frames on each side exist
     tokens_per_frame : int >= 1
-    local_bias, global_bias : float, added to local / global logits
+    local_bias, global_bias : float, added to local / global logits; or tensors, one value
+        or one per row of ``q`` ``(B,)``: data of the graph, never read on the host (what
+        torch.compile and CUDA graphs need where the biases follow a tensor timestep). The
+        op then scores the two scopes apart, biases their lse and merges them: the same
+        softmax, one more pass over the output
     scale : float or None (``D ** -0.5``)
     return_lse : bool, also return the log-sum-exp of each query's logits, so that partial
         results over disjoint key sets can be merged exactly
@@ -239,11 +243,31 @@ def dual_scope_attention(q, k, v, k_global=None, v_global=None, *, window, pad, 
     F, T, scale = check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left,
                                         valid_right, tokens_per_frame, local_bias, global_bias,
                                         scale)
-    out, lse = _dual_scope_attention_op(q, k, v, k_global, v_global, window, pad, valid_left,
-                                        valid_right, T, check_real("local_bias", local_bias),
-                                        check_real("global_bias", global_bias), scale,
-                                        bool(return_lse))
+    lb = check_bias("local_bias", local_bias, q.shape[0], q.device)
+    gb = check_bias("global_bias", global_bias, q.shape[0], q.device)
+    if isinstance(lb, torch.Tensor) or isinstance(gb, torch.Tensor):
+        out, lse = _tensor_bias_attention(q, k, v, k_global, v_global, window, pad, valid_left,
+                                          valid_right, T, lb, gb, scale)
+    else:
+        out, lse = _dual_scope_attention_op(q, k, v, k_global, v_global, window, pad,
+                                            valid_left, valid_right, T, lb, gb, scale,
+                                            bool(return_lse))
     return (out, lse) if return_lse else out
+
+
+def _tensor_bias_attention(q, k, v, k_global, v_global, window, pad, valid_left, valid_right,
+                           T, lb, gb, scale):
+    """Dual-scope attention with biases that are tensors: each scope unbiased, its lse shifted
+    by its bias, the two merged; equal to the one softmax with the biases on its logits."""
+    from .merge import attention_with_lse, merge_attention
+    out, lse = _dual_scope_attention_op(q, k, v, None, None, window, pad, valid_left,
+                                        valid_right, T, 0.0, 0.0, scale, True)
+    lse = lse + lb
+    if k_global is None:
+        return out, lse
+    o_g, lse_g = attention_with_lse(q, k_global, v_global, scale=scale)
+    lse_g = lse_g + gb
+    return merge_attention(out, lse, o_g, lse_g), torch.logaddexp(lse, lse_g)
 
 
 dispatch.register("dual_scope_attention", "reference", dual_scope_attention_reference)

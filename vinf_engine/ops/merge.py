@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from ._checks import check_real, check_tensor, compute_dtype
+from ._checks import check_bias, check_real, check_tensor, compute_dtype
 from .attention import softmax_attention
 
 __all__ = ["attention_with_lse", "attention_with_lse_reference", "merge_attention"]
@@ -72,7 +72,8 @@ def attention_with_lse(q, k, v, *, scale=None, bias=0.0):
     k, v : (B, N, H, D) tensors, N >= 1 (the global scope: N may be tens of thousands of
         DiT tokens)
     scale : float or None (``D ** -0.5``)
-    bias : float added to every logit
+    bias : float added to every logit, or a tensor: one value, or one per batch row ``(B,)``
+        (graph data, for torch.compile / CUDA graphs; shifts the lse only)
 
     Returns
     -------
@@ -88,7 +89,12 @@ def attention_with_lse(q, k, v, *, scale=None, bias=0.0):
             raise ValueError(f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}: "
                              "they must match")
     scale = q.shape[-1] ** -0.5 if scale is None else check_real("scale", scale)
-    return _attention_with_lse_op(q, k, v, scale, check_real("bias", bias))
+    bias = check_bias("bias", bias, q.shape[0], q.device)
+    if isinstance(bias, torch.Tensor):
+        # One bias on every logit of a row leaves its softmax as it is: it shifts the lse.
+        out, lse = _attention_with_lse_op(q, k, v, scale, 0.0)
+        return out, lse + bias
+    return _attention_with_lse_op(q, k, v, scale, bias)
 
 
 def merge_attention(o1, lse1, o2, lse2):
