@@ -38,6 +38,13 @@ class UNet3D:
         return tiny_unet()
 
     @staticmethod
+    def shallow_model():
+        """One down and one up block (still temporal convs, GroupNorms, temporal and cross
+        attention): what the compile tests trace, at half the tracing time."""
+        return tiny_unet(down_block_types=("CrossAttnDownBlock3D",),
+                         up_block_types=("CrossAttnUpBlock3D",), block_out_channels=(16,))
+
+    @staticmethod
     def inputs(frames):
         x, ctx = unet_inputs(frames)
         return x, ctx
@@ -58,6 +65,8 @@ class Wan:
     @staticmethod
     def model():
         return tiny_wan_transformer()
+
+    shallow_model = model
 
     @staticmethod
     def inputs(frames):
@@ -174,3 +183,31 @@ def wan_rank(rank, world):
                                  encoder_hidden_states=text).sample
     vinf.unparallelize(model)
     return out
+
+
+def compile_rank(rank, world, family, sizes):
+    """torch.compile (no fullgraph) of the parallelized model on ``world`` ranks: this rank's
+    compiled and eager outputs over a schedule in both phases, the graph breaks Dynamo
+    recorded (reason -> count) and the number of graphs it made."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    spec = FAMILIES[family]
+    model = spec.shallow_model()
+    x, extra = spec.inputs(sum(sizes))
+    clip = split(x, sizes, rank)
+    vinf.parallelize(model, vinf.DualScopeConfig(**dict(DUAL, window=1)))
+    steps = (999, 300, 100)
+    compiled = torch.compile(model, backend="eager")
+    got, graphs = [], []
+    with torch.no_grad():
+        for t in steps:
+            got.append(spec.call(compiled, clip, t, extra))
+            graphs.append(counters["stats"]["unique_graphs"])
+        want = [spec.call(model, clip, t, extra) for t in steps]
+    breaks = {}
+    for kind in ("graph_break", "unimplemented"):     # where torch versions count them
+        for reason, n in counters[kind].items():
+            breaks[str(reason)] = breaks.get(str(reason), 0) + n
+    return dict(got=got, want=want, breaks=breaks, graphs=graphs)

@@ -15,6 +15,7 @@ Every wait is bounded by ``timeout``: a rank that dies or stalls makes the other
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -24,9 +25,32 @@ import torch
 
 from .layout import ClipLayout
 
-__all__ = ["ClipComm", "CommCounters", "FramePlan", "Outgoing", "Pending", "rank_sum"]
+__all__ = ["ClipComm", "CommCounters", "FramePlan", "Outgoing", "Pending", "eager_across_ranks",
+           "rank_sum"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def eager_across_ranks(crosses: Callable):
+    """Decorate a method that may talk to other ranks: when ``crosses(self)`` it runs outside
+    any torch.compile graph (``torch.compiler.disable``: a graph break named after the
+    method), so Dynamo never traces process groups, transfer plans or the host objects the
+    ranks agree on; otherwise (one process: nothing is sent) it is traced like any code, and
+    a fullgraph compile stays whole."""
+    def wrap(method):
+        eager = torch.compiler.disable(method, reason=f"vinf_engine: {method.__qualname__} "
+                                       "talks to the other ranks")
+
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            if crosses(self):
+                return eager(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+        return run
+    return wrap
+
+
+_SEVERAL = eager_across_ranks(lambda self: self.world_size > 1)
 
 
 @dataclass
@@ -155,6 +179,7 @@ class Pending:
     def ready(cls, value):
         return cls([], lambda: value, DEFAULT_TIMEOUT, "", 0)
 
+    @eager_across_ranks(lambda self: bool(self._works))
     def wait(self):
         if not self._done:
             for w in self._works:
@@ -224,6 +249,7 @@ class ClipComm:
                                        use_local_synchronization=True)
 
     # ---------------------------------------------------------------- control plane
+    @_SEVERAL
     def agree(self, obj) -> list:
         """Every rank's ``obj`` (picklable), in rank order. Collective, on the control plane;
         waits at most ``timeout`` for the slowest rank."""
@@ -290,6 +316,7 @@ class ClipComm:
                             x.index_select(dim, self._index(plan.local_idx, x.device)))
         return out
 
+    @_SEVERAL
     def post_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
                     what: str = "frame exchange", sums: torch.Tensor | None = None) -> Pending:
         """Start fetching frames ``wants[self.rank]`` (global indices, in that order) of the
@@ -342,6 +369,7 @@ class ClipComm:
             return out
         return Pending(works, finish, self._data_timeout, what, self.rank)
 
+    @_SEVERAL
     def prepare(self, x: torch.Tensor | None, dim: int, layout: ClipLayout | None,
                 wants: tuple | None, sums: torch.Tensor | None = None,
                 copy: bool = True) -> Outgoing:
@@ -368,6 +396,7 @@ class ClipComm:
         shape[dim] = plan.n_out
         return Outgoing(sends, sums, dict(plan.recvs), tuple(shape), dim, x.dtype, x.device)
 
+    @_SEVERAL
     def post_batch(self, items: Sequence[Outgoing], what: str = "batched exchange") -> Pending:
         """Many prepared exchanges in ONE launch: one byte message per peer and direction,
         holding, item after item, the item's sums and the item's frames for that peer (each
@@ -449,11 +478,13 @@ class ClipComm:
             return results
         return Pending(works, finish, self._data_timeout, what, self.rank)
 
+    @_SEVERAL
     def gather_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout,
                       wants: Sequence[Sequence[int]]) -> torch.Tensor:
         """``post_frames(...).wait()``."""
         return self.post_frames(x, dim, layout, tuple(tuple(w) for w in wants)).wait()
 
+    @_SEVERAL
     def post_all_reduce(self, t: torch.Tensor, what: str = "statistics all-reduce") -> Pending:
         """Start summing ``t`` over the ranks, in place; ``wait()`` returns ``t``."""
         if self.world_size == 1:
@@ -468,12 +499,14 @@ class ClipComm:
         work = dist.all_reduce(t, group=self.group, async_op=True)
         return Pending([work], lambda: t, self._data_timeout, what, self.rank)
 
+    @_SEVERAL
     def send(self, t: torch.Tensor, peer: int):
         """Blocking point-to-point send of ``t`` to ``peer`` (a rank of this group), counted."""
         import torch.distributed as dist
         self._count(1, 0, t.numel() * t.element_size(), 0)
         dist.send(self._outbound(t.contiguous()), dst=self._global[peer], group=self.group)
 
+    @_SEVERAL
     def recv(self, t: torch.Tensor, peer: int) -> torch.Tensor:
         """Blocking receive into ``t`` from ``peer``, counted; returns ``t``."""
         import torch.distributed as dist
@@ -482,11 +515,13 @@ class ClipComm:
         dist.recv(buf, src=self._global[peer], group=self.group)
         return t if buf is t else t.copy_(buf)
 
+    @_SEVERAL
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place."""
         return self.post_all_reduce(t).wait()
 
     # ---------------------------------------------------------------- the published pattern
+    @_SEVERAL
     def blocking_frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
                         what: str = "frame exchange") -> torch.Tensor:
         """The same result as ``post_frames(...).wait()``, moved the way the published
@@ -518,6 +553,7 @@ class ClipComm:
             self.device_sync(x.device)
         return out
 
+    @_SEVERAL
     def blocking_all_gather(self, t: torch.Tensor, what: str = "context all-gather") -> list:
         """Every rank's ``t`` (same shape everywhere), blocking, then a device sync."""
         import torch.distributed as dist

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import ClipComm, Pending
+from .comm import ClipComm, Pending, eager_across_ranks
 from .config import DualScopeConfig
 from .layout import AttentionPlan, ClipLayout, attention_plan, global_frames, halo_wants
 from .ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
@@ -78,6 +78,7 @@ class ClipParallel:
         return self.comm.world_size
 
     # ---------------------------------------------------------------- per step
+    @eager_across_ranks(lambda self: self.world_size > 1)
     def begin_step(self, sample: torch.Tensor, timestep) -> ClipLayout:
         """Agree with the other ranks on this step's layout and timestep.
 

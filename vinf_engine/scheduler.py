@@ -27,8 +27,10 @@ import time
 
 import torch
 
-from .comm import ClipComm, Pending, frame_plan, rank_sum
+from .comm import ClipComm, Pending, eager_across_ranks, frame_plan, rank_sum
 from .layout import ClipLayout
+
+_SEVERAL = eager_across_ranks(lambda self: self.comm.world_size > 1)
 
 __all__ = ["CommScheduler", "MODES"]
 
@@ -99,6 +101,7 @@ class CommScheduler:
         c = self.comm.counters
         return c.collectives, c.bytes_sent, c.bytes_received
 
+    @_SEVERAL
     def begin_step(self, layout: ClipLayout):
         """Exchanges are numbered in call order within a step; ``stale`` pairs exchange ``i``
         of this step with exchange ``i`` of the previous one (same layer, same shape)."""
@@ -111,6 +114,7 @@ class CommScheduler:
         else:
             self.flush()          # what the previous step set aside and did not flush yet
 
+    @_SEVERAL
     def close(self, quiet: bool = False):
         """Let go of the stale state, after its transfers in flight have finished (``quiet``:
         a transfer that failed, say because a peer died, is let go too, not raised)."""
@@ -128,6 +132,7 @@ class CommScheduler:
         self._seq += 1
         return self._seq
 
+    @_SEVERAL
     def frames(self, x: torch.Tensor, dim: int, layout: ClipLayout, wants: tuple,
                what: str, sums: torch.Tensor | None = None) -> Pending:
         """Frames ``wants[rank]`` of the distributed video, as a ``Pending``; with ``sums``,
@@ -169,6 +174,7 @@ class CommScheduler:
         frames = self.comm.fill_local(frames.clone(), x, dim, plan)
         return Pending.ready(frames if sums is None else (frames, total(sums)))
 
+    @_SEVERAL
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
         """The sum of ``t`` over the ranks, as a ``Pending`` (``t`` may be reduced in place:
         use the waited result, not ``t``)."""
@@ -200,6 +206,7 @@ class CommScheduler:
     def _defer(self, key, outgoing):
         self._deferred.append((key, outgoing))
 
+    @_SEVERAL
     def flush(self):
         """Post every exchange ``stale`` set aside since the last flush, as ONE launch; the
         next step reads their results. The model adapter calls this at the end of each

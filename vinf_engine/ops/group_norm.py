@@ -137,20 +137,22 @@ def frame_major(x: torch.Tensor):
     (C, F, H, W) at two strides, so such an ``x`` is normalized as B*F frames: per-frame
     partial sums added over the frames in fp64 (the sums are additive, as across ranks), the
     apply per frame with the video's statistics. No copy."""
-    if x.dim() < 4:
+    if x.dim() < 4 or x.numel() == 0:
         return None
     N, C, F = x.shape[:3]
-    try:
-        x.view(N, C, -1)
+    size, stride = tuple(x.shape), x.stride()
+    # Decided from the strides (not by trying a view: torch.compile cannot catch that).
+    if _mergeable(size[2:], stride[2:]):
         return None                         # one stride already: the kernels read it as is
-    except RuntimeError:
-        pass
-    try:
-        folded = x.transpose(1, 2).view(N * F, C, *x.shape[3:])
-        folded.view(N * F, C, -1)
-    except RuntimeError:
+    if not (_mergeable((N, F), (stride[0], stride[2])) and _mergeable(size[3:], stride[3:])):
         return None
-    return folded
+    return x.transpose(1, 2).view(N * F, C, *size[3:])
+
+
+def _mergeable(size, stride) -> bool:
+    """Whether dims of these sizes and strides flatten into one without a copy (``view``)."""
+    dims = [(n, s) for n, s in zip(size, stride) if n != 1]
+    return all(s0 == s1 * n1 for (_, s0), (n1, s1) in zip(dims, dims[1:]))
 
 
 def group_norm_partials(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
