@@ -97,3 +97,29 @@ def test_the_cli_makes_2304_frames_on_one_process_in_bounded_memory(tmp_path):
     rep = json.loads(report.read_text())
     assert rep["frames"] == 2304 and rep["per_rank"][0]["peak_memory_mib"] < 1100, rep["per_rank"]
     assert read_video(str(out))[0].shape[0] == 2304
+
+
+def test_one_process_runs_whole_temporal_transformers_over_position_chunks():
+    # The module's norm statistics from the whole video first, then norm apply, proj_in,
+    # blocks, proj_out and residual per chunk of positions: several chunks really run, and
+    # the output is the stock module's (exactly so in fp64).
+    from vinf_engine.models.unet3d import PositionChunkedTemporalTransformer
+    spec = FAMILIES["unet3d"]
+    outs = {}
+    for budget in (0, TINY_BUDGET):
+        model = spec.model().double()
+        x, extra = (t.double() for t in spec.inputs(11))
+        vinf.parallelize(model, vinf.DualScopeConfig(**CFG), chunk_mib=budget)
+        mods = [m for m in model.modules() if type(m) is PositionChunkedTemporalTransformer]
+        calls = []
+        for m in mods:
+            m.transformer_blocks[0].register_forward_pre_hook(lambda *a, c=calls: c.append(1))
+        with torch.no_grad():
+            outs[budget] = spec.call(model, x, 900, extra)
+        if budget:
+            assert len(mods) == 5 and len(calls) > 2 * 5, (len(mods), len(calls))  # chunks
+            vinf.unparallelize(model)
+            assert not any(type(m) is PositionChunkedTemporalTransformer for m in model.modules())
+        else:
+            assert not mods
+    assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12

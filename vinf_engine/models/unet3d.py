@@ -15,6 +15,7 @@ variants instead (chosen here, once; the operators never read the mode back).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from diffusers import UNet3DConditionModel
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
@@ -24,9 +25,11 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import TemporalConvLayer
-from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from diffusers.models.transformers.transformer_temporal import (TransformerTemporalModel,
+                                                               TransformerTemporalModelOutput)
 
 from ..config import DualScopeConfig
+from ..ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
 from ..layers import (BlockingTemporalConvLayer, ClipGroupNorm, ClipTemporalConvLayer,
                       ContextSlot, blocking_clip_attention, clip_attention, conv_stack)
 from . import register
@@ -92,6 +95,54 @@ def _project(attn, x, which):
 # Per-frame layers and their peak temporaries per input byte (a resnet holds ~3 activations
 # besides its input; a spatial transformer's GEGLU feed-forward 8, plus attention and
 # projections), and the temporal transformers' feed-forwards, per position.
+class PositionChunkedTemporalTransformer(TransformerTemporalModel):
+    """One process, memory-bounded: a whole ``TransformerTemporalModel`` over chunks of
+    spatial positions. Its GroupNorm's statistics come first, from the whole video (fp64
+    partial sums per frame, one pass, nothing held); then each chunk of positions runs the
+    norm's apply, ``proj_in``, the blocks, ``proj_out`` and the residual into the output, so
+    that none of the module's intermediates is ever held for the whole video. Every position
+    is independent past the norm (temporal attention and feed-forwards act per position).
+
+    ``_vinf_bytes``: the working memory allowed per chunk."""
+
+    _FACTOR = 12        # temporaries per input byte of a chunk: the norm's apply, the two
+    #                     layout copies, proj_in/out outputs, a block's own bounded chunks
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None,
+                class_labels=None, num_frames=1, cross_attention_kwargs=None,
+                return_dict=True):
+        BF, C, H, W = hidden_states.shape
+        F = num_frames
+        B = BF // F
+        P = H * W
+        per_position = B * C * F * hidden_states.element_size()
+        step = max(1, int(self._vinf_bytes // max(1, per_position * self._FACTOR)))
+        if step >= P or timestep is not None or class_labels is not None:
+            return super().forward(hidden_states, encoder_hidden_states, timestep,
+                                   class_labels, num_frames, cross_attention_kwargs,
+                                   return_dict)
+        x = hidden_states.view(B, F, C, H, W).permute(0, 2, 1, 3, 4)      # a view
+        partials, count = group_norm_partials(x, self.norm.num_groups)
+        mean, rstd = group_norm_finalize(partials, count, self.norm.eps)
+        xp = x.flatten(3)                                                 # (B, C, F, P) view
+        out = torch.empty_like(hidden_states)
+        outp = out.view(B, F, C, P)
+        resp = hidden_states.view(B, F, C, P)
+        for p0 in range(0, P, step):
+            n = min(P, p0 + step) - p0
+            h = group_norm_apply(xp[..., p0:p0 + n], mean, rstd, self.norm.weight,
+                                 self.norm.bias)                          # (B, C, F, n)
+            h = self.proj_in(h.permute(0, 3, 2, 1).reshape(B * n, F, C))
+            for block in self.transformer_blocks:
+                h = block(h, encoder_hidden_states=encoder_hidden_states,
+                          cross_attention_kwargs=cross_attention_kwargs)
+            h = self.proj_out(h).view(B, n, F, C).permute(0, 2, 3, 1)      # (B, F, C, n)
+            torch.add(h, resp[..., p0:p0 + n], out=outp[..., p0:p0 + n])
+        if not return_dict:
+            return (out,)
+        return TransformerTemporalModelOutput(sample=out)
+
+
 _FRAME_LAYERS = ((ResnetBlock2D, ("input_tensor", "temb"), 4),
                  (Transformer2DModel, ("hidden_states", "encoder_hidden_states"), 12),
                  (Downsample2D, ("hidden_states",), 3), (Upsample2D, ("hidden_states",), 4))
@@ -180,6 +231,11 @@ class UNet3DAdapter(AdapterBase):
                         patcher.chunk(block.ff, ("hidden_states",), 0, 10)
                     if alone and type(block) is BasicTransformerBlock:
                         patcher.chunk(block, ("hidden_states",), 0, 8)
+                if (alone and patcher.engine.chunk_bytes and type(m.norm) is nn.GroupNorm
+                        and m.norm.affine and isinstance(m.proj_in, nn.Linear)
+                        and isinstance(m.proj_out, nn.Linear)):
+                    patcher.swap_class(m, PositionChunkedTemporalTransformer,
+                                       _vinf_bytes=patcher.engine.chunk_bytes)
 
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"
