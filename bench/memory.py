@@ -6,6 +6,8 @@ and diffusers with ``enable_forward_chunking``; the per-frame slope of each; a P
     python bench/memory.py --preset modelscope --latent 8x8 --frames 8,16,24
                                                     # the 1.41B UNet's per-frame bytes, scaled
     python bench/memory.py --device cuda --preset modelscope --frames 64,128,256
+    python bench/memory.py --combine out/m8.json out/m16.json --out out/projection.json
+                                                    # per-frame bytes fitted over latents
 
 One no-grad forward with classifier-free guidance (batch 2) per (method, frames), each in its
 own process (a fresh allocator): on CPUs the peak RSS above the process's resident size just
@@ -94,6 +96,39 @@ def slope(points):
     return sum((f - mx) * (b - my) for f, b in points) / den if den else float("nan")
 
 
+def combine(paths) -> dict:
+    """Per-frame bytes at 320x512 from modelscope runs at two or more latents: each method's
+    slope fitted as ``a + b * area`` (``a``: what does not grow with the latent, such as the
+    UNet's per-frame copy of the text embeddings; ``b``: the activations), extrapolated to
+    320x512 and halved for bf16 (fp32 on CPU). Sounder than scaling one small latent's slope
+    by the area, which scales ``a`` too."""
+    reports = [json.load(open(p)) for p in paths]
+    if len({tuple(r["latent_hw"]) for r in reports}) < 2:
+        raise SystemExit("--combine: give reports at two or more latent sizes")
+    full = FULL_LATENT[0] * FULL_LATENT[1]
+    out = dict(benchmark="memory projection", sources=list(paths), per_method={})
+    methods = set.intersection(*(set(r.get("mib_per_frame", {})) for r in reports))
+    for m in sorted(methods):
+        pts = [(r["latent_hw"][0] * r["latent_hw"][1], r["mib_per_frame"][m] * 2 ** 20)
+               for r in reports]
+        b = slope(pts)
+        a = sum(y for _, y in pts) / len(pts) - b * sum(x for x, _ in pts) / len(pts)
+        halve = 2 if reports[0]["device"] == "cpu" else 1
+        gib = (a + b * full) / halve / 2 ** 30
+        out["per_method"][m] = dict(fixed_mib_per_frame=a / 2 ** 20,
+                                    mib_per_frame_per_latent_pixel=b / 2 ** 20,
+                                    gib_per_frame_320x512_bf16=gib, gib_at_2300_frames=gib * 2300,
+                                    longest_video_on_one_h200=int(H200_GIB / gib))
+        print(f"{m:<22} fixed {a / 2 ** 20:.3f} MiB/frame + {b / 2 ** 10:.2f} KiB/frame per latent "
+              f"pixel -> {gib:.4f} GiB per frame at 320x512 bf16; 2,300 frames {gib * 2300:.1f} "
+              f"GiB; one H200 holds {int(H200_GIB / gib)} frames")
+    if "engine" in methods and "diffusers" in methods:
+        e, d = out["per_method"]["engine"], out["per_method"]["diffusers"]
+        out["engine_vs_diffusers_at_320x512"] = e["gib_per_frame_320x512_bf16"] / d["gib_per_frame_320x512_bf16"]
+        print(f"engine / diffusers per-frame bytes at 320x512: {out['engine_vs_diffusers_at_320x512']:.2f}x")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -106,7 +141,16 @@ def main(argv=None):
                          "CPU default run's tiny layers need a smaller one to chunk at all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "out", "memory.json"))
+    ap.add_argument("--combine", nargs="+", metavar="REPORT",
+                    help="no run: project the per-frame bytes at 320x512 from modelscope "
+                         "reports at two or more latents (see combine())")
     a = ap.parse_args(argv)
+    if a.combine:
+        proj = combine(a.combine)
+        with open(a.out, "w") as f:
+            json.dump(proj, f, indent=1)
+        print(f"wrote {a.out}")
+        return 0
     # glibc keeps freed memory mapped (arenas, the trim threshold), so peak RSS would also
     # count what an earlier layer freed: every allocation of 64 KiB or more gets its own
     # mapping instead, returned on free, and the peak RSS follows the live tensors. The
