@@ -73,3 +73,32 @@ def test_statistics_riding_in_a_halo_cost_the_published_pattern_an_all_reduce():
     # Overlap saves the all-reduce's latency; the halo's frames are priced without the sums.
     saved = projection.ALLREDUCE_LATENCY_US / 1e3 + 1024 / (projection.LINKS["nvlink"]["gbps"] * 1e6)
     assert b["overlap"]["exposed_ms"] == pytest.approx(a["overlap"]["exposed_ms"] - saved, rel=1e-9)
+
+
+def test_memory_projection_fits_fixed_and_per_pixel_bytes(tmp_path):
+    import json
+    import sys
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench")
+    before = list(sys.path)
+    spec = importlib.util.spec_from_file_location("vinf_bench_memory", os.path.join(bench, "memory.py"))
+    memory = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(memory)
+    finally:
+        sys.path[:] = before                # memory.py puts bench/ first: take it back out
+    fixed, per_pixel = 1.5, 0.02            # MiB per frame, MiB per frame and latent pixel
+    paths = []
+    for hw in (8, 16):
+        p = tmp_path / f"m{hw}.json"
+        p.write_text(json.dumps(dict(device="cpu", latent_hw=[hw, hw], mib_per_frame=dict(
+            engine=fixed + per_pixel * hw * hw, diffusers=4 * (fixed + per_pixel * hw * hw)))))
+        paths.append(str(p))
+    out = memory.combine(paths)
+    e = out["per_method"]["engine"]
+    assert e["fixed_mib_per_frame"] == pytest.approx(fixed)
+    assert e["mib_per_frame_per_latent_pixel"] == pytest.approx(per_pixel)
+    want = (fixed + per_pixel * 40 * 64) / 2 / 1024          # fp32 on CPU halved, in GiB
+    assert e["gib_per_frame_320x512_bf16"] == pytest.approx(want)
+    assert out["engine_vs_diffusers_at_320x512"] == pytest.approx(0.25)
+    with pytest.raises(SystemExit, match="two or more latent"):
+        memory.combine(paths[:1])
