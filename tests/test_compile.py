@@ -11,8 +11,9 @@ from families import FAMILIES
 from helpers import rel_err
 
 
-@pytest.mark.parametrize("family", ["unet3d"])
-def test_fullgraph_compile_across_timesteps(family):
+def _cold_start(family):
+    """A freshly parallelized shallow model of ``family``, its inputs, and Dynamo reset with
+    its counters cleared (the counters returned)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -22,6 +23,12 @@ def test_fullgraph_compile_across_timesteps(family):
     x, extra = spec.inputs(5)
     vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2, phase_t=500,
                                                  phase_bias=2.0))
+    return spec, model, x, extra, counters
+
+
+@pytest.mark.parametrize("family", ["unet3d"])
+def test_fullgraph_compile_across_timesteps(family):
+    spec, model, x, extra, counters = _cold_start(family)
     steps = (999, 700, 300, 100, 50)    # the first, made dynamic, the other phase, none new
     got, graphs = [], []
     with torch.no_grad():
@@ -48,15 +55,7 @@ def test_fullgraph_compile_tensor_timesteps_no_recompile(family):
     one graph per frame (the pre-hook's, the forward's) serves the whole schedule in both
     phases, equal to eager (which reads the value). Compiled first, from a cold engine: the
     second call recompiles once, for the engine's warmed caches, and never again."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-    spec = FAMILIES[family]
-    model = spec.shallow_model()
-    x, extra = spec.inputs(5)
-    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2, phase_t=500,
-                                                 phase_bias=2.0))
+    spec, model, x, extra, counters = _cold_start(family)
     steps = (999, 700, 501, 500, 300, 1)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     got, graphs = [], []
