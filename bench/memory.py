@@ -56,6 +56,8 @@ def measure(rank, world, method, preset_name, frames, latent_hw, device_name, ch
     just before it."""
     import vinf_engine as vinf
     device = torch.device(device_name)
+    if preset_name.startswith("wan:"):
+        return _measure_wan(method, preset_name[4:], frames, latent_hw, device, chunk_mib)
     preset = PRESETS[preset_name]
     dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
     model = build_unet(preset, device, dtype)
@@ -68,6 +70,11 @@ def measure(rank, world, method, preset_name, frames, latent_hw, device_name, ch
     x = torch.randn(2, 4, frames, *latent_hw, generator=g).to(device, dtype)
     text = torch.randn(2, preset["text_len"], preset["unet"]["cross_attention_dim"],
                        generator=g).to(device, dtype)
+    return _peak(device, lambda: model(x, 500, encoder_hidden_states=text))
+
+
+def _peak(device, forward) -> dict:
+    """Peak bytes of ``forward()`` (no grad) above what is held just before it, and its time."""
     with torch.no_grad():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -78,13 +85,42 @@ def measure(rank, world, method, preset_name, frames, latent_hw, device_name, ch
                 f.write("5")
             before = _rss_kib("VmRSS:") * 1024
         t0 = time.perf_counter()
-        model(x, 500, encoder_hidden_states=text)
+        forward()
         if device.type == "cuda":
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated(device)
         else:
             peak = _rss_kib("VmHWM:") * 1024
     return dict(peak_bytes=max(0, peak - before), seconds=time.perf_counter() - t0)
+
+
+def _measure_wan(method, preset_name, frames, latent_hw, device, chunk_mib):
+    """``measure`` for a WanTransformer3DModel of bench/wan_throughput.py's presets (its
+    ``--layers`` blocks: a DiT holds no skip connections, so the per-frame peak is one
+    block's, whatever the depth); the engine in exact config (full window, no globals)."""
+    import warnings
+    import vinf_engine as vinf
+    from wan_throughput import PRESETS as WAN_PRESETS, build_wan, wan_kwargs
+    name, _, layers = preset_name.partition("@")
+    preset = dict(WAN_PRESETS[name])
+    if layers:
+        preset["model"] = dict(preset["model"], num_layers=int(layers))
+    dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
+    model = build_wan(preset, device, dtype).eval()
+    if method.startswith("engine"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # a window past the trained length
+            vinf.parallelize(model, vinf.DualScopeConfig(window=1000, num_global=0,
+                                                         phase_bias=0.0),
+                             chunk_mib=chunk_mib if method == "engine" else 0)
+    elif method == "diffusers chunked FF":
+        raise ValueError("Wan has no enable_forward_chunking")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, frames, *latent_hw, generator=g).to(device, dtype)
+    text = torch.randn(2, preset["text_len"], wan_kwargs(preset)["text_dim"],
+                       generator=g).to(device, dtype)
+    t = torch.full((2,), 500.0, device=device)
+    return _peak(device, lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=text))
 
 
 def slope(points):
@@ -133,6 +169,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
+    ap.add_argument("--wan", default=None, metavar="PRESET[@LAYERS]",
+                    help="measure a WanTransformer3DModel of bench/wan_throughput.py's presets "
+                         "instead (e.g. wan2.1-1.3b@2: the 1.3B model's width, 2 of its blocks)")
     ap.add_argument("--frames", default="8,16,32", help="comma-separated lengths (3 or more)")
     ap.add_argument("--latent", default="32x32")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -162,22 +201,26 @@ def main(argv=None):
         ap.error("--frames: give 3 or more lengths")
     latent = tuple(int(v) for v in a.latent.lower().split("x"))
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    preset = f"wan:{a.wan}" if a.wan else a.preset
+    if a.wan:
+        methods = [m for m in methods if m != "diffusers chunked FF"]   # no such mode in Wan
     device = "cuda:0" if a.device == "cuda" else "cpu"
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     rows = []
     report = dict(benchmark="memory", date=time.strftime("%Y-%m-%d"), device=a.device,
-                  preset=a.preset, latent_hw=latent, chunk_mib=a.chunk_mib, rows=rows,
+                  preset=preset, latent_hw=latent, chunk_mib=a.chunk_mib, rows=rows,
                   methods={m: METHODS[m] for m in methods})
 
     def save():
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
-    print(f"vinf_engine memory: {a.preset} UNet3D, latent {latent}, CFG batch 2, {a.device}",
+    print(f"vinf_engine memory: {preset} {'Wan' if a.wan else 'UNet3D'}, latent {latent}, "
+          f"CFG batch 2, {a.device}",
           flush=True)
     for method in methods:
         for n in frames:
             try:
-                (r,) = run_local(measure, 1, method, a.preset, n, latent, device, a.chunk_mib,
+                (r,) = run_local(measure, 1, method, preset, n, latent, device, a.chunk_mib,
                                  threads=2, timeout=1800)
                 row = dict(method=method, frames=n, peak_mib=r["peak_bytes"] / 2 ** 20,
                            seconds=r["seconds"])
@@ -197,7 +240,7 @@ def main(argv=None):
     for m, s in slopes.items():
         rel = f" ({s / slopes['diffusers']:.2f}x diffusers')" if "diffusers" in slopes else ""
         print(f"{m:<22} {s / 2 ** 20:8.2f} MiB per frame{rel}")
-    if a.preset == "modelscope" and "engine" in slopes:
+    if preset == "modelscope" and "engine" in slopes:
         scale = (FULL_LATENT[0] * FULL_LATENT[1]) / (latent[0] * latent[1])
         if a.device == "cpu":
             scale /= 2                             # fp32 here, bf16 on the GPU
@@ -238,7 +281,7 @@ def _plot(rows, methods, path, report):
             ax.plot(*zip(*pts), marker="o", label=m)
     ax.set_xlabel("frames")
     ax.set_ylabel("peak MiB of one forward")
-    ax.set_title(f"{report['preset']} UNet3D, latent {report['latent_hw']}, {report['device']}")
+    ax.set_title(f"{report['preset']}, latent {report['latent_hw']}, {report['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
