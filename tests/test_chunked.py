@@ -123,3 +123,25 @@ def test_one_process_runs_whole_temporal_transformers_over_position_chunks():
         else:
             assert not mods
     assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("config", ["clamp", "true_positions", "dual_no_global"])
+def test_one_process_wan_attention_in_query_frame_chunks(config, monkeypatch):
+    # Wan's attn1 on one process: queries, attention and output projection per chunk of
+    # query frames (the clamped global scope per chunk too), equal to one whole pass in fp64.
+    from vinf_engine.models import wan
+    spec = FAMILIES["wan"]
+    ran = []
+    real = wan.clip_attention_in_chunks
+    monkeypatch.setattr(wan, "clip_attention_in_chunks",
+                        lambda *a, **k: ran.append(k["frames_per_chunk"]) or real(*a, **k))
+    outs = {}
+    for budget in (0, TINY_BUDGET):
+        model = spec.model().double()
+        x, extra = (t.double() for t in spec.inputs(11))
+        vinf.parallelize(model, vinf.DualScopeConfig(**spec.configs[config]), chunk_mib=budget)
+        with torch.no_grad():
+            outs[budget] = spec.call(model, x, 900, extra)
+        assert bool(ran) == bool(budget)
+    assert set(ran) == {1}                     # ~1 KiB: one query frame per chunk
+    assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12

@@ -24,8 +24,8 @@ from .. import ops
 from ..comm import Pending
 from ..layout import halo_wants
 
-__all__ = ["clip_attention", "blocking_clip_attention", "by_phase", "global_attention",
-           "ContextSlot"]
+__all__ = ["clip_attention", "clip_attention_in_chunks", "blocking_clip_attention", "by_phase",
+           "global_attention", "ContextSlot"]
 
 
 def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: float,
@@ -79,6 +79,40 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
         o_glob, lse_glob = global_attention(engine, q[:, w * T:(Fc - w) * T], kg, vg, scale)
         o_mid = ops.merge_attention(o_mid, lse_mid, o_glob, lse_glob)
     return torch.cat([first, o_mid, last], dim=1)
+
+
+def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, emit, *,
+                             scale: float, tokens_per_frame: int, frames_per_chunk: int,
+                             global_scope_of=None):
+    """``clip_attention`` on one process with its queries in chunks of ``frames_per_chunk``
+    frames, so that no query-sized tensor is ever held for the whole clip: ``q_of(a, b)``
+    projects the queries of frames ``[a, b)`` ((B, (b-a)*T, H, D)), ``emit(a, b, out)`` takes
+    their output; ``global_scope_of(q, a, b)`` gives what ``clip_attention``'s
+    ``global_scope`` would for those queries, or None. The keys and values are the whole
+    clip's (every chunk's band reads some of them); each chunk pads only its own band."""
+    if engine.world_size != 1:
+        raise RuntimeError("clip_attention_in_chunks runs on one process: on several ranks "
+                           "the halo-free interior attends while the context is in flight")
+    T = tokens_per_frame
+    Fc = k.shape[1] // T
+    w = engine.attention_plan().window
+    ctx = pending.wait()                    # one process: no halo, maybe global frames
+    kg = vg = None
+    for a in range(0, Fc, frames_per_chunk):
+        b = min(Fc, a + frames_per_chunk)
+        q = q_of(a, b)
+        scope = global_scope_of(q, a, b) if global_scope_of is not None else None
+        separate = scope is not None and ctx.glob is not None
+        if ctx.glob is not None and not separate and kg is None:
+            kg, vg = project_kv(ctx.glob, ctx.glob_frames)
+        lo, hi = max(0, a - w), min(Fc, b + w)          # the band's frames that exist
+        fill = (0, 0, 0, 0, (w - (a - lo)) * T, (w - (hi - b)) * T)
+        out = by_phase(
+            engine, ops.dual_scope_attention, q, F.pad(k[:, lo * T:hi * T], fill),
+            F.pad(v[:, lo * T:hi * T], fill), None if separate else kg,
+            None if separate else vg, window=w, pad=w, valid_left=a - lo,
+            valid_right=hi - b, tokens_per_frame=T, scale=scale, return_lse=separate)
+        emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out)
 
 
 def blocking_clip_attention(engine, q, k, v, *, scale: float,

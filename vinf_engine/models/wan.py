@@ -30,6 +30,7 @@ from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttn
 
 from ..config import DualScopeConfig
 from ..layers import clip_attention
+from ..layers.attention import clip_attention_in_chunks
 from ..layers.attention import global_attention
 from . import register
 from .base import AdapterBase, Patcher, step_arguments
@@ -146,8 +147,12 @@ class WanDualScopeProcessor:
         T = grid.tokens_per_frame
         Fc = S // T
         pending = eng.start_attention_context(hidden_states.view(B, Fc, T, C))
-        q = _rotate(attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)),
-                    *rotary_emb)
+        cos, sin = rotary_emb
+
+        def queries(a, b):                      # frames [a, b) of the clip, rotated
+            x = hidden_states[:, a * T:b * T]
+            return _rotate(attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1)),
+                           cos[:, a * T:b * T], sin[:, a * T:b * T])
         k, v = _keys(attn, hidden_states)
         k = _rotate(k, *rotary_emb)
 
@@ -155,19 +160,54 @@ class WanDualScopeProcessor:
             k_, v_ = _keys(attn, x.flatten(1, 2))
             return _rotate(k_, *grid.at(frames)), v_
 
-        scope = None
-        if self.max_distance is not None:
-            s = eng.layout.start(eng.rank)
-            g = eng.attention_plan().glob_frames
-            if g and max(abs(a - b) for a in (s, s + Fc - 1) for b in g) > self.max_distance:
-                scope = _ClampedGlobalScope(attn, q, range(s, s + Fc), T, self.max_distance,
-                                            grid, eng)
+        s = eng.layout.start(eng.rank)
+        g = eng.attention_plan().glob_frames
+        clamped = (self.max_distance is not None and g and
+                   max(abs(a - b) for a in (s, s + Fc - 1) for b in g) > self.max_distance)
+
+        def scope_of(q, a, b):                  # the global scope of frames [a, b), or None
+            if not clamped:
+                return None
+            return _ClampedGlobalScope(attn, q, range(s + a, s + b), T, self.max_distance,
+                                       grid, eng)
+
+        def finish(o):
+            return attn.to_out[1](attn.to_out[0](o.flatten(2, 3).type_as(hidden_states)))
+
         head_dim = attn.inner_dim // attn.heads
+        n = self._frames_per_chunk(hidden_states, Fc)
+        if n < Fc:
+            # One process, memory-bounded: queries, their attention and the output projection
+            # per chunk of frames, written into the output (keys and values stay whole).
+            out = None
+
+            def emit(a, b, o):
+                nonlocal out
+                y = finish(o)
+                if out is None:
+                    out = y.new_empty(B, S, y.shape[-1])
+                out[:, a * T:b * T] = y
+            clip_attention_in_chunks(eng, pending, queries, k, v, project_kv, emit,
+                                     scale=head_dim ** -0.5, tokens_per_frame=T,
+                                     frames_per_chunk=n, global_scope_of=scope_of)
+            return out
+        q = queries(0, Fc)
         out = clip_attention(eng, pending, q, k, v, project_kv, scale=head_dim ** -0.5,
-                             tokens_per_frame=T, global_scope=scope)
-        out = out.flatten(2, 3).type_as(q)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+                             tokens_per_frame=T, global_scope=scope_of(q, 0, Fc))
+        return finish(out)
+
+    # Per query byte of a chunk: the projection, its norm and rotation, the attention's
+    # output and the output projection's (the op bounds its own logits).
+    _CHUNK_FACTOR = 6
+
+    def _frames_per_chunk(self, x, Fc: int) -> int:
+        """Query frames per chunk within the engine's budget; ``Fc`` (no chunks) on several
+        ranks (where the interior attends while the context is in flight) or unbudgeted."""
+        budget = self.engine.chunk_bytes
+        if self.engine.world_size != 1 or not budget:
+            return Fc
+        per_frame = x.shape[0] * (x.shape[1] // Fc) * x.shape[2] * x.element_size()
+        return max(1, min(Fc, int(budget // max(1, per_frame * self._CHUNK_FACTOR))))
 
 
 class _ClampedGlobalScope:
