@@ -38,8 +38,11 @@ def eager_across_ranks(crosses: Callable):
     ranks agree on; otherwise (one process: nothing is sent) it is traced like any code, and
     a fullgraph compile stays whole."""
     def wrap(method):
-        eager = torch.compiler.disable(method, reason=f"vinf_engine: {method.__qualname__} "
-                                       "talks to the other ranks")
+        reason = f"vinf_engine: {method.__qualname__} talks to the other ranks"
+        try:
+            eager = torch.compiler.disable(method, reason=reason)
+        except TypeError:                   # a torch whose disable() takes no reason
+            eager = torch.compiler.disable(method)
 
         @functools.wraps(method)
         def run(self, *args, **kwargs):
