@@ -84,7 +84,8 @@ def test_fullgraph_compile_tensor_timesteps_no_recompile(family):
 
 @pytest.mark.parametrize("family", ["unet3d", "wan"])
 @pytest.mark.parametrize("timestep", [(900.0, 100.0), (100.0, 100.0)])
-def test_traced_biases_equal_read_biases(family, timestep, monkeypatch):
+@pytest.mark.parametrize("chunk_mib", [None, 236544 / 2 ** 20])
+def test_traced_biases_equal_read_biases(family, timestep, chunk_mib, monkeypatch):
     """What a trace computes (the phase as tensor biases, one per row) equals what eager does
     (the value read, samples split into runs by phase), per-sample timesteps included: the
     traced path is forced here in eager, so only the bias mechanism differs."""
@@ -92,8 +93,10 @@ def test_traced_biases_equal_read_biases(family, timestep, monkeypatch):
     spec = FAMILIES[family]
     model = spec.model()
     x, extra = spec.inputs(5)
+    # chunk_mib: a budget whose row chunks of the temporal blocks end inside a sample
+    kw = {} if chunk_mib is None else dict(chunk_mib=chunk_mib)
     vinf.parallelize(model, vinf.DualScopeConfig(window=1, num_global=2, phase_t=500,
-                                                 phase_bias=2.0))
+                                                 phase_bias=2.0), **kw)
     t = torch.tensor(timestep)
 
     def call():
@@ -107,7 +110,16 @@ def test_traced_biases_equal_read_biases(family, timestep, monkeypatch):
         monkeypatch.setattr(parallel, "_traced", lambda: True)
         traced = call()
         assert model.vinf_engine._bias_tensors is not None
+        whole = None
+        if chunk_mib is not None:           # and both equal the unchunked model's
+            vinf.unparallelize(model)
+            vinf.parallelize(model, vinf.DualScopeConfig(window=1, num_global=2, phase_t=500,
+                                                         phase_bias=2.0), chunk_mib=0)
+            monkeypatch.setattr(parallel, "_traced", lambda: False)
+            whole = call()
     assert rel_err(traced, read) <= 1e-5
+    if whole is not None:
+        assert rel_err(read, whole) <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["unet3d", "wan"])

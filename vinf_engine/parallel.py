@@ -67,6 +67,10 @@ class ClipParallel:
         self.global_bias = 0.0
         self._sample_biases: tuple = ((0.0, 0.0),)
         self._bias_tensors: tuple | None = None  # (local, global) (B,): a traced timestep's
+        # (offset, total): the rows of the attention input now running are rows [offset,
+        # offset + rows) of the step's batch-major ``total`` (a memory-bounded chunk); None:
+        # all of them
+        self.row_window: tuple | None = None
         self._undo = []
 
     @property
@@ -163,7 +167,9 @@ class ClipParallel:
         self.layout = layout
         self.scheduler.begin_step(self.layout)
         # Kernels only (no host-to-device copy): capturable.
-        late = (t >= self.config.phase_t).to(torch.float32)
+        # compared in fp64, as the host path does (a bf16 timestep vs a rounded phase_t
+        # could otherwise land in the other phase)
+        late = (t.to(torch.float64) >= self.config.phase_t).to(torch.float32)
         pb = float(self.config.phase_bias)
         self._bias_tensors = ((1.0 - late) * pb, late * pb)
         self.timestep, self.local_bias, self.global_bias = t, None, None
@@ -174,18 +180,22 @@ class ClipParallel:
         attention input, batch-major (``rows / B`` rows per sample). One run when every sample
         is in the same phase; else one per run of consecutive samples sharing a phase. Under
         a trace of a tensor timestep: one run whose biases are (rows,) tensors."""
+        off, total = self.row_window if self.row_window is not None else (0, rows)
         if self._bias_tensors is not None:
-            per = rows // self._bias_tensors[0].shape[0]
-            return [(0, rows, *(b.repeat_interleave(per) for b in self._bias_tensors))]
+            per = total // self._bias_tensors[0].shape[0]
+            return [(0, rows, *(b.repeat_interleave(per)[off:off + rows]
+                                for b in self._bias_tensors))]
         if self.local_bias is not None:
             return [(0, rows, self.local_bias, self.global_bias)]
-        per = rows // len(self._sample_biases)
+        per = total // len(self._sample_biases)
         runs = []
-        for b, biases in enumerate(self._sample_biases):
+        for b in range(off // per, (off + rows - 1) // per + 1):    # the samples these rows hold
+            biases = self._sample_biases[b]
+            lo, hi = max(off, b * per) - off, min(off + rows, (b + 1) * per) - off
             if runs and runs[-1][2:] == biases:
-                runs[-1] = (runs[-1][0], (b + 1) * per, *biases)
+                runs[-1] = (runs[-1][0], hi, *biases)
             else:
-                runs.append((b * per, (b + 1) * per, *biases))
+                runs.append((lo, hi, *biases))
         return runs
 
     def _require_step(self) -> ClipLayout:

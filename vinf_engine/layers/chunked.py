@@ -14,6 +14,7 @@ held per frame between layers (the latents, the skip connections, layer outputs)
     _vinf_dim     the row dimension (0: frames or positions in a batch; 1: a DiT's tokens)
     _vinf_bytes   the working memory allowed: a chunk's input rows x ``_vinf_factor``
     _vinf_factor  temporaries per input byte at the layer's peak (a reasoned estimate)
+    _vinf_engine  the engine, told which rows each chunk holds (``ClipParallel.row_window``)
 """
 from __future__ import annotations
 
@@ -56,13 +57,24 @@ class _Chunked:
         if step >= n:
             return base(*args, **kwargs)
         full = [(c, k, c[k]) for c, k in where if c[k].dim() > d and c[k].shape[d] == n]
+        # The engine learns which rows each chunk holds (per-sample biases map rows to
+        # samples); nested chunks compose.
+        eng = getattr(self, "_vinf_engine", None)
+        outer = eng.row_window if eng is not None else None
+        off, total = outer if outer is not None else (0, n)
         out = None
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            for c, k, t in full:
-                c[k] = t.narrow(d, r0, r1 - r0)
-            y = base(*args, **kwargs)
-            out = _place(out, y, d, n, r0, r1)
+        try:
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                for c, k, t in full:
+                    c[k] = t.narrow(d, r0, r1 - r0)
+                if eng is not None and d == 0:
+                    eng.row_window = (off + r0, total)
+                y = base(*args, **kwargs)
+                out = _place(out, y, d, n, r0, r1)
+        finally:
+            if eng is not None:
+                eng.row_window = outer
         return out
 
 

@@ -99,7 +99,8 @@ class Patcher:
         if not self.engine.chunk_bytes:
             return
         self.swap_class(module, chunked(type(module)), _vinf_rows=rows, _vinf_dim=dim,
-                        _vinf_bytes=self.engine.chunk_bytes, _vinf_factor=factor)
+                        _vinf_bytes=self.engine.chunk_bytes, _vinf_factor=factor,
+                        _vinf_engine=self.engine)
 
     def flush_after(self, modules):
         """Stale-mode batch boundaries: the scheduler posts what it set aside after each of
