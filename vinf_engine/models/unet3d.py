@@ -137,7 +137,7 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
                 h = block(h, encoder_hidden_states=encoder_hidden_states,
                           cross_attention_kwargs=cross_attention_kwargs)
             h = self.proj_out(h).view(B, n, F, C).permute(0, 2, 3, 1)      # (B, F, C, n)
-            torch.add(h, resp[..., p0:p0 + n], out=outp[..., p0:p0 + n])
+            outp[..., p0:p0 + n].copy_(h + resp[..., p0:p0 + n])    # autograd-safe
         if not return_dict:
             return (out,)
         return TransformerTemporalModelOutput(sample=out)

@@ -52,7 +52,11 @@ def trained_frames(model, config: DualScopeConfig | None = None) -> int:
 
 class _Grid:
     """The step's token grid, written by the patched ``rope`` and read by every processor:
-    the state they share. ``at(frames)`` caches rotations per frame set for the step."""
+    the state they share. ``at(positions)`` caches rotations per grid and position set
+    across steps, so that a step after the first makes none (no host-to-device copy: what
+    keeps a step free of host syncs, and capturable once warmed up)."""
+
+    _MAX_CACHED = 256
 
     def __init__(self, rope):
         self.rope = rope
@@ -61,17 +65,20 @@ class _Grid:
 
     def set(self, pph: int, ppw: int):
         self.pph, self.ppw = pph, ppw
-        self._cache.clear()
+        if len(self._cache) > self._MAX_CACHED:
+            self._cache.clear()
 
     @property
     def tokens_per_frame(self) -> int:
         return self.pph * self.ppw
 
     def at(self, frames: tuple) -> tuple:
-        got = self._cache.get(frames)
+        """Rotations of the tokens of frames at temporal positions ``frames`` (numbers)."""
+        key = (self.pph, self.ppw, frames)
+        got = self._cache.get(key)
         if got is None:
             pos = torch.tensor(frames, dtype=torch.float64)
-            got = self._cache[frames] = self.rope.rotations(pos, self.pph, self.ppw)
+            got = self._cache[key] = self.rope.rotations(pos, self.pph, self.ppw)
         return got
 
 
@@ -224,14 +231,14 @@ class _ClampedGlobalScope:
         attn, q, T, M = self.attn, self.q, self.T, self.M
         k, v = _keys(attn, ctx.glob.flatten(1, 2))         # (B, Ng*T, H, D), un-rotated
         B, NgT, H, D = k.shape
-        g = torch.tensor(ctx.glob_frames, dtype=torch.float64)
         n = max(1, min(len(self.frames), _GLOBAL_CHUNK_ELEMS // max(1, B * NgT * H * D)))
         outs, lses = [], []
         for i in range(0, len(self.frames), n):
-            a = torch.tensor(self.frames[i:i + n], dtype=torch.float64)
-            pos = (a[:, None] - (a[:, None] - g[None, :]).clamp(-M, M)).reshape(-1)
-            cos, sin = self.grid.rope.rotations(pos, self.grid.pph, self.grid.ppw)
-            m = a.numel()
+            chunk = self.frames[i:i + n]
+            # global frame g seen from query frame a: at a - clamp(a - g, -M, M)
+            pos = tuple(float(a - max(-M, min(M, a - g))) for a in chunk for g in ctx.glob_frames)
+            cos, sin = self.grid.at(pos)
+            m = len(chunk)
             kr = _rotate(k.unsqueeze(1).expand(B, m, NgT, H, D), cos.view(1, m, NgT, 1, -1),
                          sin.view(1, m, NgT, 1, -1))
             vr = v.unsqueeze(1).expand(B, m, NgT, H, D)

@@ -94,7 +94,12 @@ def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, win
     with the valid halo, so invalid keys are never read and memory stays bounded for DiT
     sizes. Math in fp32 (fp64 for fp64 inputs); returns q's dtype, shape ``(B, F*T, H, D)``,
     and with ``return_lse`` also the log-sum-exp of each row's logits, ``(B, H, F*T)`` fp32.
+    Biases are numbers here (``dual_scope_attention`` takes tensors).
     """
+    for name, b in (("local_bias", local_bias), ("global_bias", global_bias)):
+        if isinstance(b, torch.Tensor):
+            raise ValueError(f"{name}: the reference takes a number; tensor biases go through "
+                             "vinf_engine.ops.dual_scope_attention")
     F, T, scale = check_dual_scope_args(q, k, v, k_global, v_global, window, pad, valid_left,
                                         valid_right, tokens_per_frame, local_bias, global_bias,
                                         scale)
