@@ -145,3 +145,17 @@ def test_one_process_wan_attention_in_query_frame_chunks(config, monkeypatch):
         assert bool(ran) == bool(budget)
     assert set(ran) == {1}                     # ~1 KiB: one query frame per chunk
     assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12
+
+
+def test_position_chunks_under_autograd():
+    # Outside no_grad (a fine-tuning loop), as the stock module: grads reach the weights.
+    spec = FAMILIES["unet3d"]
+    grads = {}
+    for budget in (0, TINY_BUDGET):
+        model = spec.model().double()
+        x, extra = (t.double() for t in spec.inputs(5))
+        vinf.parallelize(model, vinf.DualScopeConfig(**CFG), chunk_mib=budget)
+        spec.call(model, x, 900, extra).square().mean().backward()
+        grads[budget] = model.transformer_in.proj_in.weight.grad
+    assert torch.isfinite(grads[0]).all()
+    assert rel_err(grads[TINY_BUDGET], grads[0]) <= 1e-10
