@@ -99,6 +99,15 @@ def test_the_cli_makes_2304_frames_on_one_process_in_bounded_memory(tmp_path):
     assert read_video(str(out))[0].shape[0] == 2304
 
 
+def _fp64_parallelized(spec, cfg, budget, frames=11):
+    """A fresh fp64 model of ``spec`` parallelized with ``cfg`` at ``budget`` MiB, and its
+    inputs for ``frames`` frames."""
+    model = spec.model().double()
+    x, extra = (t.double() for t in spec.inputs(frames))
+    vinf.parallelize(model, vinf.DualScopeConfig(**cfg), chunk_mib=budget)
+    return model, x, extra
+
+
 def test_one_process_runs_whole_temporal_transformers_over_position_chunks():
     # The module's norm statistics from the whole video first, then norm apply, proj_in,
     # blocks, proj_out and residual per chunk of positions: several chunks really run, and
@@ -107,9 +116,7 @@ def test_one_process_runs_whole_temporal_transformers_over_position_chunks():
     spec = FAMILIES["unet3d"]
     outs = {}
     for budget in (0, TINY_BUDGET):
-        model = spec.model().double()
-        x, extra = (t.double() for t in spec.inputs(11))
-        vinf.parallelize(model, vinf.DualScopeConfig(**CFG), chunk_mib=budget)
+        model, x, extra = _fp64_parallelized(spec, CFG, budget)
         mods = [m for m in model.modules() if type(m) is PositionChunkedTemporalTransformer]
         calls = []
         for m in mods:
@@ -137,9 +144,7 @@ def test_one_process_wan_attention_in_query_frame_chunks(config, monkeypatch):
                         lambda *a, **k: ran.append(k["frames_per_chunk"]) or real(*a, **k))
     outs = {}
     for budget in (0, TINY_BUDGET):
-        model = spec.model().double()
-        x, extra = (t.double() for t in spec.inputs(11))
-        vinf.parallelize(model, vinf.DualScopeConfig(**spec.configs[config]), chunk_mib=budget)
+        model, x, extra = _fp64_parallelized(spec, spec.configs[config], budget)
         with torch.no_grad():
             outs[budget] = spec.call(model, x, 900, extra)
         assert bool(ran) == bool(budget)
@@ -152,9 +157,7 @@ def test_position_chunks_under_autograd():
     spec = FAMILIES["unet3d"]
     grads = {}
     for budget in (0, TINY_BUDGET):
-        model = spec.model().double()
-        x, extra = (t.double() for t in spec.inputs(5))
-        vinf.parallelize(model, vinf.DualScopeConfig(**CFG), chunk_mib=budget)
+        model, x, extra = _fp64_parallelized(spec, CFG, budget, frames=5)
         spec.call(model, x, 900, extra).square().mean().backward()
         grads[budget] = model.transformer_in.proj_in.weight.grad
     assert torch.isfinite(grads[0]).all()
