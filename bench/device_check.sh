@@ -136,4 +136,9 @@ summarize
 cat "$OUT/summary.txt"
 rm -rf "$LOGS"
 # Exit status: 1 if a step failed or timed out (skipped steps are said above, not failures).
-! printf '%s\n' "${SUMMARY[@]}" | grep -q -E "FAILED|TIMED OUT"
+# No pipe into `grep -q` here: under pipefail its early exit can SIGPIPE printf and the
+# pipeline's status would then hide the failure.
+for line in "${SUMMARY[@]}"; do
+    [[ $line == *FAILED* || $line == *"TIMED OUT"* ]] && exit 1
+done
+exit 0
