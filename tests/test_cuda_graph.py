@@ -1,7 +1,10 @@
 """One denoising step on one GPU: no host sync inside it, and capturable as a CUDA graph that
 replays correctly across a schedule, both bias phases included (the timestep is graph data:
-its phase becomes tensor biases, ``ClipParallel._start_traced``). Needs a CUDA GPU; on the
-CPU the same mechanism is covered by tests/test_compile.py."""
+its phase becomes tensor biases, ``ClipParallel._start_traced``). The GPU tests need a CUDA
+GPU. On the CPU, the same step runs on the meta device, where every read of a tensor's value
+on the host (``.item()``, ``bool()``, ``.tolist()``, a copy to the CPU) raises: the engine's
+control flow is checked free of host syncs on any machine; tests/test_compile.py covers the
+traced biases' values."""
 import pytest
 import torch
 
@@ -9,7 +12,7 @@ import vinf_engine as vinf
 from families import FAMILIES
 from helpers import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CONFIG = dict(window=2, num_global=2, phase_t=500, phase_bias=2.0)
 STEPS = (999, 700, 400, 1)            # both phases
@@ -31,6 +34,38 @@ def _setup(family):
     return spec, model, x, extra, call
 
 
+def _meta_call(family, model, x, t, extra):
+    if family == "unet3d":
+        return model(x, t, encoder_hidden_states=extra).sample
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=extra).sample
+
+
+def test_the_meta_device_refuses_host_reads():
+    # What the test below relies on: on meta, a value read on the host is an error.
+    t = torch.ones(2, device="meta")
+    for read in (lambda: t[0].item(), lambda: bool(t[0]), lambda: t.tolist(), lambda: t.cpu()):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            read()
+
+
+@pytest.mark.parametrize("chunk_mib", [None, 0.05])
+@pytest.mark.parametrize("family", ["unet3d", "wan"])
+def test_one_accelerator_step_reads_nothing_on_the_host(family, chunk_mib):
+    """A step with its timestep on the sample's (non-CPU) device, both phases, whole and
+    in memory-bounded chunks, on meta: it runs only if nothing is read back."""
+    spec = FAMILIES[family]
+    model = spec.model()
+    x, extra = spec.inputs(5)
+    vinf.parallelize(model, vinf.DualScopeConfig(**CONFIG), chunk_mib=chunk_mib)
+    model, x, extra = model.to("meta"), x.to("meta"), extra.to("meta")
+    with torch.no_grad():
+        for t in (999.0, 300.0):
+            out = _meta_call(family, model, x, torch.full((x.shape[0],), t, device="meta"), extra)
+            assert out.shape == x.shape and out.device.type == "meta"
+    assert model.vinf_engine._bias_tensors is not None          # the traced path ran, not the host one
+
+
+@needs_gpu
 @pytest.mark.parametrize("family", ["unet3d", "wan"])
 def test_one_gpu_step_has_no_host_sync(family):
     spec, model, x, extra, call = _setup(family)
@@ -45,6 +80,7 @@ def test_one_gpu_step_has_no_host_sync(family):
     assert torch.isfinite(out).all()
 
 
+@needs_gpu
 @pytest.mark.parametrize("family", ["unet3d", "wan"])
 def test_one_gpu_step_replays_as_a_cuda_graph(family):
     spec, model, x, extra, call = _setup(family)
