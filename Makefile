@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test workers: 2 fit the 2-core CI machine (each gloo test spawns its own ranks).
+WORKERS ?= 2
 
 $(VENV)/.installed: requirements-cpu.txt setup.py pyproject.toml CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,4 +19,4 @@ bench: setup
 	$(PY) bench/throughput.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal
