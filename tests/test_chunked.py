@@ -133,19 +133,24 @@ def test_one_process_runs_whole_temporal_transformers_over_position_chunks():
     assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12
 
 
-@pytest.mark.parametrize("config", ["clamp", "true_positions", "dual_no_global"])
+@pytest.mark.parametrize("config", ["clamp", "true_positions", "dual_no_global", "exact",
+                                    "window6", "window6_clamp"])
 def test_one_process_wan_attention_in_query_frame_chunks(config, monkeypatch):
     # Wan's attn1 on one process: queries, attention and output projection per chunk of
     # query frames (the clamped global scope per chunk too), equal to one whole pass in fp64.
+    # A chunk whose every query frame sees every key frame attends densely, unpadded (all
+    # of them in "exact"; in "window6_clamp", of 11 frames, frames 4-6, the others by band).
     from vinf_engine.models import wan
     spec = FAMILIES["wan"]
+    window6 = dict(spec.configs["dual"], window=6)
+    configs = dict(spec.configs, window6=window6, window6_clamp=dict(window6, trained_frames=3))
     ran = []
     real = wan.clip_attention_in_chunks
     monkeypatch.setattr(wan, "clip_attention_in_chunks",
                         lambda *a, **k: ran.append(k["frames_per_chunk"]) or real(*a, **k))
     outs = {}
     for budget in (0, TINY_BUDGET):
-        model, x, extra = _fp64_parallelized(spec, spec.configs[config], budget)
+        model, x, extra = _fp64_parallelized(spec, configs[config], budget)
         with torch.no_grad():
             outs[budget] = spec.call(model, x, 900, extra)
         assert bool(ran) == bool(budget)

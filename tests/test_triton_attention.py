@@ -36,6 +36,8 @@ CASES = {
     "tokens_long": (1, 4, 40, 1, 16, 1, 1, 1, 0, 0),     # frames longer than a key tile
     "tokens_globals": (1, 2, 9, 1, 8, 1, 1, 1, 1, 37),
     "tokens_window_zero": (1, 3, 7, 2, 8, 0, 1, 0, 1, 4),
+    # A full window on one process: the clip as one frame of F*T tokens (clip_attention)
+    "one_frame_of_tokens": (2, 1, 45, 2, 8, 0, 0, 0, 0, 3),
 }
 T1 = [n for n, c in CASES.items() if c[2] == 1]
 

@@ -55,6 +55,16 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
     kg = vg = None
     if ctx.glob is not None and not separate:
         kg, vg = project_kv(ctx.glob, ctx.glob_frames)
+    if not nl and not nr and w >= Fc - 1 and (T > 1 or not q.is_cuda):
+        # No halo and a window past the clip's ends (one process, a full window): every
+        # query frame sees every key frame, and the band is one frame of Fc*T tokens. The
+        # same op and softmax with nothing padded, so no copy of K and V three windows long.
+        # (On CUDA, T = 1 keeps the band: the CUDA temporal kernel takes only T = 1, and
+        # how the DiT kernel does on one frame of Fc tokens instead is not yet measured.)
+        out = by_phase(engine, ops.dual_scope_attention, q, k, v, kg, vg, window=0, pad=0,
+                       valid_left=0, valid_right=0, tokens_per_frame=Fc * T, scale=scale,
+                       return_lse=separate)
+        return ops.merge_attention(*out, *global_scope(ctx)) if separate else out
     # Frames past the video's ends are masked by the op, never read: zeros are filler.
     fill = (0, 0, 0, 0, (w - nl) * T, (w - nr) * T)
     k_pad = F.pad(torch.cat([kl, k, kr], dim=1), fill)
@@ -105,6 +115,16 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
         separate = scope is not None and ctx.glob is not None
         if ctx.glob is not None and not separate and kg is None:
             kg, vg = project_kv(ctx.glob, ctx.glob_frames)
+        if w >= b - 1 and a + w >= Fc - 1 and (separate or ctx.glob is None):
+            # Every query frame of the chunk sees every key frame (a full window): dense
+            # attention over the clip's keys as they are, no band padded for the chunk. (With
+            # global keys in the same softmax the banded op stays: a merge by the fp32 lse
+            # would cost an fp64 run its precision.)
+            out = by_phase(engine, lambda q_, k_, v_, local_bias, global_bias:
+                           ops.attention_with_lse(q_, k_, v_, scale=scale, bias=local_bias),
+                           q, k, v)
+            emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out[0])
+            continue
         lo, hi = max(0, a - w), min(Fc, b + w)          # the band's frames that exist
         fill = (0, 0, 0, 0, (w - (a - lo)) * T, (w - (hi - b)) * T)
         out = by_phase(
