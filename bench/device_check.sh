@@ -8,8 +8,9 @@
 # Steps, in order: env (versions), build (the CUDA extension asserted where nvcc exists; a
 # failed build falls back to one without it, so the Python and Triton steps still run),
 # smoke (one call per backend, each in its own process), tests (GPU tests, verbose, a
-# per-test timeout, JUnit XML, no -x), invariance (two gloo processes on one GPU), throughput
-# (UNet3D 1.41B: engine vs diffusers), wan (Wan2.1-1.3B shape at 21/42/84 frames), kernels
+# per-test timeout, JUnit XML, no -x), invariance (two gloo processes on one GPU), onegpu
+# (UNet3D 1.41B on one GPU at 64 and 256 frames: engine vs diffusers, eager, then compiled:
+# bench/one_gpu.py), wan (Wan2.1-1.3B shape at 21/42/84 frames), kernels
 # (every kernel beside its peers), heavy (the tens-of-GiB tests). Each step has a limit; the
 # limits add up to the budget, and a step that no longer fits is skipped and said so. With a
 # 15-minute device allowance (start included), the default budget leaves ~4 minutes for a
@@ -109,11 +110,11 @@ if [ "$DEVICE" = cuda ]; then
     GPU_TESTS=(tests/test_cuda_kernels.py tests/test_triton_attention.py
                tests/test_triton_group_norm.py tests/test_triton_engine.py tests/test_dispatch.py
                tests/test_cuda_graph.py)
-    THROUGHPUT=(--device cuda --ranks 1 --frames 16 --steps 2 --modes overlap)
+    ONEGPU=(--device cuda --frames 64,256 --steps 2 --compile)
     WAN=(--model wan --device cuda --ranks 1 --steps 1 --methods engine1,dense)
 else
     GPU_TESTS=(tests/test_dispatch.py tests/test_triton_engine.py -k "frame_major")
-    THROUGHPUT=(--ranks 1 --frames 4 --steps 1 --modes overlap --latent 8x8)
+    ONEGPU=(--frames 4,8 --steps 1 --warmup 1 --latent 8x8)
     WAN=(--model wan --preset tiny --frames 3,6)
 fi
 
@@ -123,7 +124,7 @@ step smoke       25 $PY bench/smoke.py --device "$DEVICE"
 step tests       90 $PY -m pytest -v -p no:cacheprovider "${TIMEOUT_ARGS[@]}" \
     --junitxml="$OUT/junit.xml" -m "not heavy" "${GPU_TESTS[@]}"
 step invariance  40 $PY bench/gpu_invariance.py --device "$DEVICE" --out "$OUT/invariance.json"
-step throughput  70 $PY bench/throughput.py "${THROUGHPUT[@]}" --out "$OUT/throughput.json"
+step onegpu      70 $PY bench/one_gpu.py "${ONEGPU[@]}" --out "$OUT/one_gpu.json"
 step wan         90 $PY bench/throughput.py "${WAN[@]}" --out "$OUT/throughput-wan.json"
 step kernels     45 $PY bench/kernels.py --device "$DEVICE" --out "$OUT"
 if [ "$DEVICE" = cuda ]; then

@@ -14,7 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
-STEPS = ("build", "smoke", "tests", "invariance", "throughput", "wan", "kernels")
+STEPS = ("build", "smoke", "tests", "invariance", "onegpu", "wan", "kernels")
 
 
 def _run(tmp_path, **env):
@@ -59,7 +59,15 @@ def test_the_cpu_dry_run_passes_every_step(tmp_path):
     inv = json.load(open(tmp_path / "invariance.json"))["rows"]
     errs = [x["rel_err_2_vs_1_rank"] for x in inv if "rel_err_2_vs_1_rank" in x]
     assert len(errs) == 4 and max(errs) <= 1e-5
-    assert json.load(open(tmp_path / "throughput.json"))["complete"]
+    # One device: every eager method at each length, the exact engine equal to diffusers.
+    one = json.load(open(tmp_path / "one_gpu.json"))
+    assert one["complete"]
+    got = {(x["method"], x["frames"]): x for x in one["rows"]}
+    for method in ("diffusers", "engine-exact", "engine"):
+        for frames in (4, 8):
+            x = got[(method, frames)]
+            assert "error" not in x and x["ms_per_frame_step"] > 0, x
+    assert all(got[("engine-exact", n)]["max_rel_diff_vs_diffusers"] <= 1e-5 for n in (4, 8))
     # The Wan benchmark: every method at each length, the engine's 2-rank output equal to
     # its 1-rank output, Ulysses' to dense attention's, ring's reason for not running.
     report = json.load(open(tmp_path / "throughput-wan.json"))
