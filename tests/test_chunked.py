@@ -168,3 +168,36 @@ def test_position_chunks_under_autograd():
         grads[budget] = model.transformer_in.proj_in.weight.grad
     assert torch.isfinite(grads[0]).all()
     assert rel_err(grads[TINY_BUDGET], grads[0]) <= 1e-10
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_one_process_wan_blocks_over_token_chunks(per_token, monkeypatch):
+    # Each Wan block's per-token parts over token chunks (norm1 and its modulation; then the
+    # residuals, norm2, cross-attention, norm3 and FFN per chunk into the output), attn1's
+    # keys and values per frame chunk: equal to the whole block in fp64; TI2V's per-token
+    # timesteps (a modulation per token) too.
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    from vinf_engine.models.wan import TokenChunkedWanBlock
+    spec = FAMILIES["wan"]
+    whole_calls = []
+    real = WanTransformerBlock.forward
+    monkeypatch.setattr(WanTransformerBlock, "forward",
+                        lambda self, *a, **k: whole_calls.append(1) or real(self, *a, **k))
+    outs = {}
+    for budget in (0, TINY_BUDGET):
+        model, x, extra = _fp64_parallelized(spec, CFG, budget, frames=5)
+        blocks = [type(b) for b in model.blocks]
+        assert all(t is (TokenChunkedWanBlock if budget else WanTransformerBlock) for t in blocks)
+        B, _, F, H, W = x.shape
+        tokens = F * (H // 2) * (W // 2)
+        t = (torch.linspace(100, 900, tokens).repeat(B, 1) if per_token
+             else torch.full((B,), 900.0))
+        whole_calls.clear()
+        with torch.no_grad():
+            outs[budget] = model(hidden_states=x, timestep=t, encoder_hidden_states=extra).sample
+        # the chunked blocks never fall back to the whole forward
+        assert len(whole_calls) == (0 if budget else len(blocks)), len(whole_calls)
+        if budget:
+            vinf.unparallelize(model)
+            assert all(type(b) is WanTransformerBlock for b in model.blocks)
+    assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12

@@ -26,7 +26,8 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttnProcessor,
-                                                           WanRotaryPosEmbed)
+                                                           WanRotaryPosEmbed,
+                                                           WanTransformerBlock)
 
 from ..config import DualScopeConfig
 from ..layers import clip_attention
@@ -160,8 +161,23 @@ class WanDualScopeProcessor:
             x = hidden_states[:, a * T:b * T]
             return _rotate(attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1)),
                            cos[:, a * T:b * T], sin[:, a * T:b * T])
-        k, v = _keys(attn, hidden_states)
-        k = _rotate(k, *rotary_emb)
+        n = self._frames_per_chunk(hidden_states, Fc)
+        if n < Fc:
+            # One process, memory-bounded: the keys and values too, written per chunk of
+            # frames into the whole clip's (their projection, norm and rotation temporaries
+            # never held for the whole clip).
+            k = v = None
+            for a in range(0, Fc, n):
+                b = min(Fc, a + n)
+                kc, vc = _keys(attn, hidden_states[:, a * T:b * T])
+                kc = _rotate(kc, cos[:, a * T:b * T], sin[:, a * T:b * T])
+                if k is None:
+                    k, v = kc.new_empty(B, S, *kc.shape[2:]), vc.new_empty(B, S, *vc.shape[2:])
+                k[:, a * T:b * T] = kc
+                v[:, a * T:b * T] = vc
+        else:
+            k, v = _keys(attn, hidden_states)
+            k = _rotate(k, *rotary_emb)
 
         def project_kv(x, frames):              # x: (B, n, T, C), the frames' attention input
             k_, v_ = _keys(attn, x.flatten(1, 2))
@@ -182,7 +198,6 @@ class WanDualScopeProcessor:
             return attn.to_out[1](attn.to_out[0](o.flatten(2, 3).type_as(hidden_states)))
 
         head_dim = attn.inner_dim // attn.heads
-        n = self._frames_per_chunk(hidden_states, Fc)
         if n < Fc:
             # One process, memory-bounded: queries, their attention and the output projection
             # per chunk of frames, written into the output (keys and values stay whole).
@@ -215,6 +230,53 @@ class WanDualScopeProcessor:
             return Fc
         per_frame = x.shape[0] * (x.shape[1] // Fc) * x.shape[2] * x.element_size()
         return max(1, min(Fc, int(budget // max(1, per_frame * self._CHUNK_FACTOR))))
+
+
+class TokenChunkedWanBlock(WanTransformerBlock):
+    """One process, memory-bounded: a ``WanTransformerBlock`` whose per-token parts run over
+    chunks of tokens. The self-attention's input (``norm1`` and its modulation) is written
+    chunk by chunk; ``attn1`` (its own query-frame chunks) sees the whole clip; then each
+    chunk runs the gated residual, ``norm2``, cross-attention, ``norm3``, the feed-forward and
+    its gated residual straight into the block's output. Everything but ``attn1`` acts per
+    token, so no fp32 temporary of the diffusers forward is ever held for the whole clip.
+    The same operations as diffusers' forward, per chunk.
+
+    ``_vinf_bytes``: the working memory allowed per chunk."""
+
+    _FACTOR = 16        # fp32 temporaries per chunk token's input byte: the norms' float
+    #                     copies, modulations, cross-attention's query and output, residuals
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        B, S, C = hidden_states.shape
+        step = max(1, int(self._vinf_bytes // max(1, B * C * 4 * self._FACTOR)))
+        if step >= S:
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        if temb.ndim == 4:      # Wan 2.2 TI2V: one modulation per token, (B, S, C) each
+            mods = [m.squeeze(2) for m in (self.scale_shift_table.unsqueeze(0)
+                                           + temb.float()).chunk(6, dim=2)]
+        else:                   # (B, 1, C) each, for every token
+            mods = list((self.scale_shift_table + temb.float()).chunk(6, dim=1))
+        chunks = [(a, min(S, a + step)) for a in range(0, S, step)]
+
+        def at(m, a, b):
+            return m if m.shape[1] == 1 else m[:, a:b]
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
+        normed = torch.empty_like(hidden_states)
+        for a, b in chunks:
+            normed[:, a:b] = (self.norm1(hidden_states[:, a:b].float()) * (1 + at(scale_msa, a, b))
+                              + at(shift_msa, a, b)).type_as(hidden_states)
+        attn_output = self.attn1(normed, None, None, rotary_emb)
+        del normed
+        out = torch.empty_like(hidden_states)
+        for a, b in chunks:
+            h = (hidden_states[:, a:b].float() + attn_output[:, a:b] * at(gate_msa, a, b)
+                 ).type_as(hidden_states)
+            h = h + self.attn2(self.norm2(h.float()).type_as(h), encoder_hidden_states,
+                               None, None)
+            n3 = (self.norm3(h.float()) * (1 + at(c_scale_msa, a, b))
+                  + at(c_shift_msa, a, b)).type_as(h)
+            out[:, a:b] = (h.float() + self.ffn(n3).float() * at(c_gate_msa, a, b)).type_as(h)
+        return out
 
 
 class _ClampedGlobalScope:
@@ -317,6 +379,8 @@ class WanAdapter(AdapterBase):
         patcher.swap_class(model.rope, ClipWanRotaryPosEmbed, _vinf=engine, _vinf_grid=grid)
         for block in model.blocks:
             patcher.set_processor(block.attn1, WanDualScopeProcessor(engine, grid, M))
+            if engine.world_size == 1 and engine.chunk_bytes and type(block) is WanTransformerBlock:
+                patcher.swap_class(block, TokenChunkedWanBlock, _vinf_bytes=engine.chunk_bytes)
             if type(block.ffn) is FeedForward:
                 # Its hidden layer is ffn_dim/dim (5.8 for Wan 2.1) times the tokens, in the
                 # model's dtype, plus the GELU's temporary: over token chunks.
