@@ -201,3 +201,30 @@ def test_one_process_wan_blocks_over_token_chunks(per_token, monkeypatch):
             vinf.unparallelize(model)
             assert all(type(b) is WanTransformerBlock for b in model.blocks)
     assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12
+
+
+def test_one_process_runs_temporal_conv_stacks_over_row_chunks(monkeypatch):
+    # Each conv of the stack: its GroupNorm's statistics from the whole input, then norm,
+    # SiLU and conv per chunk of spatial rows; the residual per chunk into the output's
+    # layout. Equal to the stock layer in fp64; the chunked layers never run whole.
+    from diffusers.models.resnet import TemporalConvLayer
+    from vinf_engine.models.unet3d import PositionChunkedTemporalConvLayer
+    spec = FAMILIES["unet3d"]
+    whole = []
+    real = TemporalConvLayer.forward
+    monkeypatch.setattr(TemporalConvLayer, "forward",
+                        lambda self, *a, **k: whole.append(1) or real(self, *a, **k))
+    outs = {}
+    for budget in (0, TINY_BUDGET):
+        model, x, extra = _fp64_parallelized(spec, CFG, budget)
+        mods = [m for m in model.modules() if isinstance(m, TemporalConvLayer)]
+        assert mods and all((type(m) is PositionChunkedTemporalConvLayer) == bool(budget)
+                            for m in mods)
+        whole.clear()
+        with torch.no_grad():
+            outs[budget] = spec.call(model, x, 900, extra)
+        assert len(whole) == (0 if budget else len(mods)), len(whole)
+        if budget:
+            vinf.unparallelize(model)
+            assert not any(type(m) is PositionChunkedTemporalConvLayer for m in model.modules())
+    assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12

@@ -143,6 +143,53 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
         return TransformerTemporalModelOutput(sample=out)
 
 
+class PositionChunkedTemporalConvLayer(TemporalConvLayer):
+    """One process, memory-bounded: a ``TemporalConvLayer`` over chunks of spatial rows, one
+    conv of the stack at a time. Each GroupNorm's statistics come from its whole input
+    first (fp64 partial sums, one pass); then each chunk of rows runs the norm's apply with
+    SiLU, the dropout and the k x 1 x 1 conv (which acts per position) into that conv's
+    output. The residual is written per chunk straight into the output's frame-major layout.
+    The stack then holds its input, one conv's input and its output, never the stock
+    forward's norm, activation and conv outputs side by side, nor its final copy.
+
+    ``_vinf_bytes``: the working memory allowed per chunk."""
+
+    _FACTOR = 5         # temporaries per input byte of a chunk: the norm's apply, the
+    #                     dropout's, the conv's input copy and output, the residual
+
+    def forward(self, hidden_states, num_frames: int = 1):
+        BF, C, H, W = hidden_states.shape
+        F = num_frames
+        B = BF // F
+        step = max(1, int(self._vinf_bytes // max(1, B * C * F * W * hidden_states.element_size()
+                                                  * self._FACTOR)))
+        if step >= H:
+            return super().forward(hidden_states, num_frames)
+        x = hidden_states.view(B, F, C, H, W).permute(0, 2, 1, 3, 4)     # a view
+        rows = [(r0, min(H, r0 + step)) for r0 in range(0, H, step)]
+        h = x
+        for seq in conv_stack(self):
+            norm, conv = seq[0], seq[-1]
+            partials, count = group_norm_partials(h, norm.num_groups)
+            mean, rstd = group_norm_finalize(partials, count, norm.eps)
+            out = None
+            for r0, r1 in rows:
+                y = group_norm_apply(h[..., r0:r1, :], mean, rstd, norm.weight, norm.bias,
+                                     activation="silu")
+                for m in seq[2:-1]:     # dropout (identity in eval)
+                    y = m(y)
+                y = conv(y)
+                if out is None:
+                    out = y.new_empty(B, y.shape[1], F, H, W)
+                out[..., r0:r1, :].copy_(y)          # autograd-safe
+            h = out
+        result = torch.empty_like(hidden_states)
+        res = result.view(B, F, C, H, W)
+        for r0, r1 in rows:
+            res[..., r0:r1, :].copy_((x[..., r0:r1, :] + h[..., r0:r1, :]).transpose(1, 2))
+        return result
+
+
 _FRAME_LAYERS = ((ResnetBlock2D, ("input_tensor", "temb"), 4),
                  (Transformer2DModel, ("hidden_states", "encoder_hidden_states"), 12),
                  (Downsample2D, ("hidden_states",), 3), (Upsample2D, ("hidden_states",), 4))
@@ -220,7 +267,8 @@ class UNet3DAdapter(AdapterBase):
     def _chunk(model, patcher: Patcher, alone: bool):
         """Memory-bounded execution: per-frame layers over frame chunks; the temporal
         transformers' feed-forwards over position chunks, and on one process their whole
-        blocks (on several ranks a block per chunk would exchange its context per chunk)."""
+        blocks and the temporal conv stacks (on several ranks a block or a stack per chunk
+        would exchange its context or halo per chunk)."""
         for m in list(model.modules()):
             for cls, rows, factor in _FRAME_LAYERS:
                 if type(m) is cls:
@@ -231,6 +279,10 @@ class UNet3DAdapter(AdapterBase):
                         patcher.chunk(block.ff, ("hidden_states",), 0, 10)
                     if alone and type(block) is BasicTransformerBlock:
                         patcher.chunk(block, ("hidden_states",), 0, 8)
+            if alone and patcher.engine.chunk_bytes and type(m) is TemporalConvLayer:
+                patcher.swap_class(m, PositionChunkedTemporalConvLayer,
+                                   _vinf_bytes=patcher.engine.chunk_bytes)
+            if type(m) is TransformerTemporalModel:
                 if (alone and patcher.engine.chunk_bytes and type(m.norm) is nn.GroupNorm
                         and m.norm.affine and isinstance(m.proj_in, nn.Linear)
                         and isinstance(m.proj_out, nn.Linear)):
