@@ -8,6 +8,7 @@ and diffusers with ``enable_forward_chunking``; the per-frame slope of each; a P
     python bench/memory.py --device cuda --preset modelscope --frames 64,128,256
     python bench/memory.py --combine out/m8.json out/m16.json --out out/projection.json
                                                     # per-frame bytes fitted over latents
+    python bench/memory.py --where ...              # also: after which module the peak rose
 
 One no-grad forward with classifier-free guidance (batch 2) per (method, frames), each in its
 own process (a fresh allocator): on CPUs the peak RSS above the process's resident size just
@@ -51,13 +52,15 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def measure(rank, world, method, preset_name, frames, latent_hw, device_name, chunk_mib):
+def measure(rank, world, method, preset_name, frames, latent_hw, device_name, chunk_mib,
+            where=False):
     """Peak bytes of one forward of ``method`` on ``frames`` frames, above the memory held
-    just before it."""
+    just before it; with ``where``, also the modules after which the peak rose."""
     import vinf_engine as vinf
     device = torch.device(device_name)
     if preset_name.startswith("wan:"):
-        return _measure_wan(method, preset_name[4:], frames, latent_hw, device, chunk_mib)
+        return _measure_wan(method, preset_name[4:], frames, latent_hw, device, chunk_mib,
+                            where)
     preset = PRESETS[preset_name]
     dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
     model = build_unet(preset, device, dtype)
@@ -70,11 +73,32 @@ def measure(rank, world, method, preset_name, frames, latent_hw, device_name, ch
     x = torch.randn(2, 4, frames, *latent_hw, generator=g).to(device, dtype)
     text = torch.randn(2, preset["text_len"], preset["unet"]["cross_attention_dim"],
                        generator=g).to(device, dtype)
-    return _peak(device, lambda: model(x, 500, encoder_hidden_states=text))
+    return _peak(device, lambda: model(x, 500, encoder_hidden_states=text),
+                 model if where else None)
 
 
-def _peak(device, forward) -> dict:
-    """Peak bytes of ``forward()`` (no grad) above what is held just before it, and its time."""
+def _used(device) -> tuple:
+    """(peak so far, held now) in bytes."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+    return _rss_kib("VmHWM:") * 1024, _rss_kib("VmRSS:") * 1024
+
+
+def _peak(device, forward, model=None) -> dict:
+    """Peak bytes of ``forward()`` (no grad) above what is held just before it, and its time.
+    With ``model``: ``where``, each module (4 levels deep) after whose call the peak had
+    risen, with the peak and the memory still held then (on CPUs, as of the call's end)."""
+    rises, hooks = [], []
+    if model is not None:
+        names = {m: n for n, m in model.named_modules() if n and n.count(".") <= 3}
+        last = [0]
+
+        def after(module, args, out):
+            peak, held = _used(device)
+            if peak > last[0]:
+                rises.append((names[module], peak, held))
+                last[0] = peak
+        hooks = [m.register_forward_hook(after) for m in names]
     with torch.no_grad():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -91,10 +115,16 @@ def _peak(device, forward) -> dict:
             peak = torch.cuda.max_memory_allocated(device)
         else:
             peak = _rss_kib("VmHWM:") * 1024
-    return dict(peak_bytes=max(0, peak - before), seconds=time.perf_counter() - t0)
+    for h in hooks:
+        h.remove()
+    res = dict(peak_bytes=max(0, peak - before), seconds=time.perf_counter() - t0)
+    if model is not None:
+        res["where"] = [dict(module=n, peak_mib=(p - before) / 2 ** 20,
+                             held_mib=(h - before) / 2 ** 20) for n, p, h in rises]
+    return res
 
 
-def _measure_wan(method, preset_name, frames, latent_hw, device, chunk_mib):
+def _measure_wan(method, preset_name, frames, latent_hw, device, chunk_mib, where=False):
     """``measure`` for a WanTransformer3DModel of bench/wan_throughput.py's presets (its
     ``--layers`` blocks: a DiT holds no skip connections, so the per-frame peak is one
     block's, whatever the depth); the engine in exact config (full window, no globals)."""
@@ -120,7 +150,8 @@ def _measure_wan(method, preset_name, frames, latent_hw, device, chunk_mib):
     text = torch.randn(2, preset["text_len"], wan_kwargs(preset)["text_dim"],
                        generator=g).to(device, dtype)
     t = torch.full((2,), 500.0, device=device)
-    return _peak(device, lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=text))
+    return _peak(device, lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=text),
+                 model if where else None)
 
 
 def slope(points):
@@ -180,6 +211,9 @@ def main(argv=None):
                          "CPU default run's tiny layers need a smaller one to chunk at all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "out", "memory.json"))
+    ap.add_argument("--where", action="store_true",
+                    help="also say after which modules each run's peak rose, and what was "
+                         "held then")
     ap.add_argument("--combine", nargs="+", metavar="REPORT",
                     help="no run: project the per-frame bytes at 320x512 from modelscope "
                          "reports at two or more latents (see combine())")
@@ -221,9 +255,18 @@ def main(argv=None):
         for n in frames:
             try:
                 (r,) = run_local(measure, 1, method, preset, n, latent, device, a.chunk_mib,
-                                 threads=2, timeout=1800)
+                                 a.where, threads=2, timeout=1800)
                 row = dict(method=method, frames=n, peak_mib=r["peak_bytes"] / 2 ** 20,
                            seconds=r["seconds"])
+                if a.where:
+                    row["where"] = r["where"]
+                    # where it (nearly) peaked: later rises of a page or two are noise
+                    top = next((w for w in r["where"]
+                                if w["peak_mib"] >= 0.98 * r["where"][-1]["peak_mib"]), None)
+                    if top:
+                        print(f"  {method}, {n} frames: peak reached after {top['module']} "
+                              f"({top['peak_mib']:.0f} MiB; {top['held_mib']:.0f} MiB held "
+                              "then)", flush=True)
             except RuntimeError as e:
                 row = dict(method=method, frames=n, error=str(e)[-400:])
             rows.append(row)

@@ -75,8 +75,7 @@ def test_statistics_riding_in_a_halo_cost_the_published_pattern_an_all_reduce():
     assert b["overlap"]["exposed_ms"] == pytest.approx(a["overlap"]["exposed_ms"] - saved, rel=1e-9)
 
 
-def test_memory_projection_fits_fixed_and_per_pixel_bytes(tmp_path):
-    import json
+def _memory_bench():
     import sys
     bench = os.path.join(os.path.dirname(__file__), "..", "bench")
     before = list(sys.path)
@@ -86,6 +85,29 @@ def test_memory_projection_fits_fixed_and_per_pixel_bytes(tmp_path):
         spec.loader.exec_module(memory)
     finally:
         sys.path[:] = before                # memory.py puts bench/ first: take it back out
+    return memory
+
+
+def test_memory_bench_says_where_the_peak_rose():
+    # A 64 MiB temporary inside the second layer: the peak rises after it, not after the
+    # others (each holds a few KiB), and what is held after it is far below the peak.
+    import torch
+
+    class Big(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.ones(16 * 2 ** 20).sum()       # 64 MiB, freed on return
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Big(), torch.nn.Linear(8, 8))
+    memory = _memory_bench()
+    r = memory._peak(torch.device("cpu"), lambda: model(torch.ones(4, 8)), model)
+    assert r["peak_bytes"] >= 60 * 2 ** 20
+    big = [w for w in r["where"] if w["peak_mib"] >= 60]
+    assert big and big[0]["module"] == "1" and big[0]["held_mib"] < 30, r["where"]
+    assert not model._forward_hooks and not model[1]._forward_hooks     # hooks removed
+
+
+def test_memory_projection_fits_fixed_and_per_pixel_bytes(tmp_path):
+    import json
+    memory = _memory_bench()
     fixed, per_pixel = 1.5, 0.02            # MiB per frame, MiB per frame and latent pixel
     paths = []
     for hw in (8, 16):
