@@ -228,3 +228,37 @@ def test_one_process_runs_temporal_conv_stacks_over_row_chunks(monkeypatch):
             vinf.unparallelize(model)
             assert not any(type(m) is PositionChunkedTemporalConvLayer for m in model.modules())
     assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12
+
+
+def test_the_up_path_lets_go_of_its_input_and_skips():
+    # A memory-bounded engine runs the plain UNet3D's forward with an up path that owns what
+    # it consumes: the last up block's input and first skip are freed once concatenated
+    # (diffusers' forward keeps both until the block returns); the output is bitwise the
+    # stock forward's over the same patched modules.
+    import weakref
+    spec = FAMILIES["unet3d"]
+    model = spec.model()
+    x, extra = spec.inputs(5)
+    vinf.parallelize(model, vinf.DualScopeConfig(**CFG))
+    assert "forward" in model.__dict__                 # the owning forward is set
+    last = model.up_blocks[-1]
+    seen = {}
+
+    def before(mod, args, kwargs):
+        assert isinstance(kwargs["hidden_states"], list)     # handed over, not a tensor
+        seen["input"] = weakref.ref(kwargs["hidden_states"][0])
+        seen["skip"] = weakref.ref(kwargs["res_hidden_states_tuple"][-1])
+
+    def after_first_resnet(mod, args, out):
+        seen["alive"] = (seen["input"]() is not None, seen["skip"]() is not None)
+    h1 = last.register_forward_pre_hook(before, with_kwargs=True)
+    h2 = last.resnets[0].register_forward_hook(after_first_resnet)
+    with torch.no_grad():
+        owned = spec.call(model, x, 900, extra)
+        h1.remove()
+        h2.remove()
+        stock = type(model).forward(model, x, 900, encoder_hidden_states=extra).sample
+    assert seen["alive"] == (False, False), seen
+    assert torch.equal(owned, stock)
+    vinf.unparallelize(model)
+    assert "forward" not in model.__dict__ and type(last).__name__ == "CrossAttnUpBlock3D"

@@ -27,6 +27,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import (TransformerTemporalModel,
                                                                TransformerTemporalModelOutput)
+from diffusers.models.unets.unet_3d_blocks import CrossAttnUpBlock3D, UpBlock3D
+from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
+from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 
 from ..config import DualScopeConfig
 from ..ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
@@ -190,6 +193,142 @@ class PositionChunkedTemporalConvLayer(TemporalConvLayer):
         return result
 
 
+def owned_forward(self, sample, timestep, encoder_hidden_states, class_labels=None,
+                  timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,
+                  down_block_additional_residuals=None, mid_block_additional_residual=None,
+                  return_dict=True):
+    """``UNet3DConditionModel.forward``, step for step, except that the up path owns what it
+    consumes: each up block gets its input and its skips handed over (``_OwningUp*``), and
+    lets each go once concatenated, where diffusers' forward keeps the block's input and all
+    of its skips referenced until the block returns (at the last up block: the input and
+    three full-resolution skips, most of what a frame holds at the forward's peak). Set on
+    a memory-bounded engine's plain ``UNet3DConditionModel`` (``_chunk``); with autograd on,
+    or FreeU, the stock forward (what autograd saves is needed anyway)."""
+    stock = type(self).forward
+    if torch.is_grad_enabled() or any(getattr(b, "s1", None) for b in self.up_blocks):
+        return stock(self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
+                     attention_mask, cross_attention_kwargs, down_block_additional_residuals,
+                     mid_block_additional_residual, return_dict)
+    up_factor = 2 ** self.num_upsamplers
+    forward_upsample_size = any(s % up_factor != 0 for s in sample.shape[-2:])
+    upsample_size = None
+    if attention_mask is not None:
+        attention_mask = (1 - attention_mask.to(sample.dtype)) * -10000.0
+        attention_mask = attention_mask.unsqueeze(1)
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        dtype = maybe_adjust_dtype_for_device(
+            torch.float64 if isinstance(timestep, float) else torch.int64, sample.device)
+        timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
+    elif len(timesteps.shape) == 0:
+        timesteps = timesteps[None].to(sample.device)
+    num_frames = sample.shape[2]
+    timesteps = timesteps.expand(sample.shape[0])
+    t_emb = self.time_proj(timesteps).to(dtype=self.dtype)
+    emb = self.time_embedding(t_emb, timestep_cond)
+    emb = emb.repeat_interleave(num_frames, dim=0, output_size=emb.shape[0] * num_frames)
+    encoder_hidden_states = encoder_hidden_states.repeat_interleave(
+        num_frames, dim=0, output_size=encoder_hidden_states.shape[0] * num_frames)
+    sample = sample.permute(0, 2, 1, 3, 4).reshape((sample.shape[0] * num_frames, -1)
+                                                   + sample.shape[3:])
+    sample = self.conv_in(sample)
+    sample = self.transformer_in(sample, num_frames=num_frames,
+                                 cross_attention_kwargs=cross_attention_kwargs,
+                                 return_dict=False)[0]
+    skips = [sample]
+    for block in self.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(hidden_states=sample, temb=emb,
+                                encoder_hidden_states=encoder_hidden_states,
+                                attention_mask=attention_mask, num_frames=num_frames,
+                                cross_attention_kwargs=cross_attention_kwargs)
+        else:
+            sample, res = block(hidden_states=sample, temb=emb, num_frames=num_frames)
+        skips.extend(res)
+        del res
+    if down_block_additional_residuals is not None:
+        skips = [a + b for a, b in zip(skips, down_block_additional_residuals)]
+    if self.mid_block is not None:
+        sample = self.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states,
+                                attention_mask=attention_mask, num_frames=num_frames,
+                                cross_attention_kwargs=cross_attention_kwargs)
+    if mid_block_additional_residual is not None:
+        sample = sample + mid_block_additional_residual
+    for i, block in enumerate(self.up_blocks):
+        n = len(block.resnets)
+        res = skips[-n:]                   # a list the block pops from: handed over
+        del skips[-n:]
+        if i < len(self.up_blocks) - 1 and forward_upsample_size:
+            upsample_size = skips[-1].shape[2:]
+        held = [sample]                    # the block's input, handed over likewise
+        del sample
+        if getattr(block, "has_cross_attention", False):
+            sample = block(hidden_states=held, temb=emb, res_hidden_states_tuple=res,
+                           encoder_hidden_states=encoder_hidden_states,
+                           upsample_size=upsample_size, attention_mask=attention_mask,
+                           num_frames=num_frames, cross_attention_kwargs=cross_attention_kwargs)
+        else:
+            sample = block(hidden_states=held, temb=emb, res_hidden_states_tuple=res,
+                           upsample_size=upsample_size, num_frames=num_frames)
+    if self.conv_norm_out:
+        sample = self.conv_act(self.conv_norm_out(sample))
+    sample = self.conv_out(sample)
+    sample = sample[None, :].reshape((-1, num_frames) + sample.shape[1:]).permute(0, 2, 1, 3, 4)
+    if not return_dict:
+        return (sample,)
+    return UNet3DConditionOutput(sample=sample)
+
+
+class _OwningUpBlock3D(UpBlock3D):
+    """``UpBlock3D`` that, handed its input and skips as lists (``owned_forward``), pops each
+    and lets it go once concatenated; otherwise the stock forward."""
+
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None,
+                num_frames=1):
+        if not isinstance(hidden_states, list):
+            return super().forward(hidden_states, res_hidden_states_tuple, temb, upsample_size,
+                                   num_frames)
+        h = hidden_states.pop()
+        for resnet, temp_conv in zip(self.resnets, self.temp_convs):
+            x = torch.cat([h, res_hidden_states_tuple.pop()], dim=1)
+            del h
+            h = resnet(x, temb)
+            del x
+            h = temp_conv(h, num_frames=num_frames)
+        if self.upsamplers is not None:
+            for upsampler in self.upsamplers:
+                h = upsampler(h, upsample_size)
+        return h
+
+
+class _OwningCrossAttnUpBlock3D(CrossAttnUpBlock3D):
+    """``CrossAttnUpBlock3D`` likewise (see ``_OwningUpBlock3D``)."""
+
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None,
+                encoder_hidden_states=None, upsample_size=None, attention_mask=None,
+                num_frames=1, cross_attention_kwargs=None):
+        if not isinstance(hidden_states, list):
+            return super().forward(hidden_states, res_hidden_states_tuple, temb,
+                                   encoder_hidden_states, upsample_size, attention_mask,
+                                   num_frames, cross_attention_kwargs)
+        h = hidden_states.pop()
+        for resnet, temp_conv, attn, temp_attn in zip(self.resnets, self.temp_convs,
+                                                      self.attentions, self.temp_attentions):
+            x = torch.cat([h, res_hidden_states_tuple.pop()], dim=1)
+            del h
+            h = resnet(x, temb)
+            del x
+            h = temp_conv(h, num_frames=num_frames)
+            h = attn(h, encoder_hidden_states=encoder_hidden_states,
+                     cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+            h = temp_attn(h, num_frames=num_frames, cross_attention_kwargs=cross_attention_kwargs,
+                          return_dict=False)[0]
+        if self.upsamplers is not None:
+            for upsampler in self.upsamplers:
+                h = upsampler(h, upsample_size)
+        return h
+
+
 _FRAME_LAYERS = ((ResnetBlock2D, ("input_tensor", "temb"), 4),
                  (Transformer2DModel, ("hidden_states", "encoder_hidden_states"), 12),
                  (Downsample2D, ("hidden_states",), 3), (Upsample2D, ("hidden_states",), 4))
@@ -288,6 +427,15 @@ class UNet3DAdapter(AdapterBase):
                         and isinstance(m.proj_out, nn.Linear)):
                     patcher.swap_class(m, PositionChunkedTemporalTransformer,
                                        _vinf_bytes=patcher.engine.chunk_bytes)
+        # The up path owns what it consumes (``owned_forward``): the plain UNet3D only (a
+        # subclass such as VideoCrafter2's has a forward of its own).
+        if patcher.engine.chunk_bytes and type(model) is UNet3DConditionModel and all(
+                type(b) in (UpBlock3D, CrossAttnUpBlock3D) for b in model.up_blocks):
+            for b in model.up_blocks:
+                patcher.swap_class(b, _OwningUpBlock3D if type(b) is UpBlock3D
+                                   else _OwningCrossAttnUpBlock3D)
+            model.forward = owned_forward.__get__(model)
+            patcher.engine.on_undo(lambda: model.__dict__.pop("forward", None))
 
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"
