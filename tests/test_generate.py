@@ -158,11 +158,15 @@ def test_videocrafter2_fps_conditioning_loads_from_diffusers_layout(models, tmp_
     with torch.no_grad():
         assert torch.equal(again(x, 10, ctx, fps=8).sample, a)
         assert rel_err(stock(x, 10, ctx).sample, b) > 1e-3
-    # The engine patches it like any UNet3D: exact mode equals the unpatched model.
+    # The engine patches it like any UNet3D (the owning up path beneath its fps embedding
+    # too): exact mode equals the unpatched model.
     vinf.parallelize(unet, vinf.DualScopeConfig(**EXACT))
+    assert "_vinf_unet_forward" in unet.__dict__
     with torch.no_grad():
         assert rel_err(unet(x, 10, ctx, fps=8).sample, a) <= 1e-5
+        assert rel_err(unet(x, 10, ctx, fps=24).sample, b) <= 1e-5
     vinf.unparallelize(unet)
+    assert "_vinf_unet_forward" not in unet.__dict__
 
 
 def test_step_noise_is_per_global_frame():

@@ -204,7 +204,7 @@ def owned_forward(self, sample, timestep, encoder_hidden_states, class_labels=No
     three full-resolution skips, most of what a frame holds at the forward's peak). Set on
     a memory-bounded engine's plain ``UNet3DConditionModel`` (``_chunk``); with autograd on,
     or FreeU, the stock forward (what autograd saves is needed anyway)."""
-    stock = type(self).forward
+    stock = UNet3DConditionModel.forward
     if torch.is_grad_enabled() or any(getattr(b, "s1", None) for b in self.up_blocks):
         return stock(self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
                      attention_mask, cross_attention_kwargs, down_block_additional_residuals,
@@ -427,15 +427,18 @@ class UNet3DAdapter(AdapterBase):
                         and isinstance(m.proj_out, nn.Linear)):
                     patcher.swap_class(m, PositionChunkedTemporalTransformer,
                                        _vinf_bytes=patcher.engine.chunk_bytes)
-        # The up path owns what it consumes (``owned_forward``): the plain UNet3D only (a
-        # subclass such as VideoCrafter2's has a forward of its own).
-        if patcher.engine.chunk_bytes and type(model) is UNet3DConditionModel and all(
-                type(b) in (UpBlock3D, CrossAttnUpBlock3D) for b in model.up_blocks):
+        # The up path owns what it consumes (``owned_forward``): the plain UNet3D's forward,
+        # or the UNet forward beneath a subclass's own that says where (``_unet_forward``:
+        # VideoCrafter2's fps embedding); another subclass keeps its forward.
+        plain = type(model) is UNet3DConditionModel
+        if (patcher.engine.chunk_bytes and (plain or hasattr(type(model), "_unet_forward"))
+                and all(type(b) in (UpBlock3D, CrossAttnUpBlock3D) for b in model.up_blocks)):
             for b in model.up_blocks:
                 patcher.swap_class(b, _OwningUpBlock3D if type(b) is UpBlock3D
                                    else _OwningCrossAttnUpBlock3D)
-            model.forward = owned_forward.__get__(model)
-            patcher.engine.on_undo(lambda: model.__dict__.pop("forward", None))
+            name = "forward" if plain else "_vinf_unet_forward"
+            setattr(model, name, owned_forward.__get__(model))
+            patcher.engine.on_undo(lambda: model.__dict__.pop(name, None))
 
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"

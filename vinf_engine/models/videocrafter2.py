@@ -90,9 +90,15 @@ class VideoCrafter2UNet3DConditionModel(UNet3DConditionModel):
             return emb
         return emb + self._fps_emb
 
+    def _unet_forward(self, *args, **kwargs):
+        """The UNet3D forward under the fps embedding: the stock one, or the engine's
+        (``_vinf_unet_forward``, set by a memory-bounded engine: ``unet3d.owned_forward``)."""
+        fn = self.__dict__.get("_vinf_unet_forward")
+        return fn(*args, **kwargs) if fn is not None else super().forward(*args, **kwargs)
+
     def forward(self, sample, timestep, encoder_hidden_states, fps=None, *args, **kwargs):
         if not self.config.fps_cond:
-            return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            return self._unet_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         batch = sample.shape[0]
         if fps is None:
             fps = DEFAULT_FPS
@@ -102,7 +108,7 @@ class VideoCrafter2UNet3DConditionModel(UNet3DConditionModel):
         emb = self.fps_embedding(self.fps_proj(fps).to(dtype=self.dtype))
         self._fps_emb = emb
         try:
-            return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            return self._unet_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         finally:
             self._fps_emb = None
 
