@@ -75,3 +75,20 @@ def test_bad_arguments(needle, change):
     act = args.pop("activation")
     with pytest.raises(ValueError, match=needle):
         vinf.ops.group_norm(x, **args, activation=act)
+
+
+def test_reference_partials_of_a_large_input_in_chunks(monkeypatch):
+    # Past the chunk size the reference sums along dim 2 in slices (its fp64 copies
+    # bounded): the same partials to fp64 rounding, on a permuted (non-contiguous) input.
+    import importlib
+    gn = importlib.import_module("vinf_engine.ops.group_norm")
+    x = torch.randn(2, 64, 40, 12, 14, generator=torch.Generator().manual_seed(3))
+    x = x.permute(0, 1, 2, 4, 3)
+    whole, n = gn.group_norm_partials_reference(x, 8)
+    monkeypatch.setattr(gn, "_PARTIALS_CHUNK_ELEMS", 5000)
+    parts, m = gn.group_norm_partials_reference(x, 8)
+    assert m == n == 8 * 40 * 12 * 14
+    want = torch.stack([x.reshape(2, 8, -1).double().sum(-1),
+                        x.reshape(2, 8, -1).double().square().sum(-1)], dim=-1)
+    assert float(((parts - want).abs() / want.abs()).max()) < 1e-13
+    assert float(((parts - whole).abs() / whole.abs()).max()) < 1e-13

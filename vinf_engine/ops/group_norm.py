@@ -48,15 +48,31 @@ def check_group_norm_args(x, num_groups, weight, bias, eps, activation):
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
 
 
+_PARTIALS_CHUNK_ELEMS = 1 << 23     # fp64 elements per chunk of a large input (64 MiB)
+
+
 def group_norm_partials_reference(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
     """Per-group ``[sum x, sum x^2]`` of ``x`` (N, C, *) as an (N, G, 2) fp64 tensor, and the
-    number of elements in each group."""
+    number of elements in each group. ``sum x^2`` as ``sum (x - mean)^2 + mean * sum x`` (no
+    cancellation). A large input goes in chunks along dim 2 (two passes: the sums, then the
+    centred squares), so that its fp64 copies stay within ~64 MiB whatever its size."""
     N = x.shape[0]
-    xs = x.reshape(N, num_groups, -1).to(torch.float64)
-    n = xs.shape[-1]
-    s1 = xs.sum(-1)
+    if x.dim() < 3 or x.shape[2] == 1 or x.numel() <= _PARTIALS_CHUNK_ELEMS:
+        xs = x.reshape(N, num_groups, -1).to(torch.float64)
+        n = xs.shape[-1]
+        s1 = xs.sum(-1)
+        m = s1 / max(n, 1)
+        s2 = (xs - m[..., None]).square().sum(-1) + s1 * m
+        return torch.stack([s1, s2], dim=-1), n
+    step = max(1, _PARTIALS_CHUNK_ELEMS // max(1, x.numel() // x.shape[2]))
+    parts = [(a, min(x.shape[2], a + step)) for a in range(0, x.shape[2], step)]
+
+    def chunk(a, b):
+        return x[:, :, a:b].reshape(N, num_groups, -1).to(torch.float64)
+    n = x[0].numel() // num_groups
+    s1 = sum(chunk(a, b).sum(-1) for a, b in parts)
     m = s1 / max(n, 1)
-    s2 = (xs - m[..., None]).square().sum(-1) + s1 * m
+    s2 = sum((chunk(a, b) - m[..., None]).square().sum(-1) for a, b in parts) + s1 * m
     return torch.stack([s1, s2], dim=-1), n
 
 
