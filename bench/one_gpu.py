@@ -35,19 +35,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import _rss_kib  # noqa: E402
 from throughput import PRESETS, build_unet  # noqa: E402
 
 METHODS = ("diffusers", "engine-exact", "engine", "diffusers-compiled", "engine-compiled")
 EXACT = dict(num_global=0, phase_bias=0.0)        # and a window of the whole video
 PAPER = dict(window=8, num_global=16)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 class _Peak:
