@@ -100,6 +100,15 @@ def test_the_cli_makes_2304_frames_on_one_process_in_bounded_memory(tmp_path):
     assert read_video(str(out))[0].shape[0] == 2304
 
 
+def _count_calls(monkeypatch, cls) -> list:
+    """A list that gets an entry at each call of ``cls.forward`` itself (a chunked subclass's
+    own forward does not count; its fall-back to the whole forward does)."""
+    calls = []
+    real = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
 def _fp64_parallelized(spec, cfg, budget, frames=11):
     """A fresh fp64 model of ``spec`` parallelized with ``cfg`` at ``budget`` MiB, and its
     inputs for ``frames`` frames."""
@@ -179,10 +188,7 @@ def test_one_process_wan_blocks_over_token_chunks(per_token, monkeypatch):
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
     from vinf_engine.models.wan import TokenChunkedWanBlock
     spec = FAMILIES["wan"]
-    whole_calls = []
-    real = WanTransformerBlock.forward
-    monkeypatch.setattr(WanTransformerBlock, "forward",
-                        lambda self, *a, **k: whole_calls.append(1) or real(self, *a, **k))
+    whole_calls = _count_calls(monkeypatch, WanTransformerBlock)
     outs = {}
     for budget in (0, TINY_BUDGET):
         model, x, extra = _fp64_parallelized(spec, CFG, budget, frames=5)
@@ -210,10 +216,7 @@ def test_one_process_runs_temporal_conv_stacks_over_row_chunks(monkeypatch):
     from diffusers.models.resnet import TemporalConvLayer
     from vinf_engine.models.unet3d import PositionChunkedTemporalConvLayer
     spec = FAMILIES["unet3d"]
-    whole = []
-    real = TemporalConvLayer.forward
-    monkeypatch.setattr(TemporalConvLayer, "forward",
-                        lambda self, *a, **k: whole.append(1) or real(self, *a, **k))
+    whole = _count_calls(monkeypatch, TemporalConvLayer)
     outs = {}
     for budget in (0, TINY_BUDGET):
         model, x, extra = _fp64_parallelized(spec, CFG, budget)

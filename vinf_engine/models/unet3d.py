@@ -95,9 +95,13 @@ def _project(attn, x, which):
     return (attn.norm_k(k) if attn.norm_k is not None else k), v
 
 
-# Per-frame layers and their peak temporaries per input byte (a resnet holds ~3 activations
-# besides its input; a spatial transformer's GEGLU feed-forward 8, plus attention and
-# projections), and the temporal transformers' feed-forwards, per position.
+def _whole_stats(x, norm: nn.GroupNorm):
+    """(mean, rstd) of ``norm`` over the whole of ``x`` (B, C, F, H, W), from fp64 partial
+    sums: what each position chunk of a memory-bounded layer then applies."""
+    partials, count = group_norm_partials(x, norm.num_groups)
+    return group_norm_finalize(partials, count, norm.eps)
+
+
 class PositionChunkedTemporalTransformer(TransformerTemporalModel):
     """One process, memory-bounded: a whole ``TransformerTemporalModel`` over chunks of
     spatial positions. Its GroupNorm's statistics come first, from the whole video (fp64
@@ -125,8 +129,7 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
                                    class_labels, num_frames, cross_attention_kwargs,
                                    return_dict)
         x = hidden_states.view(B, F, C, H, W).permute(0, 2, 1, 3, 4)      # a view
-        partials, count = group_norm_partials(x, self.norm.num_groups)
-        mean, rstd = group_norm_finalize(partials, count, self.norm.eps)
+        mean, rstd = _whole_stats(x, self.norm)
         xp = x.flatten(3)                                                 # (B, C, F, P) view
         out = torch.empty_like(hidden_states)
         outp = out.view(B, F, C, P)
@@ -173,8 +176,7 @@ class PositionChunkedTemporalConvLayer(TemporalConvLayer):
         h = x
         for seq in conv_stack(self):
             norm, conv = seq[0], seq[-1]
-            partials, count = group_norm_partials(h, norm.num_groups)
-            mean, rstd = group_norm_finalize(partials, count, norm.eps)
+            mean, rstd = _whole_stats(h, norm)
             out = None
             for r0, r1 in rows:
                 y = group_norm_apply(h[..., r0:r1, :], mean, rstd, norm.weight, norm.bias,
@@ -329,6 +331,9 @@ class _OwningCrossAttnUpBlock3D(CrossAttnUpBlock3D):
         return h
 
 
+# Per-frame layers and their peak temporaries per input byte (a resnet holds ~3 activations
+# besides its input; a spatial transformer's GEGLU feed-forward 8, plus attention and
+# projections), and the temporal transformers' feed-forwards, per position.
 _FRAME_LAYERS = ((ResnetBlock2D, ("input_tensor", "temb"), 4),
                  (Transformer2DModel, ("hidden_states", "encoder_hidden_states"), 12),
                  (Downsample2D, ("hidden_states",), 3), (Upsample2D, ("hidden_states",), 4))
