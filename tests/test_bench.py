@@ -25,3 +25,14 @@ def test_throughput_bench_runs_and_checks_partition_invariance(tmp_path):
     assert two["mib_received_per_step"] > 0 and two["collectives_per_step"] >= 1
     assert any(n.startswith("diffusers") and "error" not in r for n, r in rows.items())
     assert report["max_rel_diff_R_ranks_vs_1_rank"] <= 1e-5
+
+
+def test_overhead_bench_times_diffusers_and_the_engine(tmp_path):
+    out = tmp_path / "overhead.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--frames",
+                        "3", "--latent", "8", "--rounds", "1", "--calls", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"diffusers", "engine", "engine, chunking off"}
+    assert all(r["median_ms"] > 0 for r in rows.values())
