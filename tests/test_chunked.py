@@ -214,14 +214,14 @@ def test_one_process_runs_temporal_conv_stacks_over_row_chunks(monkeypatch):
     # SiLU and conv per chunk of spatial rows; the residual per chunk into the output's
     # layout. Equal to the stock layer in fp64; the chunked layers never run whole.
     from diffusers.models.resnet import TemporalConvLayer
-    from vinf_engine.models.unet3d import PositionChunkedTemporalConvLayer
+    from vinf_engine.layers import ClipTemporalConvLayer
     spec = FAMILIES["unet3d"]
     whole = _count_calls(monkeypatch, TemporalConvLayer)
     outs = {}
     for budget in (0, TINY_BUDGET):
         model, x, extra = _fp64_parallelized(spec, CFG, budget)
         mods = [m for m in model.modules() if isinstance(m, TemporalConvLayer)]
-        assert mods and all((type(m) is PositionChunkedTemporalConvLayer) == bool(budget)
+        assert mods and all((type(m) is ClipTemporalConvLayer) == bool(budget)
                             for m in mods)
         whole.clear()
         with torch.no_grad():
@@ -229,8 +229,71 @@ def test_one_process_runs_temporal_conv_stacks_over_row_chunks(monkeypatch):
         assert len(whole) == (0 if budget else len(mods)), len(whole)
         if budget:
             vinf.unparallelize(model)
-            assert not any(type(m) is PositionChunkedTemporalConvLayer for m in model.modules())
+            assert not any(type(m) is ClipTemporalConvLayer for m in model.modules())
     assert rel_err(outs[TINY_BUDGET], outs[0]) <= 1e-12
+
+
+def unet_rows_rank(rank, world, budget, mode):
+    # One fp64 UNet3D step on this rank's clip, counting the rows each temporal attention
+    # and each temporal conv attends or convolves at once, and the exchanges posted.
+    from vinf_engine import ops
+    from vinf_engine.models import unet3d
+    from vinf_engine.scheduler import CommScheduler
+    spec = FAMILIES["unet3d"]
+    model = spec.model().double()
+    x, extra = (t.double() for t in spec.inputs(11))
+    vinf.parallelize(model, vinf.DualScopeConfig(**CFG), comm_mode=mode, chunk_mib=budget)
+    attn, conv, posted = [], [], []
+    real_attn, real_conv, real_frames = unet3d.clip_attention, ops.temporal_conv, CommScheduler.frames
+    unet3d.clip_attention = lambda *a, **k: attn.append(a[2].shape[0]) or real_attn(*a, **k)
+    ops.temporal_conv = lambda y, *a, **k: conv.append(y.shape[3]) or real_conv(y, *a, **k)
+    CommScheduler.frames = lambda *a, **k: posted.append(a[5]) or real_frames(*a, **k)
+    t = torch.tensor([900.0, 100.0][:x.shape[0]])    # samples in both phases: two biases
+    with torch.no_grad():
+        out = spec.call(model, split(x, SPLITS[world], rank), t, extra)
+    return out, attn, conv, posted
+
+
+@pytest.mark.parametrize("mode", ["overlap", "stale"])
+def test_several_ranks_attend_and_convolve_in_row_chunks(mode):
+    # On 2 ranks each temporal attention runs its rows (spatial positions) in chunks, and
+    # each temporal conv stack its spatial rows, with the same exchanges as unchunked (one
+    # context per attention, one halo per stack): equal in fp64.
+    whole = run_ranks(unet_rows_rank, 2, 0, mode)
+    parts = run_ranks(unet_rows_rank, 2, TINY_BUDGET, mode)
+    for (o0, a0, c0, p0), (o1, a1, c1, p1) in zip(whole, parts):
+        assert rel_err(o1, o0) <= 1e-12, rel_err(o1, o0)
+        assert p1 == p0 and p0                         # the same exchanges, in order
+        assert len(a1) > len(a0) and sum(a1) == sum(a0) and max(a1) < max(a0)
+        assert len(c1) > len(c0) and max(c1) < max(c0)
+
+
+def wan_chunks_rank(rank, world, budget, cfg):
+    # One fp64 Wan step on this rank's clip, with the frames per query chunk of each attn1.
+    from vinf_engine.models import wan
+    spec = FAMILIES["wan"]
+    model = spec.model().double()
+    x, extra = (t.double() for t in spec.inputs(11))
+    vinf.parallelize(model, vinf.DualScopeConfig(**cfg), chunk_mib=budget)
+    ran, real = [], wan.clip_attention_in_chunks
+    wan.clip_attention_in_chunks = lambda *a, **k: ran.append(k["frames_per_chunk"]) or real(*a, **k)
+    with torch.no_grad():
+        out = spec.call(model, split(x, SPLITS[world], rank), 900, extra)
+    return out, ran, [type(b).__name__ for b in model.blocks]
+
+
+@pytest.mark.parametrize("config", ["dual", "exact", "clamp"])
+def test_several_ranks_run_wan_in_query_frame_and_token_chunks(config):
+    # On 2 ranks (clips of 6 and 5 frames) each Wan block runs over token chunks and attn1
+    # over query-frame chunks whose bands reach into the halo (and, in "exact", every chunk
+    # sees every frame of the video: dense): equal to unchunked in fp64.
+    cfg = FAMILIES["wan"].configs[config]
+    whole = run_ranks(wan_chunks_rank, 2, 0, cfg)
+    parts = run_ranks(wan_chunks_rank, 2, TINY_BUDGET, cfg)
+    for (o0, r0, b0), (o1, r1, b1) in zip(whole, parts):
+        assert rel_err(o1, o0) <= 1e-12, rel_err(o1, o0)
+        assert not r0 and set(r1) == {1}
+        assert set(b1) == {"TokenChunkedWanBlock"} and set(b0) == {"WanTransformerBlock"}
 
 
 def test_the_up_path_lets_go_of_its_input_and_skips():

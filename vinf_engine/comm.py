@@ -182,6 +182,12 @@ class Pending:
     def ready(cls, value):
         return cls([], lambda: value, DEFAULT_TIMEOUT, "", 0)
 
+    @classmethod
+    def ready_with(cls, finish: Callable):
+        """Nothing in flight of its own: ``wait()`` gives ``finish()`` (which may wait on
+        other ``Pending``s), computed once."""
+        return cls([], finish, DEFAULT_TIMEOUT, "", 0)
+
     @eager_across_ranks(lambda self: bool(self._works))
     def wait(self):
         if not self._done:

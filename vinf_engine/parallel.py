@@ -7,6 +7,7 @@ exchange plans derived from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,9 @@ class AttentionContext:
     left_frames: tuple = ()      # global indices of ``left``, in order
     right_frames: tuple = ()
     glob_frames: tuple = ()
+    # Per row, what still maps the frames above to the attention's input (None: nothing),
+    # applied by ``rows``: a receiver that attends in chunks of rows maps only a chunk's.
+    row_map: Callable | None = None
 
     @property
     def valid_left(self) -> int:
@@ -41,6 +45,18 @@ class AttentionContext:
     @property
     def valid_right(self) -> int:
         return self.right.shape[1]
+
+    def rows(self, r0: int, r1: int) -> "AttentionContext":
+        """The context of attention rows ``[r0, r1)`` (dim 0), mapped to the attention's input."""
+        m = self.row_map
+        if m is None and r0 == 0 and r1 >= self.left.shape[0]:
+            return self
+        m = m or (lambda t: t)
+        return AttentionContext(
+            left=m(self.left[r0:r1]), right=m(self.right[r0:r1]),
+            glob=None if self.glob is None else m(self.glob[r0:r1]), window=self.window,
+            left_frames=self.left_frames, right_frames=self.right_frames,
+            glob_frames=self.glob_frames)
 
 
 class ClipParallel:
@@ -209,11 +225,13 @@ class ClipParallel:
         return attention_plan(self._require_step(), self.rank, self.config.window,
                               self.config.num_global)
 
-    def start_attention_context(self, h: torch.Tensor, dim: int = 1, transform=None) -> Pending:
+    def start_attention_context(self, h: torch.Tensor, dim: int = 1, transform=None,
+                                row_map=None) -> Pending:
         """Start fetching halo and global-scope frames of ``h`` (N, F, C), the input of a
         temporal attention; ``wait()`` gives an ``AttentionContext``. Or of any tensor with
-        its frames along ``dim`` that ``transform`` maps, per frame, to (N, n, C) attention
-        input once the frames have arrived."""
+        its frames along ``dim`` that ``transform`` maps, per frame, to (N, n, C) rows once
+        the frames have arrived, and ``row_map`` (kept in the context, applied by its
+        ``rows``) maps, per row, to the attention's input."""
         layout = self._require_step()
         plan = self.attention_plan()
         got = self.scheduler.frames(h, dim, layout, plan.wants, "attention context exchange")
@@ -228,7 +246,7 @@ class ClipParallel:
                 right=_take(g, plan.right, self.comm) if plan.right else empty,
                 glob=_take(g, plan.glob, self.comm) if plan.glob else None, window=plan.window,
                 left_frames=plan.left_frames, right_frames=plan.right_frames,
-                glob_frames=plan.glob_frames)
+                glob_frames=plan.glob_frames, row_map=row_map)
         return Pending([], finish, self.comm.timeout, "", self.rank)
 
     def start_frame_halo(self, x: torch.Tensor, dim: int, halo: int,
@@ -423,12 +441,14 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     the waits inside a step are stream waits, which never block the host; there the process
     group's own timeout (``init_process_group(timeout=...)``) bounds them.
 
-    ``chunk_mib`` (default 1024) bounds each per-frame or per-token layer's working memory:
+    ``chunk_mib`` (default 1024) bounds each layer's working memory, on any number of ranks:
     layers whose temporaries would exceed it run over chunks of frames (a UNet's resnets,
-    spatial transformers, samplers), positions (temporal feed-forwards) or tokens (a DiT's
-    feed-forwards), their outputs written in place, so that memory grows with the video only
-    by what each frame must keep between layers. The same output as unchunked up to the
-    rounding of a smaller matrix product. None or 0: off.
+    spatial transformers, samplers), spatial positions (temporal attention, temporal conv
+    stacks, temporal feed-forwards; on one process whole temporal transformers), tokens (a
+    DiT's blocks) or query frames (a DiT's self-attention), their outputs written in place,
+    so that memory grows with the video only by what each frame must keep between layers.
+    The exchanges stay one per layer (a chunk takes its rows of them). The same output as
+    unchunked up to the rounding of a smaller matrix product. None or 0: off.
 
     Returns the model.
     """

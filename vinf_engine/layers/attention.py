@@ -25,7 +25,7 @@ from ..comm import Pending
 from ..layout import halo_wants
 
 __all__ = ["clip_attention", "clip_attention_in_chunks", "blocking_clip_attention", "by_phase",
-           "global_attention", "ContextSlot"]
+           "global_attention", "context_rows", "ContextSlot"]
 
 
 def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: float,
@@ -94,19 +94,29 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
 def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, emit, *,
                              scale: float, tokens_per_frame: int, frames_per_chunk: int,
                              global_scope_of=None):
-    """``clip_attention`` on one process with its queries in chunks of ``frames_per_chunk``
-    frames, so that no query-sized tensor is ever held for the whole clip: ``q_of(a, b)``
-    projects the queries of frames ``[a, b)`` ((B, (b-a)*T, H, D)), ``emit(a, b, out)`` takes
-    their output; ``global_scope_of(q, a, b)`` gives what ``clip_attention``'s
-    ``global_scope`` would for those queries, or None. The keys and values are the whole
-    clip's (every chunk's band reads some of them); each chunk pads only its own band."""
-    if engine.world_size != 1:
-        raise RuntimeError("clip_attention_in_chunks runs on one process: on several ranks "
-                           "the halo-free interior attends while the context is in flight")
+    """``clip_attention`` with its queries in chunks of ``frames_per_chunk`` frames, so that
+    no query-sized tensor is ever held for the whole clip: ``q_of(a, b)`` projects the
+    queries of frames ``[a, b)`` ((B, (b-a)*T, H, D)), ``emit(a, b, out)`` takes their
+    output; ``global_scope_of(q, a, b)`` gives what ``clip_attention``'s ``global_scope``
+    would for those queries, or None. The keys and values are the whole clip's (every
+    chunk's band reads some of them) and the halo's, projected once; each chunk pads only its
+    own band. On several ranks every chunk waits for the context: it is in flight while the
+    caller projects the clip's keys and values, not during the interior's attention."""
     T = tokens_per_frame
     Fc = k.shape[1] // T
     w = engine.attention_plan().window
-    ctx = pending.wait()                    # one process: no halo, maybe global frames
+    ctx = pending.wait()
+    nl, nr = ctx.valid_left, ctx.valid_right
+    kl, vl = project_kv(ctx.left, ctx.left_frames) if nl else (k[:, :0], v[:, :0])
+    kr, vr = project_kv(ctx.right, ctx.right_frames) if nr else (k[:, :0], v[:, :0])
+
+    def band(lo, hi):       # key frames [lo, hi) of [-nl, Fc + nr), clip-local, K and V
+        parts = [(kl, vl, lo + nl, min(hi, 0) + nl), (k, v, max(lo, 0), min(hi, Fc)),
+                 (kr, vr, max(lo, Fc) - Fc, hi - Fc)]
+        got = [(kk[:, i * T:j * T], vv[:, i * T:j * T]) for kk, vv, i, j in parts if j > i]
+        if len(got) == 1:
+            return got[0]
+        return torch.cat([g[0] for g in got], dim=1), torch.cat([g[1] for g in got], dim=1)
     kg = vg = None
     for a in range(0, Fc, frames_per_chunk):
         b = min(Fc, a + frames_per_chunk)
@@ -115,24 +125,32 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
         separate = scope is not None and ctx.glob is not None
         if ctx.glob is not None and not separate and kg is None:
             kg, vg = project_kv(ctx.glob, ctx.glob_frames)
-        if w >= b - 1 and a + w >= Fc - 1 and (separate or ctx.glob is None):
+        lo, hi = max(-nl, a - w), min(Fc + nr, b + w)       # the band's frames that exist
+        kb, vb = band(lo, hi)
+        if b - 1 - w <= -nl and a + w >= Fc - 1 + nr and (separate or ctx.glob is None):
             # Every query frame of the chunk sees every key frame (a full window): dense
-            # attention over the clip's keys as they are, no band padded for the chunk. (With
+            # attention over the keys as they are, no band padded for the chunk. (With
             # global keys in the same softmax the banded op stays: a merge by the fp32 lse
             # would cost an fp64 run its precision.)
             out = by_phase(engine, lambda q_, k_, v_, local_bias, global_bias:
                            ops.attention_with_lse(q_, k_, v_, scale=scale, bias=local_bias),
-                           q, k, v)
+                           q, kb, vb)
             emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out[0])
             continue
-        lo, hi = max(0, a - w), min(Fc, b + w)          # the band's frames that exist
         fill = (0, 0, 0, 0, (w - (a - lo)) * T, (w - (hi - b)) * T)
         out = by_phase(
-            engine, ops.dual_scope_attention, q, F.pad(k[:, lo * T:hi * T], fill),
-            F.pad(v[:, lo * T:hi * T], fill), None if separate else kg,
-            None if separate else vg, window=w, pad=w, valid_left=a - lo,
-            valid_right=hi - b, tokens_per_frame=T, scale=scale, return_lse=separate)
+            engine, ops.dual_scope_attention, q, F.pad(kb, fill), F.pad(vb, fill),
+            None if separate else kg, None if separate else vg, window=w, pad=w,
+            valid_left=a - lo, valid_right=hi - b, tokens_per_frame=T, scale=scale,
+            return_lse=separate)
         emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out)
+
+
+def context_rows(pending: Pending, r0: int, r1: int) -> Pending:
+    """``pending``'s context for attention rows ``[r0, r1)`` only (``AttentionContext.rows``):
+    waits for the whole exchange, maps and hands over just those rows. An attention run in
+    chunks of independent rows (a UNet's spatial positions) takes one exchange for all."""
+    return Pending.ready_with(lambda: pending.wait().rows(r0, r1))
 
 
 def blocking_clip_attention(engine, q, k, v, *, scale: float,

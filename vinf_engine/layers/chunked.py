@@ -22,7 +22,7 @@ import inspect
 
 import torch
 
-__all__ = ["chunked", "rows_per_chunk"]
+__all__ = ["chunked", "rows_per_chunk", "over_rows"]
 
 _CLASSES: dict = {}
 
@@ -33,6 +33,23 @@ def rows_per_chunk(x: torch.Tensor, dim: int, budget_bytes: int, factor: float) 
     n = x.shape[dim]
     per_row = x.numel() // max(1, n) * x.element_size()
     return max(1, int(budget_bytes // max(1.0, per_row * factor)))
+
+
+def over_rows(engine, n: int, step: int, run) -> None:
+    """``run(r0, r1)`` for each chunk ``[r0, r1)`` of ``n`` rows, ``step`` at a time, the
+    engine (if any) told which rows of the step's batch-major attention input each chunk
+    holds (``ClipParallel.row_window``: per-sample biases map rows to samples). Nested
+    chunks compose: an outer chunk's offset is kept."""
+    outer = engine.row_window if engine is not None else None
+    off, total = outer if outer is not None else (0, n)
+    try:
+        for r0 in range(0, n, step):
+            if engine is not None:
+                engine.row_window = (off + r0, total)
+            run(r0, min(n, r0 + step))
+    finally:
+        if engine is not None:
+            engine.row_window = outer
 
 
 class _Chunked:
@@ -57,25 +74,15 @@ class _Chunked:
         if step >= n:
             return base(*args, **kwargs)
         full = [(c, k, c[k]) for c, k in where if c[k].dim() > d and c[k].shape[d] == n]
-        # The engine learns which rows each chunk holds (per-sample biases map rows to
-        # samples); nested chunks compose.
-        eng = getattr(self, "_vinf_engine", None)
-        outer = eng.row_window if eng is not None else None
-        off, total = outer if outer is not None else (0, n)
-        out = None
-        try:
-            for r0 in range(0, n, step):
-                r1 = min(n, r0 + step)
-                for c, k, t in full:
-                    c[k] = t.narrow(d, r0, r1 - r0)
-                if eng is not None and d == 0:
-                    eng.row_window = (off + r0, total)
-                y = base(*args, **kwargs)
-                out = _place(out, y, d, n, r0, r1)
-        finally:
-            if eng is not None:
-                eng.row_window = outer
-        return out
+        out = [None]
+
+        def run(r0, r1):
+            for c, k, t in full:
+                c[k] = t.narrow(d, r0, r1 - r0)
+            out[0] = _place(out[0], base(*args, **kwargs), d, n, r0, r1)
+        # Rows along dim 0 are rows of the attention input: the engine learns which.
+        over_rows(getattr(self, "_vinf_engine", None) if d == 0 else None, n, step, run)
+        return out[0]
 
 
 def _place(out, y, d: int, n: int, r0: int, r1: int):

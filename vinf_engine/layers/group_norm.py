@@ -31,10 +31,14 @@ class ClipGroupNorm(nn.GroupNorm):
         stats_pending = eng.start_stats(x, self)   # first: on NCCL it runs before the context
         stats = []
 
-        def to_attention_input(g):                 # (B, C, n, H, W) -> (B*H*W, n, inner)
+        def to_rows(g):                            # (B, C, n, H, W) -> (B*H*W, n, C)
             y = group_norm_apply(g, *stats[0], self.weight, self.bias)
             B, C, n, H, W = y.shape
-            return norm1(proj_in(y.permute(0, 3, 4, 2, 1).reshape(B * H * W, n, C)))
-        slot.put(eng.start_attention_context(x, dim=2, transform=to_attention_input))
+            return y.permute(0, 3, 4, 2, 1).reshape(B * H * W, n, C)
+
+        def to_attention_input(rows):              # per row chunk: (r, n, C) -> (r, n, inner)
+            return norm1(proj_in(rows))
+        slot.put(eng.start_attention_context(x, dim=2, transform=to_rows,
+                                             row_map=to_attention_input))
         stats.append(stats_pending.wait())
         return eng.group_norm(x, self, stats=stats[0])

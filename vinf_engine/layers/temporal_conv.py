@@ -2,10 +2,12 @@
 on one clip."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from diffusers.models.resnet import TemporalConvLayer
 
 from .. import ops
+from ..ops.group_norm import group_norm_apply
 
 __all__ = ["ClipTemporalConvLayer", "BlockingTemporalConvLayer", "conv_stack"]
 
@@ -23,24 +25,64 @@ class ClipTemporalConvLayer(TemporalConvLayer):
     """A single halo exchange of exactly the stack's receptive field, carrying the first
     GroupNorm's statistics in the same launch; then every conv runs on the extended range
     (``ops.temporal_conv``), zero padding only at the true video ends, GroupNorm statistics
-    counting own frames only."""
+    counting own frames only.
+
+    Memory-bounded (``_vinf_bytes``, the working memory allowed per chunk; 0: whole), on any
+    number of ranks: each conv's statistics come from its whole input first, then its norm
+    with SiLU, dropout and conv run over chunks of spatial rows (the conv acts per position)
+    into that conv's output, and the residual per chunk straight into the output's
+    frame-major layout. The stack then holds its input, one conv's input and its output,
+    never the norm's, activation's and conv's outputs side by side, nor the final copy. On
+    one process, unchunked, it is the stock layer (nothing to exchange, the same zero
+    padding at the video's ends)."""
+
+    _vinf_bytes = 0
+    _FACTOR = 5         # temporaries per input byte of a chunk: the norm's apply, the
+    #                     dropout's, the conv's input copy and output, the residual
 
     def forward(self, hidden_states, num_frames: int = 1):
-        x = _frames_first(hidden_states, num_frames)
         eng = self._vinf
+        BF, C, H, W = hidden_states.shape
+        step = H
+        if self._vinf_bytes:
+            step = max(1, int(self._vinf_bytes // max(1, BF * C * W * hidden_states.element_size()
+                                                      * self._FACTOR)))
+        if eng.world_size == 1 and step >= H:
+            return super().forward(hidden_states, num_frames)
+        x = _frames_first(hidden_states, num_frames)
         s, e = eng.layout.start(eng.rank), eng.layout.end(eng.rank)
         stack = conv_stack(self)
         halo = sum(seq[-1].kernel_size[0] // 2 for seq in stack)
         (h, lo, hi), stats = eng.start_halo_and_stats(x, halo, stack[0][0]).wait()
+        rows = [(r0, min(H, r0 + step)) for r0 in range(0, H, step)]
         for i, seq in enumerate(stack):
-            h = eng.group_norm(h, seq[0], own=slice(s - lo, e - lo), activation="silu",
-                               stats=stats if i == 0 else None)
-            for m in seq[2:-1]:   # dropout (identity in eval)
-                h = m(h)
-            conv = seq[-1]
-            h, lo, hi = ops.temporal_conv(h, conv.weight, conv.bias, lo=lo, hi=hi,
-                                          num_frames=eng.layout.num_frames)
-        return _residual(x, h, lo, hi, s, e, hidden_states.shape)
+            norm, conv = seq[0], seq[-1]
+            if i:
+                stats = eng.start_stats(h[:, :, s - lo:e - lo], norm).wait()
+            out = None
+            for r0, r1 in rows:
+                y = group_norm_apply(h[..., r0:r1, :], *stats, norm.weight, norm.bias,
+                                     activation="silu")
+                for m in seq[2:-1]:   # dropout (identity in eval)
+                    y = m(y)
+                y, ylo, yhi = ops.temporal_conv(y, conv.weight, conv.bias, lo=lo, hi=hi,
+                                                num_frames=eng.layout.num_frames)
+                if len(rows) == 1:
+                    out = y
+                    break
+                if out is None:
+                    out = y.new_empty(y.shape[:3] + (H, W))
+                out[..., r0:r1, :].copy_(y)          # autograd-safe
+            h, lo, hi = out, ylo, yhi
+        if len(rows) == 1:
+            return _residual(x, h, lo, hi, s, e, hidden_states.shape)
+        _check_covers(lo, hi, s, e)
+        result = torch.empty_like(hidden_states)
+        res = result.view(BF // num_frames, num_frames, C, H, W)
+        for r0, r1 in rows:
+            res[..., r0:r1, :].copy_((x[..., r0:r1, :] + h[:, :, s - lo:e - lo, r0:r1])
+                                     .transpose(1, 2))
+        return result
 
 
 class BlockingTemporalConvLayer(TemporalConvLayer):
@@ -71,9 +113,13 @@ def _frames_first(hidden_states, num_frames):
     return hidden_states.reshape(BF // num_frames, num_frames, C, H, W).permute(0, 2, 1, 3, 4)
 
 
-def _residual(x, h, lo, hi, s, e, shape):
+def _check_covers(lo, hi, s, e):
     if not (lo <= s and e <= hi):
         raise RuntimeError(f"temporal conv halo too small: got frames [{lo}, {hi}), "
                            f"clip is [{s}, {e})")
+
+
+def _residual(x, h, lo, hi, s, e, shape):
+    _check_covers(lo, hi, s, e)
     h = x + h[:, :, s - lo:e - lo]
     return h.permute(0, 2, 1, 3, 4).reshape(shape)

@@ -35,6 +35,8 @@ from ..config import DualScopeConfig
 from ..ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
 from ..layers import (BlockingTemporalConvLayer, ClipGroupNorm, ClipTemporalConvLayer,
                       ContextSlot, blocking_clip_attention, clip_attention, conv_stack)
+from ..layers.attention import context_rows
+from ..layers.chunked import over_rows
 from . import register
 from .base import AdapterBase, Patcher, step_arguments
 
@@ -47,6 +49,9 @@ class DualScopeAttnProcessor:
     The attention *input* crosses ranks (halo and global frames), not K and V: one tensor
     instead of two, projected locally by the receiver. The exchange is posted first (or was
     started by the transformer's input norm: ``slot``); the rest is ``layers.clip_attention``.
+    Memory-bounded (the engine's ``chunk_bytes``), on any number of ranks: the rows (spatial
+    positions, independent of each other) run in chunks, from the projections to the output
+    projection, each chunk taking its rows of the one context exchange.
     """
 
     def __init__(self, engine, slot: ContextSlot | None = None):
@@ -58,28 +63,62 @@ class DualScopeAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("temporal attention under clip parallelism takes neither "
                              "encoder_hidden_states nor an attention_mask")
-        out = self._attend(attn, hidden_states)
-        out = attn.to_out[0](out.flatten(2))
-        out = attn.to_out[1](out)
+        eng = self.engine
+        pending = self._context(hidden_states)
+        n = hidden_states.shape[0]
+        step = (max(1, eng.chunk_bytes // self._row_bytes(attn, hidden_states))
+                if eng.chunk_bytes and pending is not None else n)
+        if step >= n:
+            return self._output(attn, hidden_states, self._attend(
+                attn, hidden_states, None if pending is None else context_rows(pending, 0, n)))
+        out = [None]
+
+        def run(r0, r1):
+            h = hidden_states[r0:r1]
+            y = self._output(attn, h, self._attend(attn, h, context_rows(pending, r0, r1)))
+            if out[0] is None:
+                out[0] = y.new_empty((n,) + tuple(y.shape[1:]))
+            out[0][r0:r1] = y
+        over_rows(eng, n, step, run)
+        return out[0]
+
+    def _row_bytes(self, attn, h) -> int:
+        """Working memory of one row: its q, k and v, the context's K and V, the banded K and
+        V copies (up to the clip plus a window each side), the attention's output (all at the
+        attention's width, 512 vs 320 channels at ``transformer_in``) and ``to_out``'s (the
+        op bounds its own logits)."""
+        plan = self.engine.attention_plan()
+        Fc, C = h.shape[1], h.shape[2]
+        n_ctx = len(plan.left) + len(plan.right) + len(plan.glob)
+        inner = 4 * Fc + 2 * n_ctx + 2 * (Fc + 2 * plan.window)
+        return h.element_size() * (attn.inner_dim * inner + C * Fc)
+
+    def _context(self, h):
+        pending = self.slot.take() if self.slot is not None else None
+        return pending if pending is not None else self.engine.start_attention_context(h)
+
+    @staticmethod
+    def _output(attn, h, o):
+        out = attn.to_out[1](attn.to_out[0](o.flatten(2)))
         if attn.residual_connection:
-            out = out + hidden_states
+            out = out + h
         return out / attn.rescale_output_factor
 
-    def _attend(self, attn, h):
-        eng = self.engine
-        pending = self.slot.take() if self.slot is not None else None
-        if pending is None:
-            pending = eng.start_attention_context(h)             # in flight from here
+    def _attend(self, attn, h, pending):
         q = _project(attn, h, "q")
         k, v = _project(attn, h, "kv")
-        return clip_attention(eng, pending, q, k, v, lambda x, _: _project(attn, x, "kv"),
-                              scale=attn.scale)
+        return clip_attention(self.engine, pending, q, k, v,
+                              lambda x, _: _project(attn, x, "kv"), scale=attn.scale)
 
 
 class BlockingDualScopeAttnProcessor(DualScopeAttnProcessor):
-    """The published prototype's data movement (``layers.blocking_clip_attention``)."""
+    """The published prototype's data movement (``layers.blocking_clip_attention``): its K
+    and V exchanged whole, the rows never chunked."""
 
-    def _attend(self, attn, h):
+    def _context(self, h):
+        return None
+
+    def _attend(self, attn, h, pending):
         q = _project(attn, h, "q")
         k, v = _project(attn, h, "kv")
         return blocking_clip_attention(self.engine, q, k, v, scale=attn.scale)
@@ -147,52 +186,6 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
         if not return_dict:
             return (out,)
         return TransformerTemporalModelOutput(sample=out)
-
-
-class PositionChunkedTemporalConvLayer(TemporalConvLayer):
-    """One process, memory-bounded: a ``TemporalConvLayer`` over chunks of spatial rows, one
-    conv of the stack at a time. Each GroupNorm's statistics come from its whole input
-    first (fp64 partial sums, one pass); then each chunk of rows runs the norm's apply with
-    SiLU, the dropout and the k x 1 x 1 conv (which acts per position) into that conv's
-    output. The residual is written per chunk straight into the output's frame-major layout.
-    The stack then holds its input, one conv's input and its output, never the stock
-    forward's norm, activation and conv outputs side by side, nor its final copy.
-
-    ``_vinf_bytes``: the working memory allowed per chunk."""
-
-    _FACTOR = 5         # temporaries per input byte of a chunk: the norm's apply, the
-    #                     dropout's, the conv's input copy and output, the residual
-
-    def forward(self, hidden_states, num_frames: int = 1):
-        BF, C, H, W = hidden_states.shape
-        F = num_frames
-        B = BF // F
-        step = max(1, int(self._vinf_bytes // max(1, B * C * F * W * hidden_states.element_size()
-                                                  * self._FACTOR)))
-        if step >= H:
-            return super().forward(hidden_states, num_frames)
-        x = hidden_states.view(B, F, C, H, W).permute(0, 2, 1, 3, 4)     # a view
-        rows = [(r0, min(H, r0 + step)) for r0 in range(0, H, step)]
-        h = x
-        for seq in conv_stack(self):
-            norm, conv = seq[0], seq[-1]
-            mean, rstd = _whole_stats(h, norm)
-            out = None
-            for r0, r1 in rows:
-                y = group_norm_apply(h[..., r0:r1, :], mean, rstd, norm.weight, norm.bias,
-                                     activation="silu")
-                for m in seq[2:-1]:     # dropout (identity in eval)
-                    y = m(y)
-                y = conv(y)
-                if out is None:
-                    out = y.new_empty(B, y.shape[1], F, H, W)
-                out[..., r0:r1, :].copy_(y)          # autograd-safe
-            h = out
-        result = torch.empty_like(hidden_states)
-        res = result.view(B, F, C, H, W)
-        for r0, r1 in rows:
-            res[..., r0:r1, :].copy_((x[..., r0:r1, :] + h[..., r0:r1, :]).transpose(1, 2))
-        return result
 
 
 def owned_forward(self, sample, timestep, encoder_hidden_states, class_labels=None,
@@ -411,8 +404,10 @@ class UNet3DAdapter(AdapterBase):
     def _chunk(model, patcher: Patcher, alone: bool):
         """Memory-bounded execution: per-frame layers over frame chunks; the temporal
         transformers' feed-forwards over position chunks, and on one process their whole
-        blocks and the temporal conv stacks (on several ranks a block or a stack per chunk
-        would exchange its context or halo per chunk)."""
+        blocks (on several ranks a block per chunk would exchange its second attention's
+        context per chunk: there each attention runs its rows in chunks instead, taking one
+        exchange, ``DualScopeAttnProcessor``); the temporal conv stacks over row chunks on
+        any number of ranks (``ClipTemporalConvLayer``, one halo for all)."""
         for m in list(model.modules()):
             for cls, rows, factor in _FRAME_LAYERS:
                 if type(m) is cls:
@@ -423,9 +418,12 @@ class UNet3DAdapter(AdapterBase):
                         patcher.chunk(block.ff, ("hidden_states",), 0, 10)
                     if alone and type(block) is BasicTransformerBlock:
                         patcher.chunk(block, ("hidden_states",), 0, 8)
-            if alone and patcher.engine.chunk_bytes and type(m) is TemporalConvLayer:
-                patcher.swap_class(m, PositionChunkedTemporalConvLayer,
-                                   _vinf_bytes=patcher.engine.chunk_bytes)
+            if patcher.engine.chunk_bytes and type(m) in (TemporalConvLayer,
+                                                          ClipTemporalConvLayer):
+                # (on one process the stock layer until now: it needs the engine too)
+                engine = dict(_vinf=patcher.engine) if alone else {}
+                patcher.swap_class(m, ClipTemporalConvLayer,
+                                   _vinf_bytes=patcher.engine.chunk_bytes, **engine)
             if type(m) is TransformerTemporalModel:
                 if (alone and patcher.engine.chunk_bytes and type(m.norm) is nn.GroupNorm
                         and m.norm.affine and isinstance(m.proj_in, nn.Linear)

@@ -163,7 +163,7 @@ class WanDualScopeProcessor:
                            cos[:, a * T:b * T], sin[:, a * T:b * T])
         n = self._frames_per_chunk(hidden_states, Fc)
         if n < Fc:
-            # One process, memory-bounded: the keys and values too, written per chunk of
+            # Memory-bounded: the keys and values too, written per chunk of
             # frames into the whole clip's (their projection, norm and rotation temporaries
             # never held for the whole clip).
             k = v = None
@@ -199,7 +199,7 @@ class WanDualScopeProcessor:
 
         head_dim = attn.inner_dim // attn.heads
         if n < Fc:
-            # One process, memory-bounded: queries, their attention and the output projection
+            # Memory-bounded: queries, their attention and the output projection
             # per chunk of frames, written into the output (keys and values stay whole).
             out = None
 
@@ -223,18 +223,19 @@ class WanDualScopeProcessor:
     _CHUNK_FACTOR = 6
 
     def _frames_per_chunk(self, x, Fc: int) -> int:
-        """Query frames per chunk within the engine's budget; ``Fc`` (no chunks) on several
-        ranks (where the interior attends while the context is in flight) or unbudgeted."""
+        """Query frames per chunk within the engine's budget; ``Fc`` (no chunks) unbudgeted.
+        A clip that fits runs whole, on several ranks its interior attending while the
+        context is in flight (``clip_attention``)."""
         budget = self.engine.chunk_bytes
-        if self.engine.world_size != 1 or not budget:
+        if not budget:
             return Fc
         per_frame = x.shape[0] * (x.shape[1] // Fc) * x.shape[2] * x.element_size()
         return max(1, min(Fc, int(budget // max(1, per_frame * self._CHUNK_FACTOR))))
 
 
 class TokenChunkedWanBlock(WanTransformerBlock):
-    """One process, memory-bounded: a ``WanTransformerBlock`` whose per-token parts run over
-    chunks of tokens. The self-attention's input (``norm1`` and its modulation) is written
+    """Memory-bounded, on any number of ranks: a ``WanTransformerBlock`` whose per-token
+    parts run over chunks of tokens. The self-attention's input (``norm1`` and its modulation) is written
     chunk by chunk; ``attn1`` (its own query-frame chunks) sees the whole clip; then each
     chunk runs the gated residual, ``norm2``, cross-attention, ``norm3``, the feed-forward and
     its gated residual straight into the block's output. Everything but ``attn1`` acts per
@@ -379,7 +380,7 @@ class WanAdapter(AdapterBase):
         patcher.swap_class(model.rope, ClipWanRotaryPosEmbed, _vinf=engine, _vinf_grid=grid)
         for block in model.blocks:
             patcher.set_processor(block.attn1, WanDualScopeProcessor(engine, grid, M))
-            if engine.world_size == 1 and engine.chunk_bytes and type(block) is WanTransformerBlock:
+            if engine.chunk_bytes and type(block) is WanTransformerBlock:
                 patcher.swap_class(block, TokenChunkedWanBlock, _vinf_bytes=engine.chunk_bytes)
             if type(block.ffn) is FeedForward:
                 # Its hidden layer is ffn_dim/dim (5.8 for Wan 2.1) times the tokens, in the
