@@ -9,6 +9,8 @@ and diffusers with ``enable_forward_chunking``; the per-frame slope of each; a P
     python bench/memory.py --combine out/m8.json out/m16.json --out out/projection.json
                                                     # per-frame bytes fitted over latents
     python bench/memory.py --where ...              # also: after which module the peak rose
+    python bench/memory.py --ranks 2 --methods engine,"engine unchunked"
+                                                    # per-rank peak, each rank a clip (gloo)
 
 One no-grad forward with classifier-free guidance (batch 2) per (method, frames), each in its
 own process (a fresh allocator): on CPUs the peak RSS above the process's resident size just
@@ -18,7 +20,9 @@ one, ``MALLOC_MMAP_THRESHOLD_``, so that freed memory leaves the RSS), on GPUs
 peak memory against frames. With ``--preset modelscope`` the bytes per frame are also scaled to
 320x512 (the activations grow with the latent's area, as bench/throughput.py scales bytes) and
 give, with the SPEC's measured H200 step time, the longest video that fits one H200 and the
-projected time of 2,300 frames x 30 steps. Weights are random, never downloaded.
+projected time of 2,300 frames x 30 steps. With ``--ranks N`` the engine runs on N gloo ranks,
+each on its clip of ``frames / N`` frames: the figure is the largest rank's peak, against the
+whole video's frames (diffusers has no such mode). Weights are random, never downloaded.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import PRESETS, build_unet  # noqa: E402
 
 METHODS = {
-    "engine": "vinf_engine.parallelize (exact config, memory-bounded default)",
+    "engine": "vinf_engine.parallelize (--config, memory-bounded default)",
     "engine unchunked": "vinf_engine.parallelize(chunk_mib=0)",
     "diffusers": "stock UNet3DConditionModel",
     "diffusers chunked FF": "stock + enable_forward_chunking(chunk_size=1, dim=1)",
@@ -52,25 +56,31 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+CONFIGS = {
+    "exact": dict(window=1000, num_global=0, phase_bias=0.0),   # full attention, diffusers'
+    "paper": {},                                                # DualScopeConfig's defaults
+}
+
+
 def measure(rank, world, method, preset_name, frames, latent_hw, device_name, chunk_mib,
-            where=False):
+            where=False, config="exact"):
     """Peak bytes of one forward of ``method`` on ``frames`` frames, above the memory held
     just before it; with ``where``, also the modules after which the peak rose."""
     import vinf_engine as vinf
     device = torch.device(device_name)
     if preset_name.startswith("wan:"):
-        return _measure_wan(method, preset_name[4:], frames, latent_hw, device, chunk_mib,
-                            where)
+        return _measure_wan(rank, world, method, preset_name[4:], frames, latent_hw, device,
+                            chunk_mib, where, config)
     preset = PRESETS[preset_name]
     dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
     model = build_unet(preset, device, dtype)
     if method.startswith("engine"):
-        vinf.parallelize(model, vinf.DualScopeConfig(window=1000, num_global=0, phase_bias=0.0),
+        vinf.parallelize(model, vinf.DualScopeConfig(**CONFIGS[config]),
                          chunk_mib=chunk_mib if method == "engine" else 0)
     elif method == "diffusers chunked FF":
         model.enable_forward_chunking(chunk_size=1, dim=1)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, frames, *latent_hw, generator=g).to(device, dtype)
+    x = _clip(torch.randn(2, 4, frames, *latent_hw, generator=g), rank, world).to(device, dtype)
     text = torch.randn(2, preset["text_len"], preset["unet"]["cross_attention_dim"],
                        generator=g).to(device, dtype)
     return _peak(device, lambda: model(x, 500, encoder_hidden_states=text),
@@ -124,10 +134,17 @@ def _peak(device, forward, model=None) -> dict:
     return res
 
 
-def _measure_wan(method, preset_name, frames, latent_hw, device, chunk_mib, where=False):
+def _clip(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's clip of ``x`` (B, C, F, H, W): ``F / world`` frames, clips in rank order."""
+    n = x.shape[2] // world
+    return x[:, :, rank * n:(rank + 1) * n].contiguous()
+
+
+def _measure_wan(rank, world, method, preset_name, frames, latent_hw, device, chunk_mib,
+                 where=False, config="exact"):
     """``measure`` for a WanTransformer3DModel of bench/wan_throughput.py's presets (its
     ``--layers`` blocks: a DiT holds no skip connections, so the per-frame peak is one
-    block's, whatever the depth); the engine in exact config (full window, no globals)."""
+    block's, whatever the depth)."""
     import warnings
     import vinf_engine as vinf
     from wan_throughput import PRESETS as WAN_PRESETS, build_wan, wan_kwargs
@@ -140,13 +157,12 @@ def _measure_wan(method, preset_name, frames, latent_hw, device, chunk_mib, wher
     if method.startswith("engine"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")         # a window past the trained length
-            vinf.parallelize(model, vinf.DualScopeConfig(window=1000, num_global=0,
-                                                         phase_bias=0.0),
+            vinf.parallelize(model, vinf.DualScopeConfig(**CONFIGS[config]),
                              chunk_mib=chunk_mib if method == "engine" else 0)
     elif method == "diffusers chunked FF":
         raise ValueError("Wan has no enable_forward_chunking")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, frames, *latent_hw, generator=g).to(device, dtype)
+    x = _clip(torch.randn(2, 16, frames, *latent_hw, generator=g), rank, world).to(device, dtype)
     text = torch.randn(2, preset["text_len"], wan_kwargs(preset)["text_dim"],
                        generator=g).to(device, dtype)
     t = torch.full((2,), 500.0, device=device)
@@ -211,6 +227,13 @@ def main(argv=None):
                          "CPU default run's tiny layers need a smaller one to chunk at all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "out", "memory.json"))
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="run the engine on this many gloo ranks, each on its clip (frames / "
+                         "ranks); the figure is the largest rank's peak")
+    ap.add_argument("--config", choices=tuple(CONFIGS), default="exact",
+                    help="the engine's dual-scope config: exact (full attention, diffusers' "
+                         "computation) or paper (DualScopeConfig's defaults: a local window "
+                         "and global frames, whose context does not grow with the video)")
     ap.add_argument("--where", action="store_true",
                     help="also say after which modules each run's peak rose, and what was "
                          "held then")
@@ -238,24 +261,37 @@ def main(argv=None):
     preset = f"wan:{a.wan}" if a.wan else a.preset
     if a.wan:
         methods = [m for m in methods if m != "diffusers chunked FF"]   # no such mode in Wan
+    if a.ranks < 1:
+        ap.error("--ranks: give 1 or more")
+    if a.ranks > 1:
+        if any(not m.startswith("engine") for m in methods):
+            ap.error("--ranks: diffusers runs on one process; give engine methods only")
+        if any(n % a.ranks for n in frames):
+            ap.error(f"--frames: each length must divide into {a.ranks} clips")
+        if a.device == "cuda":
+            ap.error("--ranks: gloo ranks on the CPU only (NCCL puts one rank per GPU)")
     device = "cuda:0" if a.device == "cuda" else "cpu"
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     rows = []
     report = dict(benchmark="memory", date=time.strftime("%Y-%m-%d"), device=a.device,
-                  preset=preset, latent_hw=latent, chunk_mib=a.chunk_mib, rows=rows,
+                  preset=preset, latent_hw=latent, chunk_mib=a.chunk_mib, ranks=a.ranks,
+                  config=a.config, rows=rows,
                   methods={m: METHODS[m] for m in methods})
 
     def save():
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
     print(f"vinf_engine memory: {preset} {'Wan' if a.wan else 'UNet3D'}, latent {latent}, "
-          f"CFG batch 2, {a.device}",
+          f"CFG batch 2, {a.device}, engine in {a.config} config"
+          + (f", {a.ranks} gloo ranks" if a.ranks > 1 else ""),
           flush=True)
     for method in methods:
         for n in frames:
             try:
-                (r,) = run_local(measure, 1, method, preset, n, latent, device, a.chunk_mib,
-                                 a.where, threads=2, timeout=1800)
+                got = run_local(measure, a.ranks, method, preset, n, latent, device,
+                                a.chunk_mib, a.where, a.config, threads=max(1, 2 // a.ranks),
+                                timeout=1800)
+                r = max(got, key=lambda g: g["peak_bytes"])       # the largest rank's
                 row = dict(method=method, frames=n, peak_mib=r["peak_bytes"] / 2 ** 20,
                            seconds=r["seconds"])
                 if a.where:
@@ -283,7 +319,7 @@ def main(argv=None):
     for m, s in slopes.items():
         rel = f" ({s / slopes['diffusers']:.2f}x diffusers')" if "diffusers" in slopes else ""
         print(f"{m:<22} {s / 2 ** 20:8.2f} MiB per frame{rel}")
-    if preset == "modelscope" and "engine" in slopes:
+    if preset == "modelscope" and "engine" in slopes and a.ranks == 1:
         scale = (FULL_LATENT[0] * FULL_LATENT[1]) / (latent[0] * latent[1])
         if a.device == "cpu":
             scale /= 2                             # fp32 here, bf16 on the GPU

@@ -124,3 +124,26 @@ def test_memory_projection_fits_fixed_and_per_pixel_bytes(tmp_path):
     assert out["engine_vs_diffusers_at_320x512"] == pytest.approx(0.25)
     with pytest.raises(SystemExit, match="two or more latent"):
         memory.combine(paths[:1])
+
+
+def test_memory_bench_measures_each_rank_on_its_clip(tmp_path):
+    # --ranks 2: the engine on 2 gloo ranks, each on half the frames; the figure is the
+    # larger rank's peak. diffusers has no several-rank mode: refused before any run.
+    import json
+    memory = _memory_bench()
+    out = tmp_path / "m.json"
+    with pytest.raises(SystemExit):
+        memory.main(["--ranks", "2", "--methods", "engine,diffusers", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        memory.main(["--ranks", "2", "--frames", "4,6,7", "--methods", "engine", "--out", str(out)])
+    assert not out.exists()
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "memory.py")
+    subprocess.run([sys.executable, script, "--ranks", "2", "--frames", "4,6,8", "--latent",
+                    "8x8", "--config", "paper", "--methods", "engine", "--out", str(out)],
+                   check=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["ranks"] == 2 and report["config"] == "paper"
+    assert [r["frames"] for r in report["rows"]] == [4, 6, 8]
+    assert all("error" not in r and r["peak_mib"] > 0 for r in report["rows"]), report["rows"]
