@@ -25,7 +25,7 @@ from ..comm import Pending
 from ..layout import halo_wants
 
 __all__ = ["clip_attention", "clip_attention_in_chunks", "blocking_clip_attention", "by_phase",
-           "global_attention", "context_rows", "ContextSlot"]
+           "global_attention", "local_attention", "context_rows", "ContextSlot"]
 
 
 def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: float,
@@ -55,6 +55,13 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
     kg = vg = None
     if ctx.glob is not None and not separate:
         kg, vg = project_kv(ctx.glob, ctx.glob_frames)
+    if (nl or nr) and w >= Fc - 1 + max(nl, nr) and kg is None and (T > 1 or not q.is_cuda):
+        # Several ranks, a full window: every query frame sees the clip and its whole halo.
+        # Dense over them as they arrive, no band padded to three windows (zeros past the
+        # video's ends). With global keys in the same softmax (another bias) the band stays.
+        out = local_attention(engine, q, torch.cat([kl, k, kr], dim=1),
+                              torch.cat([vl, v, vr], dim=1), scale)
+        return ops.merge_attention(*out, *global_scope(ctx)) if separate else out[0]
     if not nl and not nr and w >= Fc - 1 and (T > 1 or not q.is_cuda):
         # No halo and a window past the clip's ends (one process, a full window): every
         # query frame sees every key frame, and the band is one frame of Fc*T tokens. The
@@ -132,9 +139,7 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
             # attention over the keys as they are, no band padded for the chunk. (With
             # global keys in the same softmax the banded op stays: a merge by the fp32 lse
             # would cost an fp64 run its precision.)
-            out = by_phase(engine, lambda q_, k_, v_, local_bias, global_bias:
-                           ops.attention_with_lse(q_, k_, v_, scale=scale, bias=local_bias),
-                           q, kb, vb)
+            out = local_attention(engine, q, kb, vb, scale)
             emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out[0])
             continue
         fill = (0, 0, 0, 0, (w - (a - lo)) * T, (w - (hi - b)) * T)
@@ -200,6 +205,13 @@ def by_phase(engine, op, q, *tensors, global_bias=0.0, **kw):
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(x, dim=0) for x in zip(*outs))
     return torch.cat(outs, dim=0)
+
+
+def local_attention(engine, q, k, v, scale):
+    """``ops.attention_with_lse`` of every query to local keys ``k`` with the step's local
+    bias: (out, lse). For a full window, where the band would mask nothing."""
+    return by_phase(engine, lambda q_, k_, v_, local_bias, global_bias:
+                    ops.attention_with_lse(q_, k_, v_, scale=scale, bias=local_bias), q, k, v)
 
 
 def global_attention(engine, q, k, v, scale):
