@@ -51,7 +51,7 @@ class AttentionContext:
         m = self.row_map
         if m is None and r0 == 0 and r1 >= self.left.shape[0]:
             return self
-        m = m or (lambda t: t)
+        m = m if m is not None else (lambda t: t)
         return AttentionContext(
             left=m(self.left[r0:r1]), right=m(self.right[r0:r1]),
             glob=None if self.glob is None else m(self.glob[r0:r1]), window=self.window,
@@ -447,7 +447,8 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     stacks, temporal feed-forwards; on one process whole temporal transformers), tokens (a
     DiT's blocks) or query frames (a DiT's self-attention), their outputs written in place,
     so that memory grows with the video only by what each frame must keep between layers.
-    The exchanges stay one per layer (a chunk takes its rows of them). The same output as
+    The exchanges stay one per layer (a chunk takes its rows of them); ``comm_mode=
+    "blocking"`` leaves its temporal attention and conv stacks whole. The same output as
     unchunked up to the rounding of a smaller matrix product. None or 0: off.
 
     Returns the model.

@@ -48,6 +48,7 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
             pad=w, valid_left=w, valid_right=w, tokens_per_frame=T, scale=scale,
             return_lse=True, global_bias=None)
     ctx = pending.wait()
+    _check_mapped(ctx)
     nl, nr = ctx.valid_left, ctx.valid_right
     kl, vl = project_kv(ctx.left, ctx.left_frames) if nl else (k[:, :0], v[:, :0])
     kr, vr = project_kv(ctx.right, ctx.right_frames) if nr else (k[:, :0], v[:, :0])
@@ -58,7 +59,9 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
     if (nl or nr) and w >= Fc - 1 + max(nl, nr) and kg is None and (T > 1 or not q.is_cuda):
         # Several ranks, a full window: every query frame sees the clip and its whole halo.
         # Dense over them as they arrive, no band padded to three windows (zeros past the
-        # video's ends). With global keys in the same softmax (another bias) the band stays.
+        # video's ends). With global keys in the same softmax (another bias) the band stays;
+        # so it does for UNet attention on CUDA (T = 1) until the dense kernel is timed there
+        # against the CUDA temporal kernel.
         out = local_attention(engine, q, torch.cat([kl, k, kr], dim=1),
                               torch.cat([vl, v, vr], dim=1), scale)
         return ops.merge_attention(*out, *global_scope(ctx)) if separate else out[0]
@@ -113,18 +116,24 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
     Fc = k.shape[1] // T
     w = engine.attention_plan().window
     ctx = pending.wait()
+    _check_mapped(ctx)
     nl, nr = ctx.valid_left, ctx.valid_right
     kl, vl = project_kv(ctx.left, ctx.left_frames) if nl else (k[:, :0], v[:, :0])
     kr, vr = project_kv(ctx.right, ctx.right_frames) if nr else (k[:, :0], v[:, :0])
 
-    def band(lo, hi):       # key frames [lo, hi) of [-nl, Fc + nr), clip-local, K and V
+    def band(lo, hi, pad_lo=0, pad_hi=0):
+        # K and V of key frames [lo, hi) of [-nl, Fc + nr) (clip-local), with zero frames
+        # before and after: one copy at most (a view when it lies in one tensor, unpadded).
         parts = [(kl, vl, lo + nl, min(hi, 0) + nl), (k, v, max(lo, 0), min(hi, Fc)),
                  (kr, vr, max(lo, Fc) - Fc, hi - Fc)]
         got = [(kk[:, i * T:j * T], vv[:, i * T:j * T]) for kk, vv, i, j in parts if j > i]
-        if len(got) == 1:
+        if len(got) == 1 and not pad_lo and not pad_hi:
             return got[0]
+        zeros = lambda n: k.new_zeros((k.shape[0], n * T) + tuple(k.shape[2:]))  # noqa: E731
+        ends = [(zeros(pad_lo),) * 2] if pad_lo else []
+        got = ends + got + ([(zeros(pad_hi),) * 2] if pad_hi else [])
         return torch.cat([g[0] for g in got], dim=1), torch.cat([g[1] for g in got], dim=1)
-    kg = vg = None
+    kg = vg = every = None
     for a in range(0, Fc, frames_per_chunk):
         b = min(Fc, a + frames_per_chunk)
         q = q_of(a, b)
@@ -133,22 +142,29 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
         if ctx.glob is not None and not separate and kg is None:
             kg, vg = project_kv(ctx.glob, ctx.glob_frames)
         lo, hi = max(-nl, a - w), min(Fc + nr, b + w)       # the band's frames that exist
-        kb, vb = band(lo, hi)
         if b - 1 - w <= -nl and a + w >= Fc - 1 + nr and (separate or ctx.glob is None):
             # Every query frame of the chunk sees every key frame (a full window): dense
             # attention over the keys as they are, no band padded for the chunk. (With
             # global keys in the same softmax the banded op stays: a merge by the fp32 lse
             # would cost an fp64 run its precision.)
-            out = local_attention(engine, q, kb, vb, scale)
+            if every is None:                   # every key frame, one copy at most
+                every = band(-nl, Fc + nr)
+            out = local_attention(engine, q, *every, scale)
             emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out[0])
             continue
-        fill = (0, 0, 0, 0, (w - (a - lo)) * T, (w - (hi - b)) * T)
+        kb, vb = band(lo, hi, w - (a - lo), w - (hi - b))  # padded to the op's band
         out = by_phase(
-            engine, ops.dual_scope_attention, q, F.pad(kb, fill), F.pad(vb, fill),
-            None if separate else kg, None if separate else vg, window=w, pad=w,
-            valid_left=a - lo, valid_right=hi - b, tokens_per_frame=T, scale=scale,
-            return_lse=separate)
+            engine, ops.dual_scope_attention, q, kb, vb, None if separate else kg,
+            None if separate else vg, window=w, pad=w, valid_left=a - lo, valid_right=hi - b,
+            tokens_per_frame=T, scale=scale, return_lse=separate)
+        del kb, vb
         emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out)
+
+
+def _check_mapped(ctx):
+    if ctx.row_map is not None:
+        raise RuntimeError("an attention context with a per-row map was attended unmapped: "
+                           "take it through context_rows")
 
 
 def context_rows(pending: Pending, r0: int, r1: int) -> Pending:

@@ -40,20 +40,26 @@ class ClipTemporalConvLayer(TemporalConvLayer):
     _FACTOR = 5         # temporaries per input byte of a chunk: the norm's apply, the
     #                     dropout's, the conv's input copy and output, the residual
 
+    def _rows_per_chunk(self, x) -> int:
+        """Spatial rows of ``x`` (N, C, F, H, W) per chunk (H: whole)."""
+        N, C, F, H, W = x.shape
+        if not self._vinf_bytes:
+            return H
+        row = N * C * F * W * x.element_size() * self._FACTOR
+        return max(1, int(self._vinf_bytes // max(1, row)))
+
     def forward(self, hidden_states, num_frames: int = 1):
         eng = self._vinf
         BF, C, H, W = hidden_states.shape
-        step = H
-        if self._vinf_bytes:
-            step = max(1, int(self._vinf_bytes // max(1, BF * C * W * hidden_states.element_size()
-                                                      * self._FACTOR)))
-        if eng.world_size == 1 and step >= H:
-            return super().forward(hidden_states, num_frames)
         x = _frames_first(hidden_states, num_frames)
-        s, e = eng.layout.start(eng.rank), eng.layout.end(eng.rank)
+        if eng.world_size == 1 and self._rows_per_chunk(x) >= H:
+            return super().forward(hidden_states, num_frames)
+        layout = eng._require_step()
+        s, e = layout.start(eng.rank), layout.end(eng.rank)
         stack = conv_stack(self)
         halo = sum(seq[-1].kernel_size[0] // 2 for seq in stack)
         (h, lo, hi), stats = eng.start_halo_and_stats(x, halo, stack[0][0]).wait()
+        step = self._rows_per_chunk(h)          # the clip and its halo
         rows = [(r0, min(H, r0 + step)) for r0 in range(0, H, step)]
         for i, seq in enumerate(stack):
             norm, conv = seq[0], seq[-1]
@@ -66,7 +72,7 @@ class ClipTemporalConvLayer(TemporalConvLayer):
                 for m in seq[2:-1]:   # dropout (identity in eval)
                     y = m(y)
                 y, ylo, yhi = ops.temporal_conv(y, conv.weight, conv.bias, lo=lo, hi=hi,
-                                                num_frames=eng.layout.num_frames)
+                                                num_frames=layout.num_frames)
                 if len(rows) == 1:
                     out = y
                     break

@@ -83,14 +83,15 @@ class DualScopeAttnProcessor:
         return out[0]
 
     def _row_bytes(self, attn, h) -> int:
-        """Working memory of one row: its q, k and v, the context's K and V, the banded K and
-        V copies (up to the clip plus a window each side), the attention's output (all at the
-        attention's width, 512 vs 320 channels at ``transformer_in``) and ``to_out``'s (the
-        op bounds its own logits)."""
+        """Working memory of one row, roughly (within ~2x): its q, k and v, the context
+        mapped to the attention's input and its K and V, the banded K and V copies (up to
+        the clip plus a window each side; conservative where a full window attends densely),
+        the attention's output (all at the attention's width, 512 vs 320 channels at
+        ``transformer_in``) and ``to_out``'s (the op bounds its own logits)."""
         plan = self.engine.attention_plan()
         Fc, C = h.shape[1], h.shape[2]
         n_ctx = len(plan.left) + len(plan.right) + len(plan.glob)
-        inner = 4 * Fc + 2 * n_ctx + 2 * (Fc + 2 * plan.window)
+        inner = 4 * Fc + 4 * n_ctx + 2 * (Fc + 2 * plan.window)
         return h.element_size() * (attn.inner_dim * inner + C * Fc)
 
     def _context(self, h):
@@ -406,8 +407,10 @@ class UNet3DAdapter(AdapterBase):
         transformers' feed-forwards over position chunks, and on one process their whole
         blocks (on several ranks a block per chunk would exchange its second attention's
         context per chunk: there each attention runs its rows in chunks instead, taking one
-        exchange, ``DualScopeAttnProcessor``); the temporal conv stacks over row chunks on
-        any number of ranks (``ClipTemporalConvLayer``, one halo for all)."""
+        exchange, ``DualScopeAttnProcessor``); the temporal conv stacks over row chunks
+        (``ClipTemporalConvLayer``, one halo for all). ``comm_mode="blocking"``, the
+        published pattern kept as a baseline, chunks neither its temporal attention nor its
+        conv stacks."""
         for m in list(model.modules()):
             for cls, rows, factor in _FRAME_LAYERS:
                 if type(m) is cls:
@@ -446,7 +449,8 @@ class UNet3DAdapter(AdapterBase):
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"
         # One process holds the whole video: the stock GroupNorm and temporal convs are then
-        # exactly the whole-video ones (zero padding at the true ends), with no overhead.
+        # exactly the whole-video ones (zero padding at the true ends), with no overhead
+        # (memory-bounded execution may still give a conv stack its row chunks: ``_chunk``).
         alone = engine.world_size == 1
         # Starting the context from the transformer's input pays only when it can overlap.
         early = not blocking and not alone

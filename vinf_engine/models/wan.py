@@ -219,7 +219,8 @@ class WanDualScopeProcessor:
         return finish(out)
 
     # Per query byte of a chunk: the projection, its norm and rotation, the attention's
-    # output and the output projection's (the op bounds its own logits).
+    # output and the output projection's (the op bounds its own logits); and the chunk's
+    # band of keys and values, its frames and a window each side (padded for the op).
     _CHUNK_FACTOR = 6
 
     def _frames_per_chunk(self, x, Fc: int) -> int:
@@ -230,17 +231,23 @@ class WanDualScopeProcessor:
         if not budget:
             return Fc
         per_frame = x.shape[0] * (x.shape[1] // Fc) * x.shape[2] * x.element_size()
-        return max(1, min(Fc, int(budget // max(1, per_frame * self._CHUNK_FACTOR))))
+        frames = budget // max(1, per_frame)
+        w = self.engine.attention_plan().window
+        if w < self.engine.layout.num_frames - 1:       # banded: K and V, n + 2w frames each
+            n = (frames - 4 * w) // (self._CHUNK_FACTOR + 2)
+        else:                                           # dense over keys held once
+            n = frames // self._CHUNK_FACTOR
+        return max(1, min(Fc, int(n)))
 
 
 class TokenChunkedWanBlock(WanTransformerBlock):
     """Memory-bounded, on any number of ranks: a ``WanTransformerBlock`` whose per-token
-    parts run over chunks of tokens. The self-attention's input (``norm1`` and its modulation) is written
-    chunk by chunk; ``attn1`` (its own query-frame chunks) sees the whole clip; then each
-    chunk runs the gated residual, ``norm2``, cross-attention, ``norm3``, the feed-forward and
-    its gated residual straight into the block's output. Everything but ``attn1`` acts per
-    token, so no fp32 temporary of the diffusers forward is ever held for the whole clip.
-    The same operations as diffusers' forward, per chunk.
+    parts run over chunks of tokens. The self-attention's input (``norm1`` and its
+    modulation) is written chunk by chunk; ``attn1`` (its own query-frame chunks) sees the
+    whole clip; then each chunk runs the gated residual, ``norm2``, cross-attention,
+    ``norm3``, the feed-forward and its gated residual straight into the block's output.
+    Everything but ``attn1`` acts per token, so no fp32 temporary of the diffusers forward
+    is ever held for the whole clip. The same operations as diffusers' forward, per chunk.
 
     ``_vinf_bytes``: the working memory allowed per chunk."""
 
