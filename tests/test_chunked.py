@@ -251,18 +251,23 @@ def unet_rows_rank(rank, world, budget, mode):
     t = torch.tensor([900.0, 100.0][:x.shape[0]])    # samples in both phases: two biases
     with torch.no_grad():
         out = spec.call(model, split(x, SPLITS[world], rank), t, extra)
-    return out, attn, conv, posted
+    temporal = {type(m).__name__ for m in model.modules()
+                if isinstance(m, unet3d.TransformerTemporalModel)}
+    return out, attn, conv, posted, temporal
 
 
 @pytest.mark.parametrize("mode", ["overlap", "stale"])
 def test_several_ranks_attend_and_convolve_in_row_chunks(mode):
-    # On 2 ranks each temporal attention runs its rows (spatial positions) in chunks, and
-    # each temporal conv stack its spatial rows, with the same exchanges as unchunked (one
-    # context per attention, one halo per stack): equal in fp64.
+    # On 2 ranks each temporal attention runs its rows (spatial positions) in chunks, each
+    # temporal conv stack its spatial rows and each temporal transformer the per-position
+    # parts around its blocks, with the same exchanges as unchunked (one context per
+    # attention, one halo per stack): equal in fp64.
     whole = run_ranks(unet_rows_rank, 2, 0, mode)
     parts = run_ranks(unet_rows_rank, 2, TINY_BUDGET, mode)
-    for (o0, a0, c0, p0), (o1, a1, c1, p1) in zip(whole, parts):
+    for (o0, a0, c0, p0, t0), (o1, a1, c1, p1, t1) in zip(whole, parts):
         assert rel_err(o1, o0) <= 1e-12, rel_err(o1, o0)
+        # the norm's apply, proj_in, proj_out and residual around the blocks by positions
+        assert t1 == {"PositionChunkedTemporalTransformer"} and t0 == {"TransformerTemporalModel"}
         assert p1 == p0 and p0                         # the same exchanges, in order
         assert len(a1) > len(a0) and sum(a1) == sum(a0) and max(a1) < max(a0)
         assert len(c1) > len(c0) and max(c1) < max(c0)

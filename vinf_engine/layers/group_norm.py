@@ -23,10 +23,13 @@ class ClipGroupNorm(nn.GroupNorm):
     moves fewer bytes.
     """
 
-    def forward(self, x):
+    def start(self, x):
+        """The whole-video statistics of ``x`` (N, C, F, H, W), ``(mean, rstd)``, with the
+        slot's context (if any) started on the way: for a caller that applies the norm
+        itself, in chunks."""
         eng, slot = self._vinf, self._vinf_slot
         if slot is None:
-            return eng.group_norm(x, self)
+            return eng.start_stats(x, self).wait()
         proj_in, norm1 = slot.transform
         stats_pending = eng.start_stats(x, self)   # first: on NCCL it runs before the context
         stats = []
@@ -41,4 +44,7 @@ class ClipGroupNorm(nn.GroupNorm):
         slot.put(eng.start_attention_context(x, dim=2, transform=to_rows,
                                              row_map=to_attention_input))
         stats.append(stats_pending.wait())
-        return eng.group_norm(x, self, stats=stats[0])
+        return stats[0]
+
+    def forward(self, x):
+        return group_norm_apply(x, *self.start(x), self.weight, self.bias)

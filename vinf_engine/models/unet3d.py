@@ -143,12 +143,18 @@ def _whole_stats(x, norm: nn.GroupNorm):
 
 
 class PositionChunkedTemporalTransformer(TransformerTemporalModel):
-    """One process, memory-bounded: a whole ``TransformerTemporalModel`` over chunks of
-    spatial positions. Its GroupNorm's statistics come first, from the whole video (fp64
-    partial sums per frame, one pass, nothing held); then each chunk of positions runs the
-    norm's apply, ``proj_in``, the blocks, ``proj_out`` and the residual into the output, so
-    that none of the module's intermediates is ever held for the whole video. Every position
-    is independent past the norm (temporal attention and feed-forwards act per position).
+    """Memory-bounded: a ``TransformerTemporalModel`` over chunks of spatial positions. Its
+    GroupNorm's statistics come first, from the whole video (fp64 partial sums per frame,
+    one pass, nothing held; on several ranks ``ClipGroupNorm.start``: all-reduced, and the
+    first attention's context started). On one process each chunk of positions then runs
+    the norm's apply, ``proj_in``, the blocks, ``proj_out`` and the residual into the output,
+    so that none of the module's intermediates is ever held for the whole video: every
+    position is independent past the norm (temporal attention and feed-forwards act per
+    position). On several ranks the blocks see every position at once (each attention takes
+    one exchange and runs its rows in chunks itself: a block per chunk would exchange per
+    chunk), and only the per-position parts around them run in chunks: the norm's apply
+    and ``proj_in`` into the blocks' input, ``proj_out`` and the residual into the output
+    (never the norm's output, its row-major copy or ``proj_out``'s held whole).
 
     ``_vinf_bytes``: the working memory allowed per chunk."""
 
@@ -169,21 +175,42 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
                                    class_labels, num_frames, cross_attention_kwargs,
                                    return_dict)
         x = hidden_states.view(B, F, C, H, W).permute(0, 2, 1, 3, 4)      # a view
-        mean, rstd = _whole_stats(x, self.norm)
+        several = isinstance(self.norm, ClipGroupNorm)
+        mean, rstd = self.norm.start(x) if several else _whole_stats(x, self.norm)
         xp = x.flatten(3)                                                 # (B, C, F, P) view
         out = torch.empty_like(hidden_states)
         outp = out.view(B, F, C, P)
         resp = hidden_states.view(B, F, C, P)
-        for p0 in range(0, P, step):
-            n = min(P, p0 + step) - p0
+        chunks = [(p0, min(P, p0 + step) - p0) for p0 in range(0, P, step)]
+
+        def rows_in(p0, n):             # the blocks' input at positions [p0, p0 + n)
             h = group_norm_apply(xp[..., p0:p0 + n], mean, rstd, self.norm.weight,
                                  self.norm.bias)                          # (B, C, F, n)
-            h = self.proj_in(h.permute(0, 3, 2, 1).reshape(B * n, F, C))
+            return self.proj_in(h.permute(0, 3, 2, 1).reshape(B * n, F, C))
+
+        def emit(p0, n, h):             # the blocks' output there, (B*n, F, inner)
+            h = self.proj_out(h).view(B, n, F, C).permute(0, 2, 3, 1)      # (B, F, C, n)
+            outp[..., p0:p0 + n].copy_(h + resp[..., p0:p0 + n])    # autograd-safe
+
+        def blocks(h):
             for block in self.transformer_blocks:
                 h = block(h, encoder_hidden_states=encoder_hidden_states,
                           cross_attention_kwargs=cross_attention_kwargs)
-            h = self.proj_out(h).view(B, n, F, C).permute(0, 2, 3, 1)      # (B, F, C, n)
-            outp[..., p0:p0 + n].copy_(h + resp[..., p0:p0 + n])    # autograd-safe
+            return h
+        if not several:
+            for p0, n in chunks:
+                emit(p0, n, blocks(rows_in(p0, n)))
+        else:
+            inner = self.proj_in.out_features
+            h = None
+            for p0, n in chunks:
+                y = rows_in(p0, n)
+                if h is None:
+                    h = y.new_empty(B, P, F, inner)
+                h[:, p0:p0 + n] = y.view(B, n, F, inner)
+            h = blocks(h.view(B * P, F, inner)).view(B, P, F, -1)
+            for p0, n in chunks:
+                emit(p0, n, h[:, p0:p0 + n].reshape(B * n, F, h.shape[-1]))
         if not return_dict:
             return (out,)
         return TransformerTemporalModelOutput(sample=out)
@@ -428,8 +455,9 @@ class UNet3DAdapter(AdapterBase):
                 patcher.swap_class(m, ClipTemporalConvLayer,
                                    _vinf_bytes=patcher.engine.chunk_bytes, **engine)
             if type(m) is TransformerTemporalModel:
-                if (alone and patcher.engine.chunk_bytes and type(m.norm) is nn.GroupNorm
-                        and m.norm.affine and isinstance(m.proj_in, nn.Linear)
+                if (patcher.engine.chunk_bytes and m.norm.affine
+                        and type(m.norm) is (nn.GroupNorm if alone else ClipGroupNorm)
+                        and isinstance(m.proj_in, nn.Linear)
                         and isinstance(m.proj_out, nn.Linear)):
                     patcher.swap_class(m, PositionChunkedTemporalTransformer,
                                        _vinf_bytes=patcher.engine.chunk_bytes)
