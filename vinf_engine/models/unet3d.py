@@ -192,14 +192,15 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
             h = self.proj_out(h).view(B, n, F, C).permute(0, 2, 3, 1)      # (B, F, C, n)
             outp[..., p0:p0 + n].copy_(h + resp[..., p0:p0 + n])    # autograd-safe
 
-        def blocks(h):
+        def blocks(held):               # handed over: each block's input freed once consumed
+            h = held.pop()
             for block in self.transformer_blocks:
                 h = block(h, encoder_hidden_states=encoder_hidden_states,
                           cross_attention_kwargs=cross_attention_kwargs)
             return h
         if not several:
             for p0, n in chunks:
-                emit(p0, n, blocks(rows_in(p0, n)))
+                emit(p0, n, blocks([rows_in(p0, n)]))
         else:
             inner = self.proj_in.out_features
             h = None
@@ -208,7 +209,9 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
                 if h is None:
                     h = y.new_empty(B, P, F, inner)
                 h[:, p0:p0 + n] = y.view(B, n, F, inner)
-            h = blocks(h.view(B * P, F, inner)).view(B, P, F, -1)
+            held = [h.view(B * P, F, inner)]
+            del h, y
+            h = blocks(held).view(B, P, F, -1)
             for p0, n in chunks:
                 emit(p0, n, h[:, p0:p0 + n].reshape(B * n, F, h.shape[-1]))
         if not return_dict:
