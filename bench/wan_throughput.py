@@ -86,10 +86,10 @@ LABELS = {"engine": "engine {R} ranks", "engine1": "engine 1 rank", "dense": "di
 #     embedding (blocks.0 input and the RoPE tables, dim 1) and all-gathers the output at
 #     proj_out. Plain Ulysses needs heads % R == 0 and tokens (frames x h' x w') % R == 0
 #     (EquipartitionSharder asserts); otherwise we set ulysses_anything=True.
-# Checked by running ring on 2 gloo ranks: the native backend raises "Native attention does not
-# support return_lse=True"; _native_flash and _native_cudnn (bf16) raise NotImplementedError
-# ("Could not run 'aten::_scaled_dot_product_flash_attention' with arguments from the 'CPU'
-# backend"); their setup (set_attention_backend, enable_parallelism) works on CPU.
+# Checked by running ring on 2 gloo ranks: diffusers' native backend refuses (it returns no
+# LSE); its _native_flash and _native_cudnn backends (bf16) fail because aten has no CPU kernel
+# for _scaled_dot_product_flash_attention; their setup (set_attention_backend,
+# enable_parallelism) works on CPU.
 RING_ON_CPU = (
     "not run on CPU: ring attention (TemplatedRingAttention) merges partial attention by "
     "log-sum-exp, so it needs an attention backend that returns the LSE; in diffusers 0.42.1 "

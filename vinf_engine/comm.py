@@ -180,7 +180,7 @@ class Pending:
 
     @classmethod
     def ready(cls, value):
-        return cls([], lambda: value, DEFAULT_TIMEOUT, "", 0)
+        return cls.ready_with(lambda: value)
 
     @classmethod
     def ready_with(cls, finish: Callable):

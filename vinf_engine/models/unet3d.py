@@ -68,14 +68,16 @@ class DualScopeAttnProcessor:
         n = hidden_states.shape[0]
         step = (max(1, eng.chunk_bytes // self._row_bytes(attn, hidden_states))
                 if eng.chunk_bytes and pending is not None else n)
+        def rows(r0, r1):               # the output of rows [r0, r1)
+            h = hidden_states[r0:r1]
+            ctx = None if pending is None else context_rows(pending, r0, r1)
+            return self._output(attn, h, self._attend(attn, h, ctx))
         if step >= n:
-            return self._output(attn, hidden_states, self._attend(
-                attn, hidden_states, None if pending is None else context_rows(pending, 0, n)))
+            return rows(0, n)
         out = [None]
 
         def run(r0, r1):
-            h = hidden_states[r0:r1]
-            y = self._output(attn, h, self._attend(attn, h, context_rows(pending, r0, r1)))
+            y = rows(r0, r1)
             if out[0] is None:
                 out[0] = y.new_empty((n,) + tuple(y.shape[1:]))
             out[0][r0:r1] = y
