@@ -305,6 +305,10 @@ class ClipComm:
     def _index(self, idx: tuple, device) -> torch.Tensor:
         # Index tensors live on the device once per plan: building them per call would be a
         # host-to-device copy, i.e. a synchronisation, on every exchange.
+        if torch.compiler.is_compiling():
+            # A constant of the graph (kept on the device by the compiled code): looking it up
+            # in the cache would guard on the cache's contents and recompile once it is warm.
+            return torch.tensor(idx, dtype=torch.long, device=device)
         key = (idx, device)
         t = self._index_cache.get(key)
         if t is None:

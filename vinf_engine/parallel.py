@@ -114,16 +114,22 @@ class ClipParallel:
                                  f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
             if sample.shape[2] < 1:
                 raise ValueError("clip-parallel step refused: the video needs at least one frame")
+            layout = ClipLayout.from_sizes([sample.shape[2]])
             if isinstance(timestep, torch.Tensor) and (
                     _traced() or (timestep.device == sample.device and sample.device.type != "cpu")):
                 # Under torch.compile or a CUDA-graph capture the timestep is graph data, and on
                 # one accelerator reading it would be the step's one host sync: its phase becomes
                 # tensor biases, never read on the host (no sync, no guard). The same path
                 # eager and captured, so a graph's warm-up runs what its replay will.
-                return self._start_traced(ClipLayout.from_sizes([sample.shape[2]]),
-                                          _timestep_tensor(timestep, sample))
-            return self._start(ClipLayout.from_sizes([sample.shape[2]]),
-                               _sample_timesteps(timestep, sample.shape[0]))
+                return self._start_traced(layout, _timestep_tensor(timestep, sample))
+            if torch.compiler.is_compiling() and _is_number(timestep):
+                # A Python number under torch.compile: made a tensor inside the graph, so that
+                # its phase is tensor biases too. Read on the host, the phase would be a guard
+                # and every change of phase a new graph (the stock model has none to change).
+                t = torch.full((sample.shape[0],), timestep, dtype=torch.float64,
+                               device=sample.device)
+                return self._start_traced(layout, t)
+            return self._start(layout, _sample_timesteps(timestep, sample.shape[0]))
         local, row, probe = None, (0, 0, 0, 0, 0, -1, None), None
         try:
             if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
@@ -371,6 +377,10 @@ def _read_with_probe(timestep, sample: torch.Tensor) -> tuple:
         both = torch.cat([timestep.detach().reshape(-1).double(), probe]).cpu()
         return both[:-1].view(timestep.shape), float(both[-1])
     return timestep, float(probe)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _traced() -> bool:

@@ -104,7 +104,11 @@ class CommScheduler:
     @_SEVERAL
     def begin_step(self, layout: ClipLayout):
         """Exchanges are numbered in call order within a step; ``stale`` pairs exchange ``i``
-        of this step with exchange ``i`` of the previous one (same layer, same shape)."""
+        of this step with exchange ``i`` of the previous one (same layer, same shape).
+        One process keeps no state from step to step (nothing is stale there); nor may it:
+        a torch.compile guard on the previous step's layout would recompile the second step."""
+        if self.comm.world_size == 1:
+            return
         self._seq = 0
         if layout != self._layout:
             # Transfers still in flight finish before their buffers can be let go (a device

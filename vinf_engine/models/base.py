@@ -6,6 +6,7 @@ touches a model except through a ``Patcher``, which records the undo of every ch
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Callable, ClassVar, Protocol, runtime_checkable
 
@@ -87,6 +88,30 @@ class Patcher:
         """``fn(module, args, kwargs)`` before every call of ``module``."""
         handle = module.register_forward_pre_hook(fn, with_kwargs=True)
         self.engine.on_undo(handle.remove)
+
+    def before_forward(self, module: torch.nn.Module, fn: Callable):
+        """``fn(args, kwargs)`` first thing inside every ``module.forward`` call.
+
+        Inside the forward, not a pre-hook: torch.compile traces a hook as a frame of its
+        own, one graph more than the stock model, whose guards then see the engine's state
+        between the two frames. Wraps whatever ``forward`` resolves to now (the class's, or
+        an instance's own), keeping its signature (``inspect.signature`` follows
+        ``__wrapped__``, as pipelines that probe the forward's parameters do)."""
+        had = "forward" in module.__dict__
+        inner = module.forward
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            fn(args, kwargs)
+            return inner(*args, **kwargs)
+        module.forward = forward
+
+        def undo():
+            if had:
+                module.forward = inner
+            else:
+                module.__dict__.pop("forward", None)
+        self.engine.on_undo(undo)
 
     def post_hook(self, module: torch.nn.Module, fn: Callable):
         handle = module.register_forward_hook(fn)

@@ -516,9 +516,9 @@ class UNet3DAdapter(AdapterBase):
 
         self._chunk(model, patcher, alone)
 
-        def begin(module, args, kwargs):
+        def begin(args, kwargs):
             engine.begin_step(*step_arguments(args, kwargs, self.inputs))
-        patcher.pre_hook(model, begin)
+        patcher.before_forward(model, begin)
         # Stale-mode batch boundaries: the end of each block and of the whole forward.
         patcher.flush_after([getattr(model, "transformer_in", None), *model.down_blocks,
                              getattr(model, "mid_block", None), *model.up_blocks, model])

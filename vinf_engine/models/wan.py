@@ -75,6 +75,11 @@ class _Grid:
 
     def at(self, frames: tuple) -> tuple:
         """Rotations of the tokens of frames at temporal positions ``frames`` (numbers)."""
+        if torch.compiler.is_compiling():
+            # Computed in the graph: a cache lookup would guard on the cache and recompile the
+            # step once it is warm.
+            return self.rope.rotations(torch.tensor(frames, dtype=torch.float64), self.pph,
+                                       self.ppw)
         key = (self.pph, self.ppw, frames)
         got = self._cache.get(key)
         if got is None:
@@ -395,15 +400,18 @@ class WanAdapter(AdapterBase):
                 patcher.chunk(block.ffn, ("hidden_states",), 1, 8)
         warned = set()
 
-        def begin(module, args, kwargs):
+        def begin(args, kwargs):
             layout = engine.begin_step(*step_arguments(args, kwargs, self.inputs))
             w = min(config.window, layout.num_frames - 1)
-            if w > L - 1 and layout.num_frames not in warned:
+            # (not under torch.compile: the set of warned lengths is state across calls, whose
+            # guard would recompile the step once it has warned)
+            if (w > L - 1 and not torch.compiler.is_compiling()
+                    and layout.num_frames not in warned):
                 warned.add(layout.num_frames)
                 warnings.warn(f"dual-scope window {w} reaches past the trained range: "
                               f"{type(model).__name__} was trained on {L} latent frames "
                               f"(relative distances up to {L - 1})", stacklevel=3)
-        patcher.pre_hook(model, begin)
+        patcher.before_forward(model, begin)
         patcher.flush_after([*model.blocks, model])
 
 
