@@ -16,9 +16,14 @@ frames of left history (a "warm-up" whose video output is thrown away) and then 
     for piece in decode_clip(vae, z_whole[:, :, start:stop], start=start, history=hist):
         ...                                                     # (B, 3, m, H, W), in order
 
-and the pieces of all clips of a video, concatenated in order, are bitwise equal to
-``vae.decode(z_whole).sample`` (measured in fp32 and fp64 on CPU; the decoder runs on exactly the
-same tensor shapes as in ``_decode``, so the same kernels see the same numbers).
+and the pieces of all clips of a video, concatenated in order, are bitwise what
+``decode_clip`` gives for the whole video at once, by construction: every module runs on the
+same tensor shapes in the same order whatever the split (one latent frame per decoder call,
+as ``_decode`` does, and ``post_quant_conv`` per frame too), so the same kernels see the same
+numbers on any CPU or GPU. Against diffusers' ``vae.decode(z_whole).sample``, which runs
+``post_quant_conv`` over the whole latent at once, they differ by that convolution's rounding
+carried through the decoder (the tests bound it against an fp64 decode); with tiling, where
+``tiled_decode`` also runs it per frame and tile, they are its bits.
 """
 from __future__ import annotations
 
@@ -219,8 +224,9 @@ def decode_clip(vae, z: torch.Tensor, *, start: int, history: torch.Tensor | Non
     -----
     The decoder is called one latent frame at a time on the same tensor shapes as ``_decode``
     (and per sample with ``vae.use_slicing``, per spatial tile with ``vae.use_tiling`` when the
-    latent exceeds the tile size, mirroring ``tiled_decode``), so the result is bitwise what
-    ``vae.decode`` gives. The warm-up costs ``min(start, causal_history)`` extra latent frames of
+    latent exceeds the tile size, mirroring ``tiled_decode``), ``post_quant_conv`` per frame:
+    every split of a video gives the bits of its whole decode here (see the module's notes
+    for ``vae.decode``). The warm-up costs ``min(start, causal_history)`` extra latent frames of
     decoding per clip; its video output is dropped frame by frame.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 5:
@@ -291,14 +297,15 @@ def _decode_window(vae, window: torch.Tensor, *, warm: int, window_start: int,
         cols_at = list(range(0, w, lat_stride_w))
         streams = [[[_Stream(vae, n_convs) for _ in cols_at] for _ in rows_at] for _ in parts]
     else:
-        with torch.no_grad():
-            # _decode applies post_quant_conv (1x1x1) to the whole latent, then slices frames
-            xs = [vae.post_quant_conv(p) for p in parts]
         streams = [_Stream(vae, n_convs) for _ in parts]
 
     def step(t):
         if not tiled:
-            return [s(x[:, :, t:t + 1]) for s, x in zip(streams, xs)]
+            # post_quant_conv (1x1x1) per latent frame, where ``_decode`` runs it over the
+            # whole latent at once: a convolution's rounding may depend on its length (the
+            # CPU's math library picks its kernel by shape), so only one shape for every
+            # frame makes every split of the video decode the same bits.
+            return [s(vae.post_quant_conv(x[:, :, t:t + 1])) for s, x in zip(streams, parts)]
         outs = []
         for p, grid in zip(parts, streams):
             outs.append([[s(vae.post_quant_conv(
