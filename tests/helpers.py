@@ -68,3 +68,18 @@ def dual_scope_inputs(case, dtype, *, poison=float("nan"), seed=0, device="cpu")
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def assert_lossless_videos_agree(video, ref_video, frames, ref_frames, name=""):
+    """Two mp4s written losslessly (``crf=0``: x264's lossless mode, yuv420p) from ``frames``
+    and ``ref_frames`` ((N, H, W, 3) uint8, the decoded frames before the encoder): they may
+    differ only as far as the frames do, carried through the colour conversion. A value one
+    level off moves its pixel's luma and its 2x2 block's two chroma samples by at most a level
+    each (rounded), and each decoded value is luma x 1.164 plus chroma terms up to 2.018 and
+    0.813 (BT.601): at most 4 levels, in at most the 12 values of that 2x2 block."""
+    import numpy as np
+    d = np.abs(frames.astype(int) - ref_frames.astype(int))
+    v = np.abs(video.astype(int) - ref_video.astype(int))
+    assert video.shape == ref_video.shape == frames.shape, name
+    assert v.max() <= 4 * d.max(), (name, v.max(), d.max())
+    assert v.mean() <= 12 * 4 * d.mean() + 1e-12, (name, v.mean(), d.mean())

@@ -9,12 +9,22 @@ import pytest
 import torch
 
 import vinf_engine as vinf
-from helpers import rel_err, run_ranks
+from helpers import assert_lossless_videos_agree, rel_err, run_ranks
 from vinf_engine.pipelines import load_pipeline
 from vinf_engine.video import frames_to_uint8, read_video
 from wan_helpers import WAN_HW, save_tiny_wan_pipeline, wan_generation_rank
 
 EXACT = dict(window=100, num_global=0, phase_bias=0.0)
+
+
+def assert_decoded_like_diffusers(ours, stock):
+    """The engine's decode (post_quant_conv per latent frame) against diffusers' (over the
+    whole latent at once), in uint8: their floats differ by that convolution's fp32 rounding
+    carried through the decoder (~1e-6), which moves a value by a level only where it falls
+    within that of a rounding boundary."""
+    d = np.abs(ours.astype(int) - stock.astype(int))
+    assert ours.shape == stock.shape and d.max() <= 1 and (d > 0).mean() <= 1e-3, (
+        d.max(), (d > 0).mean())
 DUAL = dict(window=2, num_global=2, phase_t=500, phase_bias=2.0)
 HW = dict(height=WAN_HW[0], width=WAN_HW[1])
 
@@ -48,7 +58,7 @@ def test_matches_the_wan_pipeline(models, variant, tmp_path):
     expected = (pipe("the cat", output_type="np", **call).frames[0] * 255).round().astype(np.uint8)
     ours = np.concatenate(list(WanPipelines().decode(pipe, ref, vinf.ClipLayout(3, 1), 0,
                                                      vinf.ClipComm(), 2)))
-    assert np.array_equal(ours, expected)
+    assert_decoded_like_diffusers(ours, expected)
     # The mp4 holds them, in order (H.264 with 4:2:0 chroma is far from lossless on these
     # random-weight frames: 6-20 levels on average).
     err = lambda a: np.abs(video.astype(int) - a).mean()          # noqa: E731
@@ -76,7 +86,7 @@ def test_same_video_on_1_2_and_3_ranks(models, tmp_path):
     # frames 0 and 3), a window and global frames across clips, 5 latent frames split (2, 2, 1)
     # and (3, 2).
     kw = dict(prompts=[(0, "the cat"), (9, "a dog on the rock")], num_frames=17, steps=3, seed=5,
-              guidance_scale=4.0, config=DUAL, scheduler="dpm++sde", **HW)
+              guidance_scale=4.0, config=DUAL, scheduler="dpm++sde", crf=0, **HW)
     bad = [("not 4k+1", dict(prompts="the cat", num_frames=10, steps=1, **HW)),
            ("fewer latent frames than ranks", dict(prompts="the cat", num_frames=5, steps=1, **HW)),
            ("window past the trained range", dict(prompts="the cat", num_frames=17, steps=1,
@@ -94,11 +104,21 @@ def test_same_video_on_1_2_and_3_ranks(models, tmp_path):
     stale = torch.cat([r["stale"] for r in res[:2]], dim=2)
     assert 1e-7 < rel_err(stale, one["latents"]) < 0.2, rel_err(stale, one["latents"])
     assert torch.equal(torch.load(tmp_path / "r3.pt")["latents"], l3)
+    # The mp4s (lossless) differ only as far as the decoded frames do, which the latents' 1e-5
+    # makes a level at most in a few values.
+    from vinf_engine.pipelines.wan import WanPipelines
+    pipe = load_pipeline(models["2.2"])
+
+    def frames(z):
+        return np.concatenate(list(WanPipelines().decode(pipe, z, vinf.ClipLayout(5, 1), 0,
+                                                         vinf.ClipComm(), 5)))
+    f1 = frames(one["latents"])
     v1, _ = read_video(str(tmp_path / "r1.mp4"))
     assert v1.shape == (17, *WAN_HW, 3)
-    for name in ("r2.mp4", "r3.mp4"):
-        v, _ = read_video(str(tmp_path / name))
-        assert v.shape == v1.shape and np.abs(v.astype(int) - v1).mean() < 0.5, name
+    for name, z in (("r2.mp4", l2), ("r3.mp4", l3)):
+        fz = frames(z)
+        assert np.abs(fz.astype(int) - f1).max() <= 1, name
+        assert_lossless_videos_agree(read_video(str(tmp_path / name))[0], v1, fz, f1, name)
     # The scenes matter: one prompt gives another video.
     single = vinf.generate(models["2.2"], out=None, progress=False, **dict(kw, prompts="the cat"))
     assert rel_err(single["latents"][:, :, 3:], one["latents"][:, :, 3:]) > 1e-3
@@ -108,9 +128,7 @@ def test_same_video_on_1_2_and_3_ranks(models, tmp_path):
 
     # The distributed causal decode of fixed latents (12 latent frames on 3 ranks: rank 2's
     # warm-up comes from ranks 0 and 1) is the whole decode, bit for bit.
-    pipe = load_pipeline(models["2.2"])
     z = torch.randn(1, 16, 12, 4, 8, generator=torch.Generator().manual_seed(9))
-    from vinf_engine.pipelines.wan import WanPipelines
     whole = list(WanPipelines().decode(pipe, z, vinf.ClipLayout(12, 1), 0, vinf.ClipComm(), 12))
     whole = np.concatenate(whole)
     vae = pipe.vae
@@ -118,8 +136,9 @@ def test_same_video_on_1_2_and_3_ranks(models, tmp_path):
     std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
     with torch.no_grad():
         stock = vae.decode(z / (1.0 / std) + mean).sample
-    assert np.array_equal(whole, frames_to_uint8(stock[0].permute(1, 0, 2, 3)))
+    assert_decoded_like_diffusers(whole, frames_to_uint8(stock[0].permute(1, 0, 2, 3)))
     parts = np.concatenate([a for r in res for a in r["decoded"]])
+    # bitwise: every rank's decoder runs the same shapes in the same order as the whole's
     assert parts.shape == (45, *WAN_HW, 3) and np.array_equal(parts, whole)
     assert res[2]["decode_bytes"] > 0
 
