@@ -144,17 +144,23 @@ def cli_cases_rank(rank, world, cases, setup):
 
 def stock_pipe_rank(rank, world, runs):
     """The unchanged diffusers pipeline call after ``vinf.parallelize_pipe``, on every rank:
-    ``runs`` is ``{name: (pipeline class name, folder, config, call kwargs, seed)}``;
+    ``runs`` is ``{name: (pipeline class name, folder, config, call kwargs, seed[, calls])}``,
+    ``calls`` methods of the pipeline called after ``parallelize_pipe`` (``"unet.foo"``);
     returns each run's output (latents, np or pt frames). Then the misuse the drop-in
     replaces: a rank-local model given the same whole video on every rank."""
     import diffusers
     import vinf_engine as vinf
     from helpers import tiny_unet, unet_inputs
     out = {}
-    for name, (cls, folder, cfg, kw, seed) in runs.items():
+    for name, (cls, folder, cfg, kw, seed, *calls) in runs.items():
         pipe = getattr(diffusers, cls).from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         vinf.parallelize_pipe(pipe, None if cfg is None else vinf.DualScopeConfig(**cfg))
+        for call in (calls[0] if calls else ()):   # the pipeline's own API, after the drop-in
+            obj = pipe
+            for attr in call.split("."):
+                obj = getattr(obj, attr)
+            obj()
         res = pipe(generator=torch.Generator().manual_seed(seed), **kw).frames
         out[name] = res if isinstance(res, torch.Tensor) else torch.as_tensor(res)
         vinf.unparallelize_pipe(pipe)

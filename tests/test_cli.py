@@ -343,3 +343,43 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tiny_model, tmp_pa
     assert "rank 0: generation failed during" in err0, err0
     assert "within 4 s" in err0 or "timed out" in err0.lower(), err0
     assert not os.path.exists(out)
+
+
+def test_two_launchers_of_two_ranks_each_as_two_nodes(tiny_model, tmp_path):
+    """Multi-node, simulated on one host: two ``torchrun --nnodes 2 --nproc-per-node 2``
+    launchers meet at a c10d rendezvous on 127.0.0.1, and their 4 ranks generate the latents
+    one process does (gloo across the "nodes" over loopback)."""
+    out = str(tmp_path / "nodes.mp4")
+    one = str(tmp_path / "one.mp4")
+    run = _base(tiny_model, out, **{"--frames": "8", "--steps": "3", "--seed": "7",
+                                    "--window": "2", "--num-global": "2",
+                                    "--save-latents": out[:-4] + ".pt",
+                                    "--report": str(tmp_path / "report.json")})
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+         "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+         "--rdzv-id", "vinf-test", "-m", "vinf_engine", *run],
+        env=_env(GLOO_SOCKET_IFNAME="lo"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for node in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ranks"] == 4 and report["backend"] == "gloo"
+    assert [r["frames"] for r in report["per_rank"]] == [2, 2, 2, 2]
+    single = _base(tiny_model, one, **{"--frames": "8", "--steps": "3", "--seed": "7",
+                                       "--window": "2", "--num-global": "2",
+                                       "--save-latents": one[:-4] + ".pt"})
+    p = subprocess.run([sys.executable, "-m", "vinf_engine", *single], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = torch.load(out[:-4] + ".pt")["latents"].double()
+    b = torch.load(one[:-4] + ".pt")["latents"].double()
+    assert a.shape == b.shape and ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    assert read_video(out)[0].shape == read_video(one)[0].shape

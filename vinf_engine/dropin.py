@@ -78,8 +78,11 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
     """Make the unchanged ``pipe(...)`` call, made on every rank with the same arguments,
     generate one video across the ranks; returns ``pipe``.
 
-    ``pipe`` is a diffusers ``TextToVideoSDPipeline`` (ModelScope, Zeroscope; VideoCrafter2's
-    UNet), or a ``WanPipeline`` (both Wan 2.2 experts are parallelized). Collective, like
+    ``pipe`` is any diffusers pipeline whose ``unet`` is a ``UNet3DConditionModel``
+    (``TextToVideoSDPipeline``, ``VideoToVideoSDPipeline``: ModelScope, Zeroscope;
+    VideoCrafter2's UNet) or whose ``transformer`` is a ``WanTransformer3DModel``
+    (``WanPipeline``, ``WanImageToVideoPipeline``, ``WanVideoToVideoPipeline``; both Wan 2.2
+    experts are parallelized). Collective, like
     ``vinf_engine.parallelize``, whose arguments the rest are; ``config`` defaults to the
     model family's. Every rank returns the whole video, equal to one process with the same
     config (in exact config: the unpatched pipeline). Each rank still decodes the whole video
@@ -87,14 +90,12 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
     streams them to one mp4 instead. ``unparallelize_pipe`` restores the pipeline.
     """
     from .parallel import parallelize, unparallelize
-    from .pipelines import family_of
+    from .pipelines import accepted_pipelines, family_of
     if getattr(pipe, "_vinf_pipe", None) is not None:
         raise ValueError("pipeline is already parallelized (call unparallelize_pipe first)")
     family = family_of(pipe)
     if family is None:                      # every rank holds the same pipeline: all refuse
-        raise ValueError("parallelize_pipe supports TextToVideoSDPipeline (ModelScope, "
-                         "Zeroscope, VideoCrafter2) and WanPipeline; got "
-                         f"{type(pipe).__name__}")
+        raise ValueError(f"parallelize_pipe takes {accepted_pipelines(pipe)}")
     undo = []
     try:
         for model in family.denoisers(pipe):
@@ -102,7 +103,7 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
                         chunk_mib=chunk_mib)
             undo.append(lambda m=model: unparallelize(m))
             split = _Split(model, model.vinf_engine.adapter.inputs)
-            # Before the engine's own pre-hook (its agreement must see the clip).
+            # Before the forward, where the engine agrees on the step: it must see the clip.
             pre = model.register_forward_pre_hook(split.before, with_kwargs=True, prepend=True)
             post = model.register_forward_hook(split.after, with_kwargs=True)
             undo += [pre.remove, post.remove]

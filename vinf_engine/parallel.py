@@ -506,7 +506,9 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         comm.all_reduce_(torch.zeros(1, device=device))
         comm.counters.reset()
     engine.adapter = adapter
-    adapter.patch(model, engine, Patcher(engine))
+    patcher = Patcher(engine)
+    adapter.patch(model, engine, patcher)
+    patcher.guard_attention_api(model)
     model.vinf_engine = engine
     engine.on_undo(lambda: delattr(model, "vinf_engine"))
     return model

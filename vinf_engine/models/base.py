@@ -14,7 +14,8 @@ import torch
 
 from ..config import DualScopeConfig
 
-__all__ = ["ModelAdapter", "AdapterBase", "Patcher", "config_fingerprint", "step_arguments"]
+__all__ = ["ModelAdapter", "AdapterBase", "Patcher", "EngineProcessor", "PLAIN_PROCESSORS",
+           "processor_problem", "config_fingerprint", "step_arguments"]
 
 
 @runtime_checkable
@@ -57,6 +58,32 @@ class AdapterBase:
         return None
 
 
+class EngineProcessor:
+    """An attention processor the engine installs on an attention that couples frames.
+    ``requested``: what diffusers' attention-processor API last asked that attention for (a
+    processor of the same math, which the engine's own computes; ``PLAIN_PROCESSORS``)."""
+
+    requested = None
+
+
+# Processors whose math is the module's own softmax attention over its own projections, in
+# another kernel or memory pattern: asked of an attention the engine owns, the engine's
+# processor (which computes that attention, dual-scoped) stays.
+PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor",
+                    "SlicedAttnProcessor", "FusedAttnProcessor2_0", "AttnProcessorNPU",
+                    "XLAFlashAttnProcessor2_0", "WanAttnProcessor", "WanAttnProcessor2_0")
+
+
+def processor_problem(processor) -> str | None:
+    """Why ``processor`` cannot stand for an attention the engine owns, or None."""
+    name = type(processor).__name__
+    if name in PLAIN_PROCESSORS and type(processor).__module__.startswith("diffusers."):
+        return None
+    return (f"{name} is not a processor of plain softmax attention ({', '.join(PLAIN_PROCESSORS)}): "
+            "on an attention that couples frames it would drop the frame coupling of the "
+            "parallelized model and tear the video at every clip boundary")
+
+
 class Patcher:
     """Changes to a model, each recorded with its undo on the engine (newest undone first)."""
 
@@ -79,39 +106,130 @@ class Patcher:
                 module.__dict__.pop(k, None)
         self.engine.on_undo(undo)
 
-    def set_processor(self, attn, processor):
+    def set_processor(self, attn, processor: "EngineProcessor"):
+        """Give ``attn`` the engine's ``processor``, and make the attention-processor API keep
+        it (``attn.set_processor``, hence diffusers' ``set_attn_processor``, attention slicing,
+        xformers, fused projections): asked for another processor of the same math (softmax
+        attention of the module's own projections, ``PLAIN_PROCESSORS``), the engine's stays,
+        recording it as ``requested``; any other is refused, since it would drop the frame
+        coupling and tear the video at every clip boundary."""
         old = attn.processor
-        attn.set_processor(processor)
-        self.engine.on_undo(lambda: attn.set_processor(old))
+        stock_set = attn.set_processor
+        stock_set(processor)
+
+        def set_processor(new):
+            if isinstance(new, EngineProcessor):
+                stock_set(new)
+                return
+            why = processor_problem(new)
+            if why:
+                raise ValueError(f"{why}; call vinf_engine.unparallelize_pipe(pipe) (or "
+                                 "unparallelize(model)) first")
+            current = attn.processor
+            if isinstance(current, EngineProcessor):
+                current.requested = new
+        attn.set_processor = set_processor
+
+        def undo():
+            attn.__dict__.pop("set_processor", None)
+            attn.set_processor(old)
+        self.engine.on_undo(undo)
+
+    def guard_attention_api(self, model: torch.nn.Module):
+        """Model-level calls that would change what the engine patched: ``set_attn_processor``
+        checks every attention the engine owns before it changes any (nothing half-set);
+        ``set_default_attn_processor`` (UNet3D) takes the stock rule over the processors the
+        engine does not own; ``enable_cache`` (diffusers' step caches, decided per rank: a
+        hang or a torn video across ranks) is refused."""
+        owned = {f"{n}.processor" for n, m in model.named_modules()
+                 if isinstance(getattr(m, "processor", None), EngineProcessor)}
+        stock_set = model.set_attn_processor if hasattr(model, "set_attn_processor") else None
+
+        def set_attn_processor(processor):
+            asked = (processor.items() if isinstance(processor, dict)
+                     else ((name, processor) for name in owned))
+            for name, p in asked:
+                if name in owned and not isinstance(p, EngineProcessor):
+                    why = processor_problem(p)
+                    if why:
+                        raise ValueError(f"{name}: {why}; call vinf_engine.unparallelize_pipe("
+                                         "pipe) (or unparallelize(model)) first")
+            stock_set(dict(processor) if isinstance(processor, dict) else processor)
+
+        def set_default_attn_processor():
+            from diffusers.models.attention_processor import (
+                ADDED_KV_ATTENTION_PROCESSORS, CROSS_ATTENTION_PROCESSORS, AttnAddedKVProcessor,
+                AttnProcessor)
+            rest = [p for name, p in model.attn_processors.items() if name not in owned]
+            if all(type(p) in ADDED_KV_ATTENTION_PROCESSORS for p in rest):
+                set_attn_processor(AttnAddedKVProcessor())
+            elif all(type(p) in CROSS_ATTENTION_PROCESSORS for p in rest):
+                set_attn_processor(AttnProcessor())
+            else:
+                raise ValueError("Cannot call `set_default_attn_processor` when attention "
+                                 f"processors are of type {type(rest[0]).__name__}")
+
+        def enable_cache(*args, **kwargs):
+            raise ValueError(
+                f"{type(model).__name__}.enable_cache: diffusers' step caches decide per rank "
+                "whether to skip, which under clip parallelism hangs the next exchange or tears "
+                "the video; call vinf_engine.unparallelize_pipe(pipe) (or unparallelize(model)) "
+                "first")
+        methods = dict(set_attn_processor=set_attn_processor)
+        if stock_set is None:
+            methods = {}
+        if hasattr(model, "set_default_attn_processor"):
+            methods["set_default_attn_processor"] = set_default_attn_processor
+        if hasattr(model, "enable_cache"):
+            methods["enable_cache"] = enable_cache
+        for name, fn in methods.items():
+            setattr(model, name, fn)
+        self.engine.on_undo(lambda: [model.__dict__.pop(n, None) for n in methods])
 
     def pre_hook(self, module: torch.nn.Module, fn: Callable):
         """``fn(module, args, kwargs)`` before every call of ``module``."""
         handle = module.register_forward_pre_hook(fn, with_kwargs=True)
         self.engine.on_undo(handle.remove)
 
+    def replace_method(self, module: torch.nn.Module, name: str, make: Callable):
+        """Set ``module.<name>`` (an instance attribute) to ``make(inner)``, ``inner`` being
+        what ``module.<name>`` resolves to now (the class's method or an instance's own),
+        keeping its signature (``inspect.signature`` follows ``__wrapped__``). Undone, it is
+        removed; if something has wrapped it since (accelerate's offload hooks replace a
+        module's ``forward`` the same way), it stays in that chain as a pass-through to
+        ``inner``, so neither wrapper is lost."""
+        had = name in module.__dict__
+        inner = getattr(module, name, None)         # None: a hook the class looks up
+        replacement = make(inner)
+        live = [True]
+
+        def method(*args, **kwargs):
+            return (replacement if live[0] else inner)(*args, **kwargs)
+        if inner is not None:
+            method = functools.wraps(inner)(method)
+        setattr(module, name, method)
+
+        def undo():
+            live[0] = False
+            if module.__dict__.get(name) is method:
+                if had:
+                    setattr(module, name, inner)
+                else:
+                    module.__dict__.pop(name, None)
+        self.engine.on_undo(undo)
+
     def before_forward(self, module: torch.nn.Module, fn: Callable):
         """``fn(args, kwargs)`` first thing inside every ``module.forward`` call.
 
         Inside the forward, not a pre-hook: torch.compile traces a hook as a frame of its
         own, one graph more than the stock model, whose guards then see the engine's state
-        between the two frames. Wraps whatever ``forward`` resolves to now (the class's, or
-        an instance's own), keeping its signature (``inspect.signature`` follows
-        ``__wrapped__``, as pipelines that probe the forward's parameters do)."""
-        had = "forward" in module.__dict__
-        inner = module.forward
-
-        @functools.wraps(inner)
-        def forward(*args, **kwargs):
-            fn(args, kwargs)
-            return inner(*args, **kwargs)
-        module.forward = forward
-
-        def undo():
-            if had:
-                module.forward = inner
-            else:
-                module.__dict__.pop("forward", None)
-        self.engine.on_undo(undo)
+        between the two frames."""
+        def make(inner):
+            def forward(*args, **kwargs):
+                fn(args, kwargs)
+                return inner(*args, **kwargs)
+            return forward
+        self.replace_method(module, "forward", make)
 
     def post_hook(self, module: torch.nn.Module, fn: Callable):
         handle = module.register_forward_hook(fn)

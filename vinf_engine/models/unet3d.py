@@ -38,12 +38,12 @@ from ..layers import (BlockingTemporalConvLayer, ClipGroupNorm, ClipTemporalConv
 from ..layers.attention import context_rows
 from ..layers.chunked import over_rows
 from . import register
-from .base import AdapterBase, Patcher, step_arguments
+from .base import AdapterBase, EngineProcessor, Patcher, step_arguments
 
 __all__ = ["UNet3DAdapter", "DualScopeAttnProcessor", "BlockingDualScopeAttnProcessor"]
 
 
-class DualScopeAttnProcessor:
+class DualScopeAttnProcessor(EngineProcessor):
     """Temporal self-attention over ``(B*H*W, F, C)`` as dual-scope attention.
 
     The attention *input* crosses ranks (halo and global frames), not K and V: one tensor
@@ -476,8 +476,7 @@ class UNet3DAdapter(AdapterBase):
                 patcher.swap_class(b, _OwningUpBlock3D if type(b) is UpBlock3D
                                    else _OwningCrossAttnUpBlock3D)
             name = "forward" if plain else "_vinf_unet_forward"
-            setattr(model, name, owned_forward.__get__(model))
-            patcher.engine.on_undo(lambda: model.__dict__.pop(name, None))
+            patcher.replace_method(model, name, lambda _: owned_forward.__get__(model))
 
     def patch(self, model, engine, patcher: Patcher):
         blocking = engine.mode == "blocking"

@@ -34,7 +34,7 @@ from ..layers import clip_attention
 from ..layers.attention import clip_attention_in_chunks
 from ..layers.attention import global_attention
 from . import register
-from .base import AdapterBase, Patcher, step_arguments
+from .base import AdapterBase, EngineProcessor, Patcher, step_arguments
 
 __all__ = ["WanAdapter", "WanDualScopeProcessor", "ClipWanRotaryPosEmbed", "trained_frames"]
 
@@ -138,7 +138,7 @@ def _keys(attn, x):
     return k, attn.to_v(x).unflatten(2, (attn.heads, -1))
 
 
-class WanDualScopeProcessor:
+class WanDualScopeProcessor(EngineProcessor):
     """``attn1`` of a Wan block as dual-scope attention over this rank's clip.
 
     ``max_distance``: None (global keys at their true positions, in the op's softmax), or the

@@ -11,8 +11,8 @@ import os
 from ..settings import GenerationError
 from .base import PipelineFamily, VideoPlan, read_json
 
-__all__ = ["PipelineFamily", "VideoPlan", "families", "family_of", "inspect_model_dir",
-           "load_pipeline"]
+__all__ = ["PipelineFamily", "VideoPlan", "families", "family_of", "accepted_pipelines",
+           "inspect_model_dir", "load_pipeline"]
 
 _FAMILIES: list = []
 
@@ -27,6 +27,18 @@ def families() -> list:
 
 def _runs() -> str:
     return "; ".join(f.runs for f in families())
+
+
+def accepted_pipelines(pipe=None) -> str:
+    """What the drop-in accepts, by component class, and what ``pipe`` holds instead."""
+    ways = " or ".join(f"whose `{attr}` is a {cls} ({examples})"
+                       for attr, cls, examples in (f.takes for f in families()))
+    text = f"a pipeline {ways}"
+    if pipe is not None:
+        held = [f"{a} is a {type(getattr(pipe, a)).__name__}" for a in
+                dict.fromkeys(f.takes[0] for f in families()) if getattr(pipe, a, None) is not None]
+        text += f"; got a {type(pipe).__name__}" + (f" whose {', '.join(held)}" if held else "")
+    return text
 
 
 def family_of(pipe) -> PipelineFamily | None:

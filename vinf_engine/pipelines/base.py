@@ -68,6 +68,9 @@ class PipelineFamily(ABC):
     defaults = {}                         # steps, guidance_scale, video_fps
     schedulers = {}                       # --scheduler name -> (diffusers class, overrides)
     components = ()                       # for the digest: modules that define the video
+    # What a loaded pipeline must hold to be claimed: (attribute, model class name, the stock
+    # pipelines that hold one), for the drop-in's refusal of anything else.
+    takes = ("?", "?", "?")
 
     @abstractmethod
     def claims_dir(self, index: dict) -> bool: ...

@@ -35,6 +35,8 @@ class UNet3DPipelines(PipelineFamily):
         "unipc": ("UniPCMultistepScheduler", {}),
     }
     components = ("unet", "vae", "text_encoder")
+    takes = ("unet", "UNet3DConditionModel", "TextToVideoSDPipeline, VideoToVideoSDPipeline: "
+             "ModelScope, Zeroscope; VideoCrafter2's UNet")
 
     # ---------------------------------------------------------------- folders
     def claims_dir(self, index: dict) -> bool:

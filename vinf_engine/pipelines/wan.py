@@ -41,6 +41,8 @@ class WanPipelines(PipelineFamily):
         "dpm++sde": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
     }
     components = ("transformer", "transformer_2", "vae", "text_encoder")
+    takes = ("transformer", "WanTransformer3DModel", "WanPipeline, WanImageToVideoPipeline, "
+             "WanVideoToVideoPipeline, with Wan 2.2's transformer_2 too")
 
     # ---------------------------------------------------------------- folders
     def claims_dir(self, index: dict) -> bool:
