@@ -123,5 +123,6 @@ def test_killed_and_resumed_several_times_ends_bit_identical(model, tmp_path):
     rep = vinf.generate(pipe, "the cat", out=str(out), checkpoint_dir=str(ck),
                         checkpoint_every=1, resume=True, **kw)
     assert rep["resumed_from_step"] == kills[-1] + 1
+    # bitwise: a resumed run repeats the uninterrupted one's operations on the same shapes
     assert torch.equal(rep["latents"], full["latents"])
     assert out.read_bytes() == (tmp_path / "full.mp4").read_bytes()

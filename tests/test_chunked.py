@@ -42,7 +42,7 @@ def test_chunked_equals_unchunked(family):
     parts, calls, n_on = _outputs(family, 0, 1, TINY_BUDGET)
     assert n_off == 0 and n_on > 0 and calls > 0
     assert rel_err(parts, whole) <= 1e-5, rel_err(parts, whole)
-    assert torch.equal(_outputs(family, 0, 1, None)[0], whole)
+    assert torch.equal(_outputs(family, 0, 1, None)[0], whole)   # both unchunked: same ops
     two = torch.cat(run_ranks(chunked_rank, 2, family), dim=2)
     assert rel_err(two, whole) <= 1e-5
 
@@ -60,6 +60,7 @@ def test_a_chunked_layer_splits_its_rows_and_keeps_its_outputs_shape():
     x = torch.randn(2, 7, 4)
     y, s = m(x, scale=3.0)                  # 8 float rows of 2x4... 3 rows per chunk
     assert calls == [3, 3, 1]
+    # bitwise: elementwise ops and per-row sums, the same per row in any chunk
     assert torch.equal(y, x * 3.0) and torch.equal(s, x.sum(-1))
 
 
@@ -330,6 +331,6 @@ def test_the_up_path_lets_go_of_its_input_and_skips():
         h2.remove()
         stock = type(model).forward(model, x, 900, encoder_hidden_states=extra).sample
     assert seen["alive"] == (False, False), seen
-    assert torch.equal(owned, stock)
+    assert torch.equal(owned, stock)       # the stock forward's operations, step for step
     vinf.unparallelize(model)
     assert "forward" not in model.__dict__ and type(last).__name__ == "CrossAttnUpBlock3D"

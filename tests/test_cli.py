@@ -327,6 +327,7 @@ def test_a_killed_rank_then_resume_under_torchrun(table, tiny_model, tmp_path):
     assert report["timings_s"]["denoise"] > 0 and report["frame_steps_per_s"] > 0
     assert len(report["per_rank"]) == 2 and report["comm_total"]["bytes_sent"] > 0
     ref = table["reference"]
+    # bitwise: the same 2-rank run, resumed, repeats its operations on the same shapes
     assert open(out, "rb").read() == open(ref, "rb").read()
     assert torch.equal(torch.load(out[:-4] + ".pt")["latents"], torch.load(ref[:-4] + ".pt")["latents"])
     assert os.listdir(ck) == []

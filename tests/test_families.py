@@ -89,6 +89,7 @@ def test_unparallelize_restores_the_model(family, stock):
     assert all(torch.equal(sd[k], before_sd[k]) for k in before_sd)
     x, extra = spec.inputs(FRAMES)
     with torch.no_grad():
+        # bitwise: unpatched, it is the stock model again, running the same operations
         assert torch.equal(spec.call(model, x, 900, extra), stock[family][900])
     with pytest.raises(ValueError, match="not parallelized"):
         vinf.unparallelize(model)

@@ -74,7 +74,7 @@ def test_same_video_on_1_2_and_3_ranks(models, tmp_path):
     stale = torch.cat([r["stale"] for r in res[:2]], dim=2)
     assert 1e-6 < rel_err(stale, one["latents"]) < 0.2, rel_err(stale, one["latents"])
     assert res[0]["report", "stale"]["comm_mode"] == "stale"
-    assert torch.equal(torch.load(tmp_path / "r3.pt")["latents"], l3)
+    assert torch.equal(torch.load(tmp_path / "r3.pt")["latents"], l3)   # the same tensors, saved
     # The mp4s (lossless) differ only as far as the decoded frames do.
     from vinf_engine.pipelines.unet3d import UNet3DPipelines
     pipe = load_pipeline(models["vc2"])
@@ -128,6 +128,7 @@ def test_resume_gives_the_uninterrupted_video(models, tmp_path):
     assert not out.exists()
     rep = vinf.generate(pipe, "the cat", out=str(out), checkpoint_dir=str(ck), resume=True, **kw)
     assert rep["resumed_from_step"] == 4 and rep["steps_run"] == 2
+    # bitwise: a resumed run repeats the uninterrupted one's operations on the same shapes
     assert torch.equal(rep["latents"], full["latents"])
     assert out.read_bytes() == (tmp_path / "full.mp4").read_bytes()
     assert os.listdir(ck) == []                                         # cleared on success
@@ -148,7 +149,7 @@ def test_videocrafter2_fps_conditioning_loads_from_diffusers_layout(models, tmp_
         a = unet(x, 10, ctx, fps=8).sample
         b = unet(x, 10, ctx, fps=24).sample
         c = unet(x, 10, ctx).sample                      # default: the paper's 24
-    assert rel_err(a, b) > 1e-3 and torch.equal(b, c)
+    assert rel_err(a, b) > 1e-3 and torch.equal(b, c)      # c: the same call, fps defaulted
     # A conversion whose config names the stock class but carries fps_cond still loads as
     # VideoCrafter2 (the public conversions differ in _class_name); the stock class would drop
     # the fps weights and compute something else.
@@ -165,7 +166,7 @@ def test_videocrafter2_fps_conditioning_loads_from_diffusers_layout(models, tmp_
     again = load_pipeline(str(alt)).unet
     stock = UNet3DConditionModel.from_pretrained(str(alt), subfolder="unet").eval()
     with torch.no_grad():
-        assert torch.equal(again(x, 10, ctx, fps=8).sample, a)
+        assert torch.equal(again(x, 10, ctx, fps=8).sample, a)   # the same model, reloaded
         assert rel_err(stock(x, 10, ctx).sample, b) > 1e-3
     # The engine patches it like any UNet3D (the owning up path beneath its fps embedding
     # too): exact mode equals the unpatched model.
@@ -182,13 +183,13 @@ def test_step_noise_is_per_global_frame():
     shape = (1, 4, 10, 3, 5)
     whole = vinf.step_noise(7, 3, shape)
     part = vinf.step_noise(7, 3, shape, range(4, 9))
-    assert torch.equal(whole[:, :, 4:9], part)
+    assert torch.equal(whole[:, :, 4:9], part)        # per frame, the same generator draws
     assert rel_err(vinf.step_noise(7, 4, shape), whole) > 0.5
     assert rel_err(vinf.initial_noise(7, shape), whole) > 0.5
     from vinf_engine.noise import step_generators
     gens = step_generators(7, 3, range(4, 9))
     drawn = torch.cat([torch.randn((1, 4, 3, 5), generator=g) for g in gens])
-    assert torch.equal(drawn, part[0].permute(1, 0, 2, 3))
+    assert torch.equal(drawn, part[0].permute(1, 0, 2, 3))    # the same draws
 
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"])

@@ -103,7 +103,7 @@ def test_same_video_on_1_2_and_3_ranks(models, tmp_path):
     assert rel_err(l3, one["latents"]) <= 1e-5 and rel_err(l2, one["latents"]) <= 1e-5
     stale = torch.cat([r["stale"] for r in res[:2]], dim=2)
     assert 1e-7 < rel_err(stale, one["latents"]) < 0.2, rel_err(stale, one["latents"])
-    assert torch.equal(torch.load(tmp_path / "r3.pt")["latents"], l3)
+    assert torch.equal(torch.load(tmp_path / "r3.pt")["latents"], l3)   # the same tensors, saved
     # The mp4s (lossless) differ only as far as the decoded frames do, which the latents' 1e-5
     # makes a level at most in a few values.
     from vinf_engine.pipelines.wan import WanPipelines
@@ -170,6 +170,7 @@ def test_resume_gives_the_uninterrupted_video(models, tmp_path):
                       checkpoint_dir=str(ck), checkpoint_every=1, callback=crash, **kw)
     rep = vinf.generate(pipe, "the cat", out=None, save_latents=str(tmp_path / "r.pt"),
                         checkpoint_dir=str(ck), checkpoint_every=1, resume=True, **kw)
+    # bitwise: a resumed run repeats the uninterrupted one's operations on the same shapes
     assert rep["resumed_from_step"] == 3 and torch.equal(rep["latents"], full["latents"])
 
 

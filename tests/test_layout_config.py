@@ -72,7 +72,7 @@ def test_noise_is_partition_invariant_and_per_frame():
     for sizes in [(13,), (7, 6), (1, 5, 7), (4, 3, 3, 3)]:
         lay = vinf.ClipLayout.from_sizes(sizes)
         parts = [vinf.initial_noise(1234, shape, lay.frames(r)) for r in range(len(sizes))]
-        assert torch.equal(torch.cat(parts, dim=2), full)
+        assert torch.equal(torch.cat(parts, dim=2), full)     # per frame, the same draws
     other = vinf.initial_noise(1235, shape)
     assert not torch.allclose(other, full)
     # Frames are independent draws, not one draw repeated.
@@ -80,7 +80,7 @@ def test_noise_is_partition_invariant_and_per_frame():
     big = vinf.initial_noise(0, (1, 4, 64, 32, 32))
     assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
     half = vinf.initial_noise(1234, shape, range(2, 5), dtype=torch.float16)
-    assert half.dtype == torch.float16 and torch.equal(half, full[:, :, 2:5].half())
+    assert half.dtype == torch.float16 and torch.equal(half, full[:, :, 2:5].half())  # same cast
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -21,8 +21,9 @@ def make(frames=11, kernels=(3, 3, 5, 3), seed=0):
     return x, weights
 
 
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("sizes", [(11,), (6, 5), (1, 6, 4), (3, 3, 3, 2), (2,) * 5 + (1,)])
-def test_haloed_stack_equals_whole_video(sizes):
+def test_haloed_stack_equals_whole_video(sizes, threads):
     x, weights = make()
     ref = whole_video_stack(x, weights)
     halo = sum(w.shape[2] // 2 for w, _ in weights)

@@ -22,6 +22,7 @@ def test_rotations_are_the_stock_table_and_extend_past_it():
     x = torch.zeros(1, 16, 9, 6, 4)
     cos, sin = rope(x)                                   # stock: frames 0..8 from the table
     mine = ClipWanRotaryPosEmbed.rotations(rope, torch.arange(9, dtype=torch.float64), 3, 2)
+    # bitwise: the table's own elementwise fp64 ops per position (no reduction), then the cast
     assert torch.equal(mine[0], cos) and torch.equal(mine[1], sin)
     # Past the 1024-row table: the formula, continued (position 2000 of a 4096-row table).
     big = tiny_wan_transformer(rope_max_seq_len=4096).rope
