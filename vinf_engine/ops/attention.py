@@ -23,6 +23,8 @@ import torch.nn.functional as F_
 
 from . import dispatch
 from ._checks import check_bias, check_int, check_real, check_tensor, compute_dtype
+from .merge import attention_with_lse, merge_attention
+from .softmax import softmax_attention
 
 __all__ = ["dual_scope_attention", "dual_scope_attention_reference", "check_dual_scope_args"]
 
@@ -154,25 +156,6 @@ def dual_scope_attention_reference(q, k, v, k_global=None, v_global=None, *, win
     return (out, lse) if return_lse else out
 
 
-def softmax_attention(q, k, v, bias, scale: float, return_lse: bool):
-    """``softmax(scale * q.k + bias) v`` over (B, H, n, D) tensors, and the rows' log-sum-exp
-    when asked (else None). On the CPU without autograd, torch's fused flash kernel (it returns
-    the log-sum-exp too): the explicit softmax materialises the logits several times over and
-    was most of a Wan forward's time past its trained length."""
-    fused = q.device.type == "cpu" and not (torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad))
-    if fused:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        return o, lse
-    if not return_lse:
-        return F_.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
-    s = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias
-    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
-
-
 def _reference_op(q, k, v, k_global, v_global, window, pad, valid_left, valid_right,
                   tokens_per_frame, local_bias, global_bias, scale, return_lse):
     """The reference with the custom op's positional signature and its two outputs."""
@@ -264,7 +247,6 @@ def _tensor_bias_attention(q, k, v, k_global, v_global, window, pad, valid_left,
                            T, lb, gb, scale):
     """Dual-scope attention with biases that are tensors: each scope unbiased, its lse shifted
     by its bias, the two merged; equal to the one softmax with the biases on its logits."""
-    from .merge import attention_with_lse, merge_attention
     out, lse = _dual_scope_attention_op(q, k, v, None, None, window, pad, valid_left,
                                         valid_right, T, 0.0, 0.0, scale, True)
     lse = lse + lb

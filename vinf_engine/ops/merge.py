@@ -10,7 +10,7 @@ import torch
 
 from . import dispatch
 from ._checks import check_bias, check_real, check_tensor, compute_dtype
-from .attention import softmax_attention
+from .softmax import softmax_attention
 
 __all__ = ["attention_with_lse", "attention_with_lse_reference", "merge_attention"]
 
