@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from .settings import GenerationError
+from .errors import GenerationError
 
 __all__ = ["read_prompt_file", "scenes", "scene_of"]
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .config import DualScopeConfig
+from .errors import GenerationError, GenerationFailed
+from .prompts import read_prompt_file, scenes
 
 __all__ = ["GenerateSettings", "GenerationError", "GenerationFailed", "DEFAULTS", "DTYPES",
            "COMM_MODES"]
@@ -24,14 +26,6 @@ DEFAULTS = dict(crf=18, decode_chunk=8, checkpoint_every=5, timeout=600.0)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # How exchanges move (vinf_engine.scheduler.MODES less "loopback", which is for timing only).
 COMM_MODES = ("overlap", "blocking", "stale")
-
-
-class GenerationError(ValueError):
-    """Bad input, refused on every rank before any data-plane collective."""
-
-
-class GenerationFailed(RuntimeError):
-    """The run broke after it started: a peer died or timed out, a write failed."""
 
 
 def _is_int(v):
@@ -89,9 +83,8 @@ class GenerateSettings:
         return DualScopeConfig(**{**default.as_dict(), **(self.config or {})})
 
     def problems(self, rank: int, world: int) -> list[str]:
-        """What is wrong with the settings, without a model or the other ranks."""
-        from .pipelines import inspect_model_dir
-        from .prompts import read_prompt_file, scenes
+        """What is wrong with the settings, without a model or the other ranks (the model
+        folder is the check phase's: ``vinf_engine.phases``)."""
         p = []
         if not _is_int(self.num_frames) or self.num_frames < 1:
             p.append(f"frames must be a positive integer, got {self.num_frames!r}")
@@ -150,10 +143,6 @@ class GenerateSettings:
             p.append("negative prompt must be a string")
         if rank == 0:                              # outputs are written by rank 0 only
             p += self._output_problems()
-        if isinstance(self.model, str):
-            e, _ = inspect_model_dir(self.model)
-            if e:
-                p.append(e)
         return p
 
     def _output_problems(self) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..settings import GenerationError
+from ..errors import GenerationError
 from .base import PipelineFamily, VideoPlan, read_json
 
 __all__ = ["PipelineFamily", "VideoPlan", "families", "family_of", "accepted_pipelines",

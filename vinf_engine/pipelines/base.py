@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import GenerationError
+from ..errors import GenerationError
 
 __all__ = ["PipelineFamily", "VideoPlan", "Conditioning", "read_json", "component_dirs_problem",
            "rows"]
