@@ -46,7 +46,6 @@ CONFIG_FLAGS = ("window", "num_global", "phase_t", "phase_bias", "global_positio
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``generate`` flags; their ``dest`` names are ``GenerateSettings`` fields."""
-    from .settings import DEFAULTS
     ap = argparse.ArgumentParser(prog="python -m vinf_engine",
                                  description="Long videos from short-clip video diffusion models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -58,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "steps, guidance, video fps and dual-scope settings take the "
                                    "model family's defaults (UNet3D: the paper's; Wan: "
                                    "WanPipeline's, window 8, 8 global frames).")
+    for flags in (_model_flags, _video_flags, _sampling_flags, _parallel_flags, _runtime_flags):
+        flags(g)
+    return ap
+
+
+def _model_flags(g):
+    """The model and what to say."""
     m = g.add_argument_group("model and prompt")
     m.add_argument("--model", required=True, metavar="DIR",
                    help="local diffusers pipeline folder (ModelScope / Zeroscope "
@@ -70,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one scene per line, optionally 'FRAME: prompt' (first video frame of "
                         "the scene)")
     m.add_argument("--negative-prompt", metavar="TEXT", default=None)
+
+
+def _video_flags(g):
+    """The video and where it goes."""
+    from .settings import DEFAULTS
     v = g.add_argument_group("video")
     v.add_argument("--frames", dest="num_frames", required=True, metavar="N", type=INT,
                    help="video frames of the whole video (Wan: 4k+1)")
@@ -83,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--crf", metavar="Q", type=INT, default=DEFAULTS["crf"], help="x264 quality (0-51)")
     v.add_argument("--save-latents", metavar="FILE.pt", default=None,
                    help="also save the whole video's final latents")
+
+
+def _sampling_flags(g):
+    """How it is sampled."""
     s = g.add_argument_group("sampling")
     s.add_argument("--steps", metavar="S", type=INT, default=None,
                    help="denoising steps (default: UNet3D 30, Wan 50)")
@@ -99,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VideoCrafter2's frame-rate conditioning (default 24)")
     s.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default on CUDA: "
                                                  "float16 for UNet3D, bfloat16 for Wan; float32 on CPU)")
+
+
+def _parallel_flags(g):
+    """Clip parallelism: the dual-scope config and how exchanges move."""
     c = g.add_argument_group("clip parallelism (dual-scope attention)")
     c.add_argument("--window", metavar="W", type=INT, default=None,
                    help="local scope: +-W (latent) frames (default: 8)")
@@ -117,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the ranks' exchanges move: overlap (exact, default), blocking "
                         "(the published pattern, same video; UNet3D), stale (the previous "
                         "step's halos and statistics: no waiting, a slightly different video)")
+
+
+def _runtime_flags(g):
+    """Memory, checkpoints, timeouts, the device, the report."""
+    from .settings import DEFAULTS
     r = g.add_argument_group("runtime")
     r.add_argument("--decode-chunk", metavar="N", type=INT, default=DEFAULTS["decode_chunk"],
                    help="(latent) frames the VAE decodes at once")
@@ -134,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     r.add_argument("--report", metavar="FILE.json", default=None, help="also write the JSON report here")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return ap
 
 
 def settings_from(args):

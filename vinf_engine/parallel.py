@@ -463,30 +463,8 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
 
     Returns the model.
     """
-    from .models import Patcher, adapter_for
-    local_error, adapter = None, None
-    if config is not None and not isinstance(config, DualScopeConfig):
-        local_error = f"config must be a vinf_engine.DualScopeConfig, got {type(config).__name__}"
-    elif comm_mode not in MODES:
-        local_error = f"comm_mode must be one of {MODES}, got {comm_mode!r}"
-    elif chunk_mib is not None and (isinstance(chunk_mib, bool) or not isinstance(
-            chunk_mib, (int, float)) or not chunk_mib >= 0):
-        local_error = f"chunk_mib must be a number of MiB >= 0 or None, got {chunk_mib!r}"
-    elif getattr(model, "vinf_engine", None) is not None:
-        local_error = "model is already parallelized (call vinf_engine.unparallelize first)"
-    else:
-        adapter = adapter_for(model)
-        if isinstance(adapter, str):
-            local_error, adapter = adapter, None
-        elif comm_mode not in adapter.comm_modes:
-            local_error = (f"comm_mode {comm_mode!r} is not available for the {adapter.name} "
-                           f"family (it runs {', '.join(adapter.comm_modes)})")
-            adapter = None
-        else:
-            config = config if config is not None else adapter.default_config(model)
-            local_error = adapter.check_config(model, config)
-            if local_error:
-                adapter = None
+    from .models import Patcher
+    local_error, adapter, config = _local_problem(model, config, comm_mode, chunk_mib)
     comm = ClipComm(process_group, timeout=timeout)
     fingerprint = None if adapter is None else (config.as_tuple(), comm_mode,
                                                 adapter.fingerprint(model))
@@ -512,6 +490,31 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     model.vinf_engine = engine
     engine.on_undo(lambda: delattr(model, "vinf_engine"))
     return model
+
+
+def _local_problem(model, config, comm_mode: str, chunk_mib) -> tuple:
+    """``(error or None, adapter or None, config)``: what this rank alone finds wrong with
+    the arguments (``config`` defaulted to the family's), before the ranks compare."""
+    from .models import adapter_for
+    if config is not None and not isinstance(config, DualScopeConfig):
+        return (f"config must be a vinf_engine.DualScopeConfig, got {type(config).__name__}",
+                None, config)
+    if comm_mode not in MODES:
+        return f"comm_mode must be one of {MODES}, got {comm_mode!r}", None, config
+    if chunk_mib is not None and (isinstance(chunk_mib, bool) or not isinstance(
+            chunk_mib, (int, float)) or not chunk_mib >= 0):
+        return f"chunk_mib must be a number of MiB >= 0 or None, got {chunk_mib!r}", None, config
+    if getattr(model, "vinf_engine", None) is not None:
+        return "model is already parallelized (call vinf_engine.unparallelize first)", None, config
+    adapter = adapter_for(model)
+    if isinstance(adapter, str):
+        return adapter, None, config
+    if comm_mode not in adapter.comm_modes:
+        return (f"comm_mode {comm_mode!r} is not available for the {adapter.name} family (it "
+                f"runs {', '.join(adapter.comm_modes)})"), None, config
+    config = config if config is not None else adapter.default_config(model)
+    error = adapter.check_config(model, config)
+    return error, (None if error else adapter), config
 
 
 def unparallelize(model):

@@ -243,20 +243,9 @@ def owned_forward(self, sample, timestep, encoder_hidden_states, class_labels=No
     if attention_mask is not None:
         attention_mask = (1 - attention_mask.to(sample.dtype)) * -10000.0
         attention_mask = attention_mask.unsqueeze(1)
-    timesteps = timestep
-    if not torch.is_tensor(timesteps):
-        dtype = maybe_adjust_dtype_for_device(
-            torch.float64 if isinstance(timestep, float) else torch.int64, sample.device)
-        timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
-    elif len(timesteps.shape) == 0:
-        timesteps = timesteps[None].to(sample.device)
     num_frames = sample.shape[2]
-    timesteps = timesteps.expand(sample.shape[0])
-    t_emb = self.time_proj(timesteps).to(dtype=self.dtype)
-    emb = self.time_embedding(t_emb, timestep_cond)
-    emb = emb.repeat_interleave(num_frames, dim=0, output_size=emb.shape[0] * num_frames)
-    encoder_hidden_states = encoder_hidden_states.repeat_interleave(
-        num_frames, dim=0, output_size=encoder_hidden_states.shape[0] * num_frames)
+    emb, encoder_hidden_states = _embeddings(self, sample, timestep, timestep_cond,
+                                             encoder_hidden_states)
     sample = sample.permute(0, 2, 1, 3, 4).reshape((sample.shape[0] * num_frames, -1)
                                                    + sample.shape[3:])
     sample = self.conv_in(sample)
@@ -305,6 +294,25 @@ def owned_forward(self, sample, timestep, encoder_hidden_states, class_labels=No
     if not return_dict:
         return (sample,)
     return UNet3DConditionOutput(sample=sample)
+
+
+def _embeddings(self, sample, timestep, timestep_cond, encoder_hidden_states) -> tuple:
+    """``UNet3DConditionModel.forward``'s time embedding and text, repeated per frame."""
+    num_frames = sample.shape[2]
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        dtype = maybe_adjust_dtype_for_device(
+            torch.float64 if isinstance(timestep, float) else torch.int64, sample.device)
+        timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
+    elif len(timesteps.shape) == 0:
+        timesteps = timesteps[None].to(sample.device)
+    timesteps = timesteps.expand(sample.shape[0])
+    t_emb = self.time_proj(timesteps).to(dtype=self.dtype)
+    emb = self.time_embedding(t_emb, timestep_cond)
+    emb = emb.repeat_interleave(num_frames, dim=0, output_size=emb.shape[0] * num_frames)
+    encoder_hidden_states = encoder_hidden_states.repeat_interleave(
+        num_frames, dim=0, output_size=encoder_hidden_states.shape[0] * num_frames)
+    return emb, encoder_hidden_states
 
 
 class _OwningUpBlock3D(UpBlock3D):
