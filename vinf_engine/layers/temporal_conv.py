@@ -73,15 +73,8 @@ class ClipTemporalConvLayer(TemporalConvLayer):
                     y = m(y)
                 y, ylo, yhi = ops.temporal_conv(y, conv.weight, conv.bias, lo=lo, hi=hi,
                                                 num_frames=layout.num_frames)
-                if len(rows) == 1:
-                    out = y
-                    break
-                if out is None:
-                    out = y.new_empty(y.shape[:3] + (H, W))
-                out[..., r0:r1, :].copy_(y)          # autograd-safe
+                out = _into_rows(out, y, r0, r1, H)
             h, lo, hi = out, ylo, yhi
-        if len(rows) == 1:
-            return _residual(x, h, lo, hi, s, e, hidden_states.shape)
         _check_covers(lo, hi, s, e)
         result = torch.empty_like(hidden_states)
         res = result.view(BF // num_frames, num_frames, C, H, W)
@@ -89,6 +82,17 @@ class ClipTemporalConvLayer(TemporalConvLayer):
             res[..., r0:r1, :].copy_((x[..., r0:r1, :] + h[:, :, s - lo:e - lo, r0:r1])
                                      .transpose(1, 2))
         return result
+
+
+def _into_rows(out, y, r0: int, r1: int, H: int):
+    """Rows ``[r0, r1)`` of a conv's output (N, C, F, H, W) written into ``out`` (made on the
+    first chunk); a chunk of every row is the output itself, with no copy."""
+    if r0 == 0 and r1 == H:
+        return y
+    if out is None:
+        out = y.new_empty(y.shape[:3] + (H, y.shape[4]))
+    out[..., r0:r1, :].copy_(y)          # autograd-safe
+    return out
 
 
 class BlockingTemporalConvLayer(TemporalConvLayer):

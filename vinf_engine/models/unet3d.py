@@ -32,7 +32,7 @@ from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 
 from ..config import DualScopeConfig
-from ..ops.group_norm import group_norm_apply, group_norm_finalize, group_norm_partials
+from ..ops.group_norm import group_norm_apply
 from ..layers import (BlockingTemporalConvLayer, ClipGroupNorm, ClipTemporalConvLayer,
                       ContextSlot, blocking_clip_attention, clip_attention, conv_stack)
 from ..layers.attention import context_rows
@@ -137,13 +137,6 @@ def _project(attn, x, which):
     return (attn.norm_k(k) if attn.norm_k is not None else k), v
 
 
-def _whole_stats(x, norm: nn.GroupNorm):
-    """(mean, rstd) of ``norm`` over the whole of ``x`` (B, C, F, H, W), from fp64 partial
-    sums: what each position chunk of a memory-bounded layer then applies."""
-    partials, count = group_norm_partials(x, norm.num_groups)
-    return group_norm_finalize(partials, count, norm.eps)
-
-
 class PositionChunkedTemporalTransformer(TransformerTemporalModel):
     """Memory-bounded: a ``TransformerTemporalModel`` over chunks of spatial positions. Its
     GroupNorm's statistics come first, from the whole video (fp64 partial sums per frame,
@@ -158,7 +151,8 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
     and ``proj_in`` into the blocks' input, ``proj_out`` and the residual into the output
     (never the norm's output, its row-major copy or ``proj_out``'s held whole).
 
-    ``_vinf_bytes``: the working memory allowed per chunk."""
+    ``_vinf_bytes``: the working memory allowed per chunk; ``_vinf_engine``: the engine,
+    whose ``start_stats`` gives the whole video's statistics on one process too."""
 
     _FACTOR = 12        # temporaries per input byte of a chunk: the norm's apply, the two
     #                     layout copies, proj_in/out outputs, a block's own bounded chunks
@@ -178,7 +172,8 @@ class PositionChunkedTemporalTransformer(TransformerTemporalModel):
                                    return_dict)
         x = hidden_states.view(B, F, C, H, W).permute(0, 2, 1, 3, 4)      # a view
         several = isinstance(self.norm, ClipGroupNorm)
-        mean, rstd = self.norm.start(x) if several else _whole_stats(x, self.norm)
+        mean, rstd = (self.norm.start(x) if several
+                      else self._vinf_engine.start_stats(x, self.norm).wait())
         xp = x.flatten(3)                                                 # (B, C, F, P) view
         out = torch.empty_like(hidden_states)
         outp = out.view(B, F, C, P)
@@ -473,7 +468,8 @@ class UNet3DAdapter(AdapterBase):
                         and isinstance(m.proj_in, nn.Linear)
                         and isinstance(m.proj_out, nn.Linear)):
                     patcher.swap_class(m, PositionChunkedTemporalTransformer,
-                                       _vinf_bytes=patcher.engine.chunk_bytes)
+                                       _vinf_bytes=patcher.engine.chunk_bytes,
+                                       _vinf_engine=patcher.engine)
         # The up path owns what it consumes (``owned_forward``): the plain UNet3D's forward,
         # or the UNet forward beneath a subclass's own that says where (``_unet_forward``:
         # VideoCrafter2's fps embedding); another subclass keeps its forward.
