@@ -258,3 +258,56 @@ def test_bad_tensor_biases_raise_naming_them(bias, needle):
             vinf.ops.dual_scope_attention(q, k, v, kg, vg, **a, **{name: bias})
     with pytest.raises(ValueError, match="bias.*" + needle):
         vinf.ops.attention_with_lse(q, kg, vg, bias=bias)
+
+
+# (B, F, T, H, D, window, left, right, Ng): bands, full windows dense (with and without a
+# halo, with and without globals), a window wider than the video
+WINDOW_CASES = {
+    "band": (2, 6, 1, 2, 8, 2, 1, 2, 3),
+    "band_tokens": (1, 5, 3, 2, 8, 1, 1, 0, 2),
+    "full_with_halo": (2, 3, 1, 2, 8, 4, 2, 1, 0),
+    "full_with_halo_globals": (2, 3, 2, 2, 8, 4, 2, 1, 3),
+    "full_own_keys_globals": (2, 4, 2, 2, 8, 9, 0, 0, 3),
+    "full_own_keys": (2, 4, 3, 1, 8, 3, 0, 0, 0),
+    "one_frame": (2, 1, 2, 2, 8, 0, 0, 0, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_window_attention_takes_its_window_past_the_padding(name, return_lse):
+    """``window_attention`` over unpadded keys equals the independent dense-mask reference of
+    the same keys padded to the window (nothing of the padding read: its frames hold NaN)."""
+    B, F, T, H, D, w, left, right, Ng = WINDOW_CASES[name]
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, F * T, H, D, generator=g)
+    k = torch.randn(B, (left + F + right) * T, H, D, generator=g)
+    v = torch.randn(B, (left + F + right) * T, H, D, generator=g)
+    kg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
+    vg = torch.randn(B, Ng, H, D, generator=g) if Ng else None
+    got = vinf.ops.window_attention(q, k, v, kg, vg, window=w, left=left, right=right,
+                                    tokens_per_frame=T, local_bias=0.3, global_bias=-0.2,
+                                    return_lse=return_lse)
+    nan = lambda n: torch.full((B, n * T, H, D), float("nan"))    # noqa: E731
+    kp = torch.cat([nan(w - left), k, nan(w - right)], dim=1)
+    vp = torch.cat([nan(w - left), v, nan(w - right)], dim=1)
+    ref = naive_dual_scope(q, kp, vp, kg, vg, window=w, pad=w, valid_left=left,
+                           valid_right=right, T=T, local_bias=0.3, global_bias=-0.2,
+                           scale=D ** -0.5)
+    out = got[0] if return_lse else got
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    if return_lse:
+        band = vinf.ops.dual_scope_attention(q, kp.nan_to_num(0.0), vp.nan_to_num(0.0), kg, vg,
+                                             window=w, pad=w, valid_left=left, valid_right=right,
+                                             tokens_per_frame=T, local_bias=0.3,
+                                             global_bias=-0.2, return_lse=True)
+        torch.testing.assert_close(got[1], band[1], rtol=1e-5, atol=1e-5)
+
+
+def test_window_attention_bad_arguments():
+    q = torch.randn(1, 3, 1, 4)
+    k = torch.randn(1, 5, 1, 4)
+    with pytest.raises(ValueError, match="left=3 halo frames is more than the window 2"):
+        vinf.ops.window_attention(q, k, k, window=2, left=3, right=0)
+    with pytest.raises(ValueError, match="must hold 4"):
+        vinf.ops.window_attention(q, k, k, window=2, left=1, right=0)

@@ -18,14 +18,13 @@ result by a log-sum-exp merge: the same joint softmax as the op's, in parts.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..comm import Pending
 from ..layout import halo_wants
 
 __all__ = ["clip_attention", "clip_attention_in_chunks", "blocking_clip_attention", "by_phase",
-           "global_attention", "local_attention", "context_rows", "ContextSlot"]
+           "global_attention", "context_rows", "ContextSlot"]
 
 
 def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: float,
@@ -42,11 +41,10 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
     Fc = q.shape[1] // T
     w = engine.attention_plan().window
     interior = engine.world_size > 1 and Fc > 2 * w
-    if interior:
+    if interior:                        # while the context is in flight: no halo needed
         o_mid, lse_mid = by_phase(
-            engine, ops.dual_scope_attention, q[:, w * T:(Fc - w) * T], k, v, window=w,
-            pad=w, valid_left=w, valid_right=w, tokens_per_frame=T, scale=scale,
-            return_lse=True, global_bias=None)
+            engine, ops.window_attention, q[:, w * T:(Fc - w) * T], k, v, window=w, left=w,
+            right=w, tokens_per_frame=T, scale=scale, return_lse=True)
     ctx = pending.wait()
     _check_mapped(ctx)
     nl, nr = ctx.valid_left, ctx.valid_right
@@ -56,36 +54,15 @@ def clip_attention(engine, pending: Pending, q, k, v, project_kv, *, scale: floa
     kg = vg = None
     if ctx.glob is not None and not separate:
         kg, vg = project_kv(ctx.glob, ctx.glob_frames)
-    if (nl or nr) and w >= Fc - 1 + max(nl, nr) and kg is None and (T > 1 or not q.is_cuda):
-        # Several ranks, a full window: every query frame sees the clip and its whole halo.
-        # Dense over them as they arrive, no band padded to three windows (zeros past the
-        # video's ends). With global keys in the same softmax (another bias) the band stays;
-        # so it does for UNet attention on CUDA (T = 1) until the dense kernel is timed there
-        # against the CUDA temporal kernel.
-        out = local_attention(engine, q, torch.cat([kl, k, kr], dim=1),
-                              torch.cat([vl, v, vr], dim=1), scale)
-        return ops.merge_attention(*out, *global_scope(ctx)) if separate else out[0]
-    if not nl and not nr and w >= Fc - 1 and (T > 1 or not q.is_cuda):
-        # No halo and a window past the clip's ends (one process, a full window): every
-        # query frame sees every key frame, and the band is one frame of Fc*T tokens. The
-        # same op and softmax with nothing padded, so no copy of K and V three windows long.
-        # (On CUDA, T = 1 keeps the band: the CUDA temporal kernel takes only T = 1, and
-        # how the DiT kernel does on one frame of Fc tokens instead is not yet measured.)
-        out = by_phase(engine, ops.dual_scope_attention, q, k, v, kg, vg, window=0, pad=0,
-                       valid_left=0, valid_right=0, tokens_per_frame=Fc * T, scale=scale,
-                       return_lse=separate)
-        return ops.merge_attention(*out, *global_scope(ctx)) if separate else out
-    # Frames past the video's ends are masked by the op, never read: zeros are filler.
-    fill = (0, 0, 0, 0, (w - nl) * T, (w - nr) * T)
-    k_pad = F.pad(torch.cat([kl, k, kr], dim=1), fill)
-    v_pad = F.pad(torch.cat([vl, v, vr], dim=1), fill)
+    keys = (torch.cat([kl, k, kr], dim=1), torch.cat([vl, v, vr], dim=1)) if nl or nr else (k, v)
 
-    def attend(a, b):                   # query frames [a, b) against their band (+ globals)
-        return by_phase(
-            engine, ops.dual_scope_attention, q[:, a * T:b * T],
-            k_pad[:, a * T:(b + 2 * w) * T], v_pad[:, a * T:(b + 2 * w) * T], kg, vg, window=w,
-            pad=w, valid_left=min(w, a + nl), valid_right=min(w, Fc - b + nr),
-            tokens_per_frame=T, scale=scale, return_lse=separate)
+    def attend(a, b):                   # query frames [a, b) against their keys (+ globals)
+        lo, hi = max(-nl, a - w), min(Fc + nr, b + w)
+        return by_phase(engine, ops.window_attention, q[:, a * T:b * T],
+                        keys[0][:, (lo + nl) * T:(hi + nl) * T],
+                        keys[1][:, (lo + nl) * T:(hi + nl) * T], kg, vg, window=w,
+                        left=a - lo, right=hi - b, tokens_per_frame=T, scale=scale,
+                        return_lse=separate)
 
     if not interior:
         out = attend(0, Fc)
@@ -109,9 +86,11 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
     queries of frames ``[a, b)`` ((B, (b-a)*T, H, D)), ``emit(a, b, out)`` takes their
     output; ``global_scope_of(q, a, b)`` gives what ``clip_attention``'s ``global_scope``
     would for those queries, or None. The keys and values are the whole clip's (every
-    chunk's band reads some of them) and the halo's, projected once; each chunk pads only its
-    own band. On several ranks every chunk waits for the context: it is in flight while the
-    caller projects the clip's keys and values, not during the interior's attention."""
+    chunk's window reads some of them) and the halo's, projected once; each chunk takes its
+    own key frames (a view where they lie in one tensor, one copy where they span the halo;
+    the copy of every key frame, for a full window, made once). On several ranks every chunk
+    waits for the context: it is in flight while the caller projects the clip's keys and
+    values, not during the interior's attention."""
     T = tokens_per_frame
     Fc = k.shape[1] // T
     w = engine.attention_plan().window
@@ -120,20 +99,21 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
     nl, nr = ctx.valid_left, ctx.valid_right
     kl, vl = project_kv(ctx.left, ctx.left_frames) if nl else (k[:, :0], v[:, :0])
     kr, vr = project_kv(ctx.right, ctx.right_frames) if nr else (k[:, :0], v[:, :0])
+    copies = {}
 
-    def band(lo, hi, pad_lo=0, pad_hi=0):
-        # K and V of key frames [lo, hi) of [-nl, Fc + nr) (clip-local), with zero frames
-        # before and after: one copy at most (a view when it lies in one tensor, unpadded).
+    def frames(lo, hi):
+        # K and V of key frames [lo, hi) of [-nl, Fc + nr) (clip-local)
         parts = [(kl, vl, lo + nl, min(hi, 0) + nl), (k, v, max(lo, 0), min(hi, Fc)),
                  (kr, vr, max(lo, Fc) - Fc, hi - Fc)]
         got = [(kk[:, i * T:j * T], vv[:, i * T:j * T]) for kk, vv, i, j in parts if j > i]
-        if len(got) == 1 and not pad_lo and not pad_hi:
+        if len(got) == 1:
             return got[0]
-        zeros = lambda n: k.new_zeros((k.shape[0], n * T) + tuple(k.shape[2:]))  # noqa: E731
-        ends = [(zeros(pad_lo),) * 2] if pad_lo else []
-        got = ends + got + ([(zeros(pad_hi),) * 2] if pad_hi else [])
-        return torch.cat([g[0] for g in got], dim=1), torch.cat([g[1] for g in got], dim=1)
-    kg = vg = every = None
+        if (lo, hi) not in copies:
+            copies.clear()
+            copies[lo, hi] = (torch.cat([g[0] for g in got], dim=1),
+                              torch.cat([g[1] for g in got], dim=1))
+        return copies[lo, hi]
+    kg = vg = None
     for a in range(0, Fc, frames_per_chunk):
         b = min(Fc, a + frames_per_chunk)
         q = q_of(a, b)
@@ -141,23 +121,11 @@ def clip_attention_in_chunks(engine, pending: Pending, q_of, k, v, project_kv, e
         separate = scope is not None and ctx.glob is not None
         if ctx.glob is not None and not separate and kg is None:
             kg, vg = project_kv(ctx.glob, ctx.glob_frames)
-        lo, hi = max(-nl, a - w), min(Fc + nr, b + w)       # the band's frames that exist
-        if b - 1 - w <= -nl and a + w >= Fc - 1 + nr and (separate or ctx.glob is None):
-            # Every query frame of the chunk sees every key frame (a full window): dense
-            # attention over the keys as they are, no band padded for the chunk. (With
-            # global keys in the same softmax the banded op stays: a merge by the fp32 lse
-            # would cost an fp64 run its precision.)
-            if every is None:                   # every key frame, one copy at most
-                every = band(-nl, Fc + nr)
-            out = local_attention(engine, q, *every, scale)
-            emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out[0])
-            continue
-        kb, vb = band(lo, hi, w - (a - lo), w - (hi - b))  # padded to the op's band
-        out = by_phase(
-            engine, ops.dual_scope_attention, q, kb, vb, None if separate else kg,
-            None if separate else vg, window=w, pad=w, valid_left=a - lo, valid_right=hi - b,
-            tokens_per_frame=T, scale=scale, return_lse=separate)
-        del kb, vb
+        lo, hi = max(-nl, a - w), min(Fc + nr, b + w)       # the key frames that exist
+        out = by_phase(engine, ops.window_attention, q, *frames(lo, hi),
+                       None if separate else kg, None if separate else vg, window=w,
+                       left=a - lo, right=hi - b, tokens_per_frame=T, scale=scale,
+                       return_lse=separate)
         emit(a, b, ops.merge_attention(*out, *scope(ctx)) if separate else out)
 
 
@@ -199,11 +167,10 @@ def blocking_clip_attention(engine, q, k, v, *, scale: float,
     vg = engine.blocking_global_frames(by_frame(v))
     if kg is not None:
         kg, vg = kg.flatten(1, 2), vg.flatten(1, 2)
-    fill = (0, 0, 0, 0, (w - nl) * T, (w - nr) * T)
-    k_pad = F.pad(torch.cat([kh[:, :nl * T], k, kh[:, nl * T:]], dim=1), fill)
-    v_pad = F.pad(torch.cat([vh[:, :nl * T], v, vh[:, nl * T:]], dim=1), fill)
-    return by_phase(engine, ops.dual_scope_attention, q, k_pad, v_pad, kg, vg, window=w, pad=w,
-                    valid_left=nl, valid_right=nr, tokens_per_frame=T, scale=scale)
+    k_all = torch.cat([kh[:, :nl * T], k, kh[:, nl * T:]], dim=1)
+    v_all = torch.cat([vh[:, :nl * T], v, vh[:, nl * T:]], dim=1)
+    return by_phase(engine, ops.window_attention, q, k_all, v_all, kg, vg, window=w, left=nl,
+                    right=nr, tokens_per_frame=T, scale=scale)
 
 
 def by_phase(engine, op, q, *tensors, global_bias=0.0, **kw):
@@ -221,13 +188,6 @@ def by_phase(engine, op, q, *tensors, global_bias=0.0, **kw):
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(x, dim=0) for x in zip(*outs))
     return torch.cat(outs, dim=0)
-
-
-def local_attention(engine, q, k, v, scale):
-    """``ops.attention_with_lse`` of every query to local keys ``k`` with the step's local
-    bias: (out, lse). For a full window, where the band would mask nothing."""
-    return by_phase(engine, lambda q_, k_, v_, local_bias, global_bias:
-                    ops.attention_with_lse(q_, k_, v_, scale=scale, bias=local_bias), q, k, v)
 
 
 def global_attention(engine, q, k, v, scale):

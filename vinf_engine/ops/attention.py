@@ -257,4 +257,49 @@ def _tensor_bias_attention(q, k, v, k_global, v_global, window, pad, valid_left,
     return merge_attention(out, lse, o_g, lse_g), torch.logaddexp(lse, lse_g)
 
 
+def window_attention(q, k, v, k_global=None, v_global=None, *, window, left, right,
+                     tokens_per_frame=1, local_bias=0.0, global_bias=0.0, scale=None,
+                     return_lse=False):
+    """Dual-scope attention over the keys as they are, the window past their padding.
+
+    ``k``, ``v`` are (B, (left + F + right)*T, H, D): the query frames' own keys with the
+    ``left`` and ``right`` halo frames that exist before and after them, nothing padded (the
+    video may end there, or a neighbour's clip hold fewer). Query frame ``i`` sees key frame
+    ``j`` iff ``|j - left - i| <= window``, plus every global key: ``dual_scope_attention``'s
+    mask with ``pad = window``, ``valid_left = left``, ``valid_right = right``. Where the
+    window covers every key frame for every query frame (a full window), the band would mask
+    nothing: the keys are attended densely, no band padded to three windows (with global
+    keys in the same softmax only where the keys are the query frames' own: as one frame of
+    ``F*T`` tokens; elsewhere the band stays, so that no fp32 lse merge costs an fp64 run its
+    precision). On CUDA with ``T = 1`` the band stays: the CUDA temporal kernel takes it, and
+    the dense path there is not yet timed against it.
+
+    Other arguments and the result as ``dual_scope_attention``'s; ``0 <= left, right <=
+    window``.
+    """
+    T = check_int("tokens_per_frame", tokens_per_frame, 1)
+    for name, n in (("left", left), ("right", right)):
+        check_int(name, n, 0)
+        if n > window:
+            raise ValueError(f"{name}={n} halo frames is more than the window {window} reads")
+    F, extra = divmod(q.shape[1], T)
+    if extra or k.shape[1] != (left + F + right) * T:
+        raise ValueError(f"k holds {k.shape[1]} tokens; with {F} query frames of {T} tokens, "
+                         f"left={left} and right={right} it must hold {(left + F + right) * T}")
+    full = window >= F - 1 + max(left, right) and (T > 1 or not q.is_cuda)
+    kw = dict(local_bias=local_bias, global_bias=global_bias, scale=scale,
+              return_lse=return_lse)
+    if full and k_global is None:
+        out, lse = attention_with_lse(q, k, v, scale=scale, bias=local_bias)
+        return (out, lse) if return_lse else out
+    if full and left == right == 0:
+        return dual_scope_attention(q, k, v, k_global, v_global, window=0, pad=0,
+                                    valid_left=0, valid_right=0, tokens_per_frame=F * T, **kw)
+    # Frames past the halos are masked by the op, never read: zeros are filler.
+    fill = (0, 0, 0, 0, (window - left) * T, (window - right) * T)
+    return dual_scope_attention(q, F_.pad(k, fill), F_.pad(v, fill), k_global, v_global,
+                                window=window, pad=window, valid_left=left, valid_right=right,
+                                tokens_per_frame=T, **kw)
+
+
 dispatch.register("dual_scope_attention", "reference", dual_scope_attention_reference)
