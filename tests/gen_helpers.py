@@ -173,3 +173,9 @@ def stock_pipe_rank(rank, world, runs):
     except ValueError as e:
         out["misuse"] = str(e)
     return out
+
+
+def generate_rank(rank, world, model_dir, kwargs):
+    """This rank's final latents of ``vinf.generate(model_dir, **kwargs)`` (no outputs)."""
+    from vinf_engine.pipeline import generate
+    return generate(model_dir, out=None, progress=False, **kwargs)["latents"]

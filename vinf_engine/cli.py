@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "steps, guidance, video fps and dual-scope settings take the "
                                    "model family's defaults (UNet3D: the paper's; Wan: "
                                    "WanPipeline's, window 8, 8 global frames).")
-    for flags in (_model_flags, _video_flags, _sampling_flags, _parallel_flags, _runtime_flags):
+    for flags in (_model_flags, _input_flags, _video_flags, _sampling_flags, _parallel_flags,
+                  _runtime_flags):
         flags(g)
     return ap
 
@@ -67,15 +68,31 @@ def _model_flags(g):
     m = g.add_argument_group("model and prompt")
     m.add_argument("--model", required=True, metavar="DIR",
                    help="local diffusers pipeline folder (ModelScope / Zeroscope "
-                        "TextToVideoSDPipeline, VideoCrafter2 in diffusers layout, or a "
-                        "WanPipeline: Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B); nothing is "
-                        "downloaded")
+                        "TextToVideoSDPipeline, VideoCrafter2 in diffusers layout, a "
+                        "WanPipeline: Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B, or a "
+                        "WanImageToVideoPipeline); nothing is downloaded")
     m.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="the prompt; repeat it for several scenes splitting the video evenly")
     m.add_argument("--prompt-file", metavar="FILE",
                    help="one scene per line, optionally 'FRAME: prompt' (first video frame of "
                         "the scene)")
     m.add_argument("--negative-prompt", metavar="TEXT", default=None)
+
+
+def _input_flags(g):
+    """Images pinned at frames, or a video to extend."""
+    i = g.add_argument_group("images and videos in")
+    i.add_argument("--image", dest="images", action="append", metavar="[FRAME:]PATH",
+                   help="an image the video holds at FRAME (default 0); repeat for keyframes "
+                        "(image-to-video models condition on them; others hold them fixed)")
+    i.add_argument("--last-image", metavar="PATH", default=None,
+                   help="an image the video ends on (first-last-frame)")
+    i.add_argument("--extend", metavar="IN.mp4", default=None,
+                   help="continue this video: the output holds its frames, then --frames new "
+                        "ones following its last --context-frames (the input is only read)")
+    i.add_argument("--context-frames", metavar="N", type=INT, default=None,
+                   help="frames of --extend the new ones follow (default 9: for Wan 4k+1, "
+                        "three latent frames)")
 
 
 def _video_flags(g):

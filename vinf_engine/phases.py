@@ -26,6 +26,7 @@ from .agreement import agree, checked, same, say, short
 from .checkpoint import (Checkpointer, CheckpointError, pack_scheduler_state,
                          restore_scheduler_state, unreadable)
 from .comm import ClipComm
+from .conditioning import read_visual
 from .errors import GenerationError, GenerationFailed
 from .layout import ClipLayout
 from .noise import initial_noise, step_generators, step_noise
@@ -70,6 +71,7 @@ class Run:
     start_step: int = 0
     latents: torch.Tensor | None = None   # this rank's clip (1, C, F_rank, h, w)
     skipped: list = field(default_factory=list)
+    visual: object = None                 # conditioning.Visual: images, a video extended
     cond: object = None                   # pipelines.Conditioning
     engine_stats: dict = field(default_factory=dict)
     comm_before: dict = field(default_factory=dict)
@@ -134,8 +136,8 @@ def check_and_agree(run: Run, extra_problems=None):
                 p.append(e)
         return p
     problems = [p for p in (extra_problems or ()) if p] + checked(local)
-    if not problems and s.num_frames < world:
-        problems.append(f"frames ({s.num_frames}) is fewer than ranks ({world}): every rank "
+    if not problems and s.video_frames < world:
+        problems.append(f"frames ({s.video_frames}) is fewer than ranks ({world}): every rank "
                         "needs at least one frame")
     same(agree(run.comm, problems, s.comparable(), "the arguments"),
          "ranks were started with different arguments")
@@ -161,7 +163,9 @@ def load_model(run: Run, device=None):
             for k, v in run.family.defaults.items():
                 if getattr(s, k) is None:
                     setattr(s, k, v)
-            problems = checked(lambda: _model_problems(run.family, s, run.pipe, run.world))
+            run.visual = read_visual(s)
+            problems = checked(lambda: _model_problems(run.family, s, run.pipe, run.world,
+                                                       run.visual))
             if not problems:
                 run.digest = run.family.digest(run.pipe)
     except GenerationError as e:
@@ -251,7 +255,8 @@ def condition(run: Run):
     (and the negative prompt, for guidance), through the family's encoder."""
     run.phase = "text encoding"
     t0 = time.perf_counter()
-    run.cond = run.family.encode(run.pipe, run.s, run.plan, run.frames, run.device)
+    run.cond = run.family.encode(run.pipe, run.s, run.plan, run.frames, run.device,
+                                 run.visual)
     run.timings["text"] = time.perf_counter() - t0
 
 
@@ -263,8 +268,8 @@ def denoise(run: Run, progress: bool = True, callback=None):
     t0 = time.perf_counter()
     n_iter, timesteps = run.n_iter, sched.timesteps
     if run.latents is None:
-        run.latents = (initial_noise(s.seed, run.plan.shape, run.frames, device=run.device)
-                       * sched.init_noise_sigma)
+        run.latents = run.cond.prepare(sched, initial_noise(
+            s.seed, run.plan.shape, run.frames, device=run.device) * sched.init_noise_sigma)
     run.bar = bar = Progress(progress and run.rank == 0, n_iter, run.plan.frames, run.start_step)
     if run.start_step:
         bar.note(f"resuming from the checkpoint of step {run.start_step}/{n_iter}")
@@ -273,8 +278,9 @@ def denoise(run: Run, progress: bool = True, callback=None):
     with torch.no_grad():
         for i in range(run.start_step, n_iter):
             run.step = i
-            run.latents = denoise_step(sched, run.cond, run.latents, i, timesteps[i], s.seed,
-                                       run.plan.shape, run.frames, run.device)
+            run.latents = run.cond.after_step(sched, denoise_step(
+                sched, run.cond, run.latents, i, timesteps[i], s.seed, run.plan.shape,
+                run.frames, run.device), i)
             _check_finite(run.comm, run.latents, i, n_iter)
             done = i + 1
             if run.ckpt is not None and (done % s.checkpoint_every == 0 or done == n_iter):
@@ -284,6 +290,7 @@ def denoise(run: Run, progress: bool = True, callback=None):
             if callback is not None:
                 callback(i, timesteps[i], run.latents)
             bar.step(done, final=done == n_iter)
+    run.latents = run.cond.finish(run.latents)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     run.timings["denoise"] = time.perf_counter() - t0
@@ -312,16 +319,30 @@ def decode_and_write(run: Run):
             from .video import VideoWriter
             pending["video"] = VideoWriter(s.out, run.plan.width, run.plan.height,
                                            fps=s.video_fps, crf=s.crf)
-        stream_video(run.family.decode(run.pipe, run.latents, run.layout, rank, run.comm,
-                                       s.decode_chunk),
-                     run.comm, (run.plan.height, run.plan.width), pending.get("video"),
-                     run.bar.note)
+            if run.visual.prefix is not None:       # the video extended, then the new frames
+                pending["video"].write(run.family.prefix_frames(run.pipe, run.visual, run.plan))
+        chunks = run.family.decode(run.pipe, run.latents, run.layout, rank, run.comm,
+                                   s.decode_chunk)
+        first = run.plan.video_frames(run.frames).start
+        stream_video(_after(chunks, run.visual.context - first), run.comm,
+                     (run.plan.height, run.plan.width), pending.get("video"), run.bar.note)
     run.phase = "committing the outputs"
     if "video" in pending:
         pending.pop("video").commit()
     if "latents" in pending:
         os.replace(pending.pop("latents"), s.save_latents)
     run.timings["decode_write"] = time.perf_counter() - t0
+
+
+def _after(chunks, skip: int):
+    """The frames of ``chunks`` ((n, H, W, 3) arrays, in order) past their first ``skip``:
+    an extension's context opens the new video and is written as the input's own frames."""
+    for arr in chunks:
+        if skip >= len(arr):
+            skip -= len(arr)
+            continue
+        yield arr[max(0, skip):]
+        skip = 0
 
 
 # ==================================================================== after
@@ -344,6 +365,11 @@ def report(run: Run) -> dict:
         steps=s.steps, scheduler_iterations=run.n_iter, scheduler=type(run.sched).__name__,
         guidance_scale=s.guidance_scale, seed=s.seed, fps_conditioning=run.fps,
         scenes=[list(x) for x in s.scenes], config=run.config.as_dict(), ranks=run.world,
+        images=list(run.visual.frames) if run.visual and s.extend is None else [],
+        extended=None if s.extend is None else dict(
+            input=os.path.abspath(s.extend), input_frames=len(run.visual.prefix),
+            context_frames=run.visual.context, new_frames=s.num_frames,
+            output_frames=len(run.visual.prefix) + s.num_frames),
         backend=run.comm.backend or "none", comm_mode=s.comm_mode,
         dtype=str(run.dtype).replace("torch.", ""), resumed_from_step=run.start_step or None,
         skipped_checkpoints=run.skipped, warnings=run.warnings, steps_run=denoised,
@@ -435,9 +461,9 @@ def _let_go(run: Run):
         run.cond.close()
 
 
-def _model_problems(family, s: GenerateSettings, pipe, world: int) -> list[str]:
+def _model_problems(family, s: GenerateSettings, pipe, world: int, visual) -> list[str]:
     from .models import adapter_for
-    p = list(family.check(s, pipe))
+    p = list(family.check(s, pipe)) + list(family.check_visual(s, pipe, visual))
     config = s.resolved_config(family.default_config(pipe))
     for m in family.denoisers(pipe):
         if getattr(m, "vinf_engine", None) is not None:

@@ -42,7 +42,8 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
     model : str or a loaded pipeline
         A local diffusers pipeline folder (``TextToVideoSDPipeline``: ModelScope, Zeroscope;
         VideoCrafter2 in diffusers layout; ``WanPipeline``: Wan 2.1, Wan 2.2 A14B, Wan 2.2
-        TI2V-5B), or a pipeline already loaded by ``load_pipeline``.
+        TI2V-5B; ``WanImageToVideoPipeline``: Wan 2.1 I2V / FLF2V, Wan 2.2 I2V-A14B), or a
+        pipeline already loaded by ``load_pipeline``.
     prompts : str, list of str, or list of (first_frame, str)
         One prompt; several, splitting the video evenly into scenes; or a schedule of scenes
         by global (video) frame. Alternatively ``prompt_file`` (see ``read_prompt_file``).
@@ -60,7 +61,10 @@ def generate(model=None, prompts=None, *, settings: GenerateSettings | None = No
         on CPU), ``decode_chunk`` (latent frames the VAE decodes at once), ``save_latents`` (a
         ``.pt`` file for the whole video's final latents), ``checkpoint_dir``,
         ``checkpoint_every``, ``resume`` (a resumed video is identical to an uninterrupted
-        one), ``chunk_mib`` (each layer's working memory, default 1024; see
+        one), ``images`` (a path or PIL image for frame 0, or ``(frame, image)`` pairs: held
+        at those global video frames), ``last_image``, ``extend`` (an mp4 to continue: the
+        output holds its frames, then ``num_frames`` new ones following its last
+        ``context_frames``, default 9), ``chunk_mib`` (each layer's working memory, default 1024; see
         ``vinf_engine.parallelize``), ``comm_mode`` ("overlap", exact, the default; "blocking", the published
         pattern, UNet3D only; "stale", the previous step's halos and statistics).
         Unset steps, guidance and video fps take the family's defaults (UNet3D: the paper's

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .conditioning import input_digest, visual_problems
 from .config import DualScopeConfig
 from .errors import GenerationError, GenerationFailed
 from .prompts import read_prompt_file, scenes
@@ -21,7 +22,8 @@ __all__ = ["GenerateSettings", "GenerationError", "GenerationFailed", "DEFAULTS"
            "COMM_MODES"]
 
 # Family-independent defaults (the families give steps, guidance and the mp4's frame rate).
-DEFAULTS = dict(crf=18, decode_chunk=8, checkpoint_every=5, timeout=600.0)
+# context_frames: 9 = 4*2 + 1, whole latent frames for Wan's VAE (three), 9 for UNet3D.
+DEFAULTS = dict(crf=18, decode_chunk=8, checkpoint_every=5, timeout=600.0, context_frames=9)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # How exchanges move (vinf_engine.scheduler.MODES less "loopback", which is for timing only).
@@ -70,7 +72,19 @@ class GenerateSettings:
     overwrite: bool = False
     comm_mode: str = "overlap"
     chunk_mib: float = 1024.0
+    images: object = None          # a path or PIL image (frame 0), or (frame, image) pairs
+    last_image: object = None      # pinned at the last frame
+    extend: str | None = None      # an mp4 to continue: its frames, then num_frames new ones
+    context_frames: int | None = None   # the input's last frames the new ones follow
     scenes: list = field(default_factory=list, init=False)   # set by problems()
+    inputs: dict = field(default_factory=dict, init=False)   # checksums of images, video
+
+    @property
+    def video_frames(self) -> int:
+        """Frames of the video the model makes: ``num_frames``, and when extending, the
+        input's ``context_frames`` before them."""
+        extra = self.context_frames if self.extend is not None and _is_int(self.context_frames) else 0
+        return self.num_frames + extra
 
     @classmethod
     def field_names(cls) -> tuple:
@@ -86,6 +100,8 @@ class GenerateSettings:
         """What is wrong with the settings, without a model or the other ranks (the model
         folder is the check phase's: ``vinf_engine.phases``)."""
         p = []
+        if self.extend is not None and self.context_frames is None:
+            self.context_frames = DEFAULTS["context_frames"]
         if not _is_int(self.num_frames) or self.num_frames < 1:
             p.append(f"frames must be a positive integer, got {self.num_frames!r}")
         if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
@@ -136,11 +152,18 @@ class GenerateSettings:
                 src = (read_prompt_file(self.prompt_file) if self.prompt_file is not None
                        else self.prompts)
                 if _is_int(self.num_frames) and self.num_frames >= 1:
-                    self.scenes = scenes(src, self.num_frames)
+                    self.scenes = scenes(src, self.video_frames)
             except GenerationError as e:
                 p.append(str(e))
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             p.append("negative prompt must be a string")
+        if self.context_frames is not None and (not _is_int(self.context_frames)
+                                                or self.context_frames < 1):
+            p.append(f"context frames must be a positive integer, got {self.context_frames!r}")
+        elif self.context_frames is not None and self.extend is None:
+            p.append("--context-frames is for --extend")
+        p += visual_problems(self)
+        self.inputs = input_digest(self)
         if rank == 0:                              # outputs are written by rank 0 only
             p += self._output_problems()
         return p
@@ -184,5 +207,6 @@ class GenerateSettings:
                     checkpoint=bool(self.checkpoint_dir), checkpoint_every=self.checkpoint_every,
                     resume=self.resume, out=self.out is not None,
                     save_latents=self.save_latents is not None,
+                    inputs=self.inputs, context_frames=self.context_frames,
                     # overlap and blocking make the same video; stale another
                     comm="stale" if self.comm_mode == "stale" else "exact")

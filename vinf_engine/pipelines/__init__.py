@@ -2,7 +2,8 @@
 ``model_index.json`` or from a loaded pipeline.
 
     unet3d.py  TextToVideoSDPipeline (ModelScope, Zeroscope) and VideoCrafter2
-    wan.py     WanPipeline (Wan 2.1, Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B)
+    wan.py     WanPipeline (Wan 2.1, Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B) and
+               WanImageToVideoPipeline (image conditioning: wan_image.py)
 """
 from __future__ import annotations
 

@@ -52,6 +52,14 @@ class VideoPlan:
     height: int
     width: int
     scene_starts: tuple         # first latent frame of each scene
+    temporal: int = 1           # video frames per latent frame (after latent frame 0)
+
+    def video_frames(self, latent: range) -> range:
+        """The video frames that latent frames ``latent`` decode to (latent frame 0 is video
+        frame 0; latent frame i > 0 is ``temporal`` frames ending at ``temporal * i``)."""
+        def first(i):
+            return 0 if i == 0 else 1 + self.temporal * (i - 1)
+        return range(first(latent.start), first(latent.stop))
 
 
 class PipelineFamily(ABC):
@@ -101,6 +109,18 @@ class PipelineFamily(ABC):
 
     def kind(self, pipe) -> str:
         return self.name
+
+    def check_visual(self, s, pipe, visual) -> list[str]:
+        """What the model cannot take of the run's images or video to extend
+        (``conditioning.Visual``); a family that takes none refuses any."""
+        if visual:
+            return [f"{self.name} pipelines take no images or video to extend"]
+        return []
+
+    @abstractmethod
+    def prefix_frames(self, pipe, visual, plan):
+        """The extended video's frames at the run's size, (P, H, W, 3) uint8, as the model
+        sees them (the family's own resize), written before the new ones."""
 
     def text_limit(self, pipe) -> int:
         """Tokens of the text encoder's input; longer prompts are cut to it."""
@@ -190,6 +210,20 @@ class Conditioning:
     def pre_hook(self, module, fn):
         """``fn(module, args, kwargs)`` before every call of ``module``, until ``close``."""
         self._undo.append(module.register_forward_pre_hook(fn, with_kwargs=True).remove)
+
+    # What the denoising loop asks of a conditioning that holds frames fixed (images, an
+    # extension's context); by default nothing is held and the latents pass through.
+    def prepare(self, sched, latents: torch.Tensor) -> torch.Tensor:
+        """The initial latents of this rank's clip, before the first step."""
+        return latents
+
+    def after_step(self, sched, latents: torch.Tensor, i: int) -> torch.Tensor:
+        """This rank's latents after step ``i`` (of ``sched.timesteps``)."""
+        return latents
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """This rank's final latents."""
+        return latents
 
     def guided(self, out: torch.Tensor, scale: float) -> torch.Tensor:
         """Classifier-free guidance over a batch of [uncond, cond]."""

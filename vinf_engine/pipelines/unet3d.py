@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..config import DualScopeConfig
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
@@ -143,9 +145,10 @@ class UNet3DPipelines(PipelineFamily):
         vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         H = s.height or unet.config.sample_size * vae_factor
         W = s.width or unet.config.sample_size * vae_factor
-        shape = (1, unet.config.in_channels, s.num_frames, H // vae_factor, W // vae_factor)
-        return VideoPlan(frames=s.num_frames, latent_frames=s.num_frames, shape=shape,
-                         height=H, width=W, scene_starts=tuple(f for f, _ in s.scenes))
+        n = s.video_frames
+        shape = (1, unet.config.in_channels, n, H // vae_factor, W // vae_factor)
+        return VideoPlan(frames=n, latent_frames=n, shape=shape, height=H, width=W,
+                         scene_starts=tuple(f for f, _ in s.scenes))
 
     def fps_conditioning(self, s, pipe):
         from ..models.videocrafter2 import DEFAULT_FPS
@@ -153,8 +156,30 @@ class UNet3DPipelines(PipelineFamily):
             return None
         return s.fps if s.fps is not None else DEFAULT_FPS
 
-    def encode(self, pipe, s, plan, frames: range, device):
-        return _Conditioning(pipe, s, plan, frames, device, self.fps_conditioning(s, pipe))
+    def check_visual(self, s, pipe, visual) -> list[str]:
+        # Images and an extension's context are held fixed by replacing their latent frames
+        # (the 2-D VAE encodes each frame alone: its latent is exact at any frame).
+        if not visual:
+            return []
+        sched = self.make_scheduler(pipe, s.scheduler)
+        if not hasattr(sched, "add_noise"):
+            return [f"{type(sched).__name__} has no add_noise, which holding an image's frame "
+                    "through the denoising needs; choose another --scheduler"]
+        return []
+
+    def prefix_frames(self, pipe, visual, plan):
+        from ..video import frames_to_uint8
+        proc = _image_processor(pipe)
+        images = [Image.fromarray(f) for f in visual.prefix]
+        return np.concatenate([frames_to_uint8(proc.preprocess(im, height=plan.height,
+                                                               width=plan.width))
+                               for im in images])
+
+    def encode(self, pipe, s, plan, frames: range, device, visual=None):
+        cond = _Conditioning(pipe, s, plan, frames, device, self.fps_conditioning(s, pipe))
+        if visual:
+            cond.hold(_held_latents(pipe, plan, frames, visual, device), s.seed, plan.shape)
+        return cond
 
     def decode(self, pipe, latents, layout, rank: int, comm, chunk: int):
         """This rank's frames, ``chunk`` at a time: (n, H, W, 3) uint8 on the CPU."""
@@ -179,6 +204,7 @@ class _Conditioning(Conditioning):
     def __init__(self, pipe, s, plan, frames, device, fps):
         from ..prompts import scene_of
         super().__init__()
+        self._frames = frames
         self.unet = pipe.unet
         self.guidance = s.guidance_scale
         self.cfg = s.guidance_scale > 1.0
@@ -215,12 +241,65 @@ class _Conditioning(Conditioning):
             if isinstance(m, Transformer2DModel):
                 self.pre_hook(m, give_rows)
 
+    # ---------------------------------------------------------------- frames held fixed
+    def hold(self, held: dict, seed: int, shape: tuple):
+        """Hold the clip-local latent frames ``held`` ({local frame: clean latent (1, C, h,
+        w)}) through the denoising: before each step they are the clean latent noised to
+        the step's level with their own frame's initial noise (the scheduler's
+        ``add_noise``, as SDEdit and RePaint do: the UNet takes one timestep per sample, so
+        a frame cannot be marked clean), and after the last step they are the clean latent."""
+        from ..noise import initial_noise
+        self._held = {}
+        for local, x0 in held.items():
+            g = self._frames.start + local
+            self._held[local] = (x0, initial_noise(seed, shape, range(g, g + 1),
+                                                   device=x0.device)[:, :, 0])
+
+    def _put(self, sched, latents, t):
+        for local, (x0, eps) in getattr(self, "_held", {}).items():
+            noisy = x0 if t is None else sched.add_noise(x0, eps, torch.as_tensor(t).reshape(1))
+            latents[:, :, local] = noisy.to(latents.dtype)
+        return latents
+
+    def prepare(self, sched, latents):
+        return self._put(sched, latents, sched.timesteps[0])
+
+    def after_step(self, sched, latents, i):
+        nxt = sched.timesteps[i + 1] if i + 1 < len(sched.timesteps) else None
+        return latents if nxt is None else self._put(sched, latents, nxt)
+
+    def finish(self, latents):
+        return self._put(None, latents, None)
+
     def predict(self, x, t):
         """The guided noise prediction for this rank's latents ``x`` at timestep ``t``."""
         xin = torch.cat([x] * 2) if self.cfg else x
         eps = self.unet(xin.to(self.unet.dtype), t, encoder_hidden_states=self.text,
                         **self.extra).sample.float()
         return self.guided(eps, self.guidance)
+
+
+def _image_processor(pipe):
+    """The stock pipelines' image preprocessing with resizing on (``TextToVideoSDPipeline``'s
+    own video processor leaves frames at their size): Lanczos to the run's size, [-1, 1]."""
+    from diffusers.image_processor import VaeImageProcessor
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return VaeImageProcessor(vae_scale_factor=factor, do_resize=True)
+
+
+def _held_latents(pipe, plan, frames: range, visual, device) -> dict:
+    """{clip-local frame: clean latent (1, C, h, w)} of the images pinned in this rank's
+    clip: each frame encoded alone by the 2-D VAE (its distribution's mode, scaled)."""
+    proc, vae = _image_processor(pipe), pipe.vae
+    out = {}
+    with torch.no_grad():
+        for frame, image in visual.keyframes:
+            if frame not in frames:
+                continue
+            x = proc.preprocess(image, height=plan.height, width=plan.width)
+            z = vae.encode(x.to(device, vae.dtype)).latent_dist.mode()
+            out[frame - frames.start] = (z * vae.config.scaling_factor).float()
+    return out
 
 
 def t2v_pipeline(**components):

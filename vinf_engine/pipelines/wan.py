@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..config import DualScopeConfig
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
+from .wan_image import image_tokens, load_clip, mask_and_condition, takes_mask
 
 __all__ = ["WanPipelines", "latent_frame_of"]
 
@@ -31,7 +34,8 @@ def latent_frame_of(video_frame: int, temporal: int = 4) -> int:
 
 class WanPipelines(PipelineFamily):
     name = "Wan"
-    runs = "WanPipeline folders (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B)"
+    runs = ("WanPipeline folders (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B) and "
+            "WanImageToVideoPipeline folders (Wan 2.1 I2V / FLF2V, Wan 2.2 I2V-A14B)")
     # WanPipeline's own defaults (50 steps, guidance 5) and its examples' 16 fps export.
     defaults = dict(steps=50, guidance_scale=5.0, video_fps=16.0)
     # Flow-matching samplers that take Wan's scheduler config as it is.
@@ -50,13 +54,20 @@ class WanPipelines(PipelineFamily):
 
     def inspect(self, path: str, mi: dict) -> tuple:
         pipe_cls = mi.get("_class_name", "?")
-        if pipe_cls != "WanPipeline":
-            return (f"{path!r} holds a {pipe_cls}; vinf_engine runs text-to-video WanPipeline "
-                    "folders (Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B)"), {}
-        problem = component_dirs_problem(path, mi, ("transformer", "vae", "text_encoder",
-                                                    "tokenizer", "scheduler"), pipe_cls, self.runs)
+        if pipe_cls not in ("WanPipeline", "WanImageToVideoPipeline"):
+            return (f"{path!r} holds a {pipe_cls}; vinf_engine runs WanPipeline and "
+                    "WanImageToVideoPipeline folders (Wan 2.1 T2V / I2V / FLF2V, Wan 2.2 "
+                    "A14B T2V / I2V, Wan 2.2 TI2V-5B)"), {}
+        need = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+        problem = component_dirs_problem(path, mi, need, pipe_cls, self.runs)
         if problem:
             return problem, {}
+        clip = isinstance(mi.get("image_encoder"), list) and mi["image_encoder"][0] is not None
+        if clip:
+            problem = component_dirs_problem(path, mi, ("image_encoder", "image_processor"),
+                                             pipe_cls, self.runs)
+            if problem:
+                return problem, {}
         two = isinstance(mi.get("transformer_2"), list) and mi["transformer_2"][0] is not None
         for name in ("transformer",) + (("transformer_2",) if two else ()):
             cfg_path = os.path.join(path, name, "config.json")
@@ -71,9 +82,10 @@ class WanPipelines(PipelineFamily):
         for c in ("text_encoder", "tokenizer"):
             if mi[c][0] != "transformers":
                 return f"{path!r}: {c} comes from {mi[c][0]!r}; expected a transformers class", {}
-        kind = ("wan2.2-a14b" if two else "wan2.2-ti2v" if mi.get("expand_timesteps")
-                else "wan2.1")
-        return None, dict(kind=kind, pipeline=pipe_cls, two_experts=two)
+        i2v = "-i2v" if pipe_cls == "WanImageToVideoPipeline" else ""
+        kind = ("wan2.2-a14b" + i2v if two else "wan2.2-ti2v" if mi.get("expand_timesteps")
+                else "wan2.1" + i2v)
+        return None, dict(kind=kind, pipeline=pipe_cls, two_experts=two, clip=clip)
 
     def load(self, path: str, info: dict, dtype, device):
         from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
@@ -89,8 +101,13 @@ class WanPipelines(PipelineFamily):
             path, subfolder="vae", **dict(kw, dtype=torch.float32)), path)
         parts.update(load_transformers(mi, path, dtype))
         parts["scheduler"] = load_scheduler(path)
-        pipe = WanPipeline(**parts, boundary_ratio=mi.get("boundary_ratio"),
-                           expand_timesteps=bool(mi.get("expand_timesteps", False)))
+        cls = WanPipeline
+        if info["pipeline"] == "WanImageToVideoPipeline":
+            from diffusers import WanImageToVideoPipeline as cls
+            if info.get("clip"):
+                parts.update(load_clip(path, dtype))
+        pipe = cls(**parts, boundary_ratio=mi.get("boundary_ratio"),
+                   expand_timesteps=bool(mi.get("expand_timesteps", False)))
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
@@ -100,9 +117,10 @@ class WanPipelines(PipelineFamily):
         return isinstance(getattr(pipe, "transformer", None), WanTransformer3DModel)
 
     def kind(self, pipe) -> str:
+        i2v = "-i2v" if takes_mask(pipe) else ""
         if getattr(pipe, "transformer_2", None) is not None:
-            return "wan2.2-a14b"
-        return "wan2.2-ti2v" if pipe.config.expand_timesteps else "wan2.1"
+            return "wan2.2-a14b" + i2v
+        return "wan2.2-ti2v" if pipe.config.expand_timesteps else "wan2.1" + i2v
 
     def text_limit(self, pipe) -> int:
         return TEXT_LEN
@@ -119,8 +137,14 @@ class WanPipelines(PipelineFamily):
         tr, vae = pipe.transformer, pipe.vae
         p = []
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        n = s.num_frames
-        if (n - 1) % kt:
+        n = s.video_frames
+        if (n - 1) % kt and s.extend is not None:
+            c = n - s.num_frames
+            lo = (n - 1) // kt * kt + 1 - c
+            p.append(f"with --extend, --frames counts the new frames, and the context's {c} "
+                     f"plus them must be {kt}k+1 for Wan, got {c} + {s.num_frames} = {n} (try "
+                     f"--frames {lo} or {lo + kt})")
+        elif (n - 1) % kt:
             lo = (n - 1) // kt * kt + 1
             p.append(f"frames must be {kt}k+1 for Wan (its VAE makes {kt} video frames of each "
                      f"latent frame after the first), got {n} (try {lo} or {lo + kt})")
@@ -147,9 +171,14 @@ class WanPipelines(PipelineFamily):
                 if a != b:
                     p.append(f"the two experts disagree on {key}: transformer {a}, "
                              f"transformer_2 {b}")
-        if vae.config.z_dim != tr.config.in_channels:
-            p.append(f"the VAE's {vae.config.z_dim} latent channels do not match the "
-                     f"transformer's {tr.config.in_channels} input channels")
+        z = vae.config.z_dim
+        if tr.config.in_channels not in (z, 2 * z + pipe.vae_scale_factor_temporal):
+            p.append(f"the VAE's {z} latent channels do not match the transformer's "
+                     f"{tr.config.in_channels} input channels ({z}, or {2 * z + 4} with an "
+                     "image-to-video model's mask and condition)")
+        if tr.config.image_dim is not None and getattr(pipe, "image_encoder", None) is None:
+            p.append("the transformer takes CLIP image tokens (image_dim set) but the pipeline "
+                     "has no image_encoder")
         d_model = getattr(pipe.text_encoder.config, "d_model", None)
         if d_model is not None and d_model != tr.config.text_dim:
             p.append(f"the text encoder's width {d_model} does not match the transformer's "
@@ -172,13 +201,42 @@ class WanPipelines(PipelineFamily):
     def plan(self, s, pipe) -> VideoPlan:
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         H, W = s.height or 480, s.width or 832
-        L = (s.num_frames - 1) // kt + 1
-        shape = (1, pipe.transformer.config.in_channels, L, H // ks, W // ks)
-        return VideoPlan(frames=s.num_frames, latent_frames=L, shape=shape, height=H, width=W,
-                         scene_starts=tuple(latent_frame_of(f, kt) for f, _ in s.scenes))
+        n = s.video_frames
+        L = (n - 1) // kt + 1
+        shape = (1, pipe.vae.config.z_dim, L, H // ks, W // ks)
+        return VideoPlan(frames=n, latent_frames=L, shape=shape, height=H, width=W,
+                         scene_starts=tuple(latent_frame_of(f, kt) for f, _ in s.scenes),
+                         temporal=kt)
 
-    def encode(self, pipe, s, plan, frames: range, device):
-        return _Conditioning(pipe, s, plan, frames, device)
+    def check_visual(self, s, pipe, visual) -> list[str]:
+        if takes_mask(pipe):           # mask and condition channels: an image at any frame
+            return [] if visual else ["this image-to-video model needs an image (--image) or "
+                                      "a video to extend (--extend)"]
+        if not visual:
+            return []
+        kt = pipe.vae_scale_factor_temporal
+        frames = visual.frames
+        if frames != tuple(range(len(frames))) or (len(frames) - 1) % kt:
+            what = (f"--extend's {len(frames)} context frames" if s.extend is not None
+                    else f"images at frames {list(frames)}")
+            return [f"this Wan model has no mask channels: an image is held by its clean "
+                    f"latent frames, and the causal VAE makes latent frames that depend on "
+                    f"images alone only from all of the video's first {kt}k+1 frames (an image "
+                    f"at frame 0, or {kt}k+1 context frames); got {what}"]
+        return []
+
+    def prefix_frames(self, pipe, visual, plan):
+        from ..video import frames_to_uint8
+        return np.concatenate([frames_to_uint8(pipe.video_processor.preprocess(
+            Image.fromarray(f), height=plan.height, width=plan.width)) for f in visual.prefix])
+
+    def encode(self, pipe, s, plan, frames: range, device, visual=None):
+        cond = _Conditioning(pipe, s, plan, frames, device, visual)
+        if visual and takes_mask(pipe):
+            cond.channels = mask_and_condition(pipe, plan, frames, visual, device)
+        elif visual:
+            cond.hold(_clean_start(pipe, plan, visual, device), frames)
+        return cond
 
     def decode(self, pipe, latents, layout, rank: int, comm, chunk: int):
         """This rank's video frames, ``chunk`` latent frames at a time: (n, H, W, 3) uint8 on
@@ -210,7 +268,9 @@ class _Conditioning(Conditioning):
     acts per token), and each cross-attention ``attn2`` gives each latent frame's tokens its
     own scene's part: cross-attention acts per token, so this is exact."""
 
-    def __init__(self, pipe, s, plan, frames: range, device):
+    channels = None     # (1, kt + z_dim, F_rank, h, w): an I2V model's mask and condition
+
+    def __init__(self, pipe, s, plan, frames: range, device, visual=None):
         from ..prompts import scene_of
         super().__init__()
         self.experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
@@ -237,12 +297,34 @@ class _Conditioning(Conditioning):
         n = len(s.scenes)
         cond = torch.cat(conds, dim=1)                               # (1, n*L, D)
         self.text = (torch.cat([torch.cat([neg] * n, dim=1), cond]) if self.cfg else cond).to(dtype)
+        self.image = image_tokens(pipe, visual, device) if visual else None
+        if self.image is not None and self.cfg:
+            self.image = torch.cat([self.image] * 2)
         if n > 1:
             local = [scene_of(list(zip(plan.scene_starts, range(n))), f) for f in frames]
             for m in self.experts:
                 for block in m.blocks:
                     self.swap_processor(block.attn2, _FrameTextProcessor(
-                        block.attn2.processor, local, TEXT_LEN))
+                        block.attn2.processor, local, TEXT_LEN, n))
+
+    def hold(self, clean: torch.Tensor, frames: range):
+        """Hold the video's first latent frames at ``clean`` (1, C, n, h, w), the VAE's
+        encoding of the images that open the video: their tokens are given the clean latent
+        and timestep 0, the step's noisy ones the step's timestep (a timestep per token, as
+        Wan 2.2 TI2V's pipeline holds its first frame; the transformer reads it per token),
+        and the final latents take the clean ones."""
+        n = max(0, min(clean.shape[2], frames.stop) - frames.start)
+        self._clean = clean[:, :, frames.start:frames.start + n] if n else None
+
+    def _held_in(self, x):
+        if getattr(self, "_clean", None) is None:
+            return x
+        x = x.clone()
+        x[:, :, :self._clean.shape[2]] = self._clean.to(x.dtype)
+        return x
+
+    def finish(self, latents):
+        return self._held_in(latents)
 
     def predict(self, x, t):
         """The guided flow prediction for this rank's latents ``x`` at timestep ``t``."""
@@ -250,21 +332,47 @@ class _Conditioning(Conditioning):
             model, g = self.experts[0], self.guidance[0]
         else:
             model, g = self.experts[1], self.guidance[1]
+        x = self._held_in(x)
         xin = torch.cat([x] * 2) if self.cfg else x
         B = xin.shape[0]
         t = torch.as_tensor(t, device=x.device)
-        ts = t.expand(B, self.tokens) if self.expand else t.expand(B)
+        held = getattr(self, "_clean", None)
+        if self.expand or held is not None:
+            ts = t.expand(B, self.tokens)
+            if held is not None:       # timestep 0 on the held frames' tokens
+                ts = ts.clone()
+                ts[:, :held.shape[2] * (self.tokens // x.shape[2])] = 0
+        else:
+            ts = t.expand(B)
+        if self.channels is not None:
+            xin = torch.cat([xin, torch.cat([self.channels] * (B // x.shape[0]))], dim=1)
         out = model(hidden_states=xin.to(model.dtype), timestep=ts,
-                    encoder_hidden_states=self.text, return_dict=False)[0].float()
+                    encoder_hidden_states=self.text, encoder_hidden_states_image=self.image,
+                    return_dict=False)[0].float()
         return self.guided(out, g)
+
+
+def _clean_start(pipe, plan, visual, device) -> torch.Tensor:
+    """The clean latents of the video's first latent frames: the images that open it (``4k +
+    1`` of them) encoded as a video's start by the pipeline's VAE (its distribution's mode,
+    normalised as WanPipeline normalises), (1, C, k + 1, h, w) fp32. A few frames: every rank
+    that holds any of them encodes them itself."""
+    vae = pipe.vae
+    video = torch.cat([pipe.video_processor.preprocess(im, height=plan.height, width=plan.width)
+                       for _, im in visual.keyframes]).transpose(0, 1)[None]   # (1, 3, n, H, W)
+    with torch.no_grad():
+        z = vae.encode(video.to(device, vae.dtype)).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+    return ((z - mean) * inv_std).float()
 
 
 class _FrameTextProcessor:
     """``attn2`` with one text per scene: frames of one scene attend that scene's ``L`` text
     tokens of the ``(B, n_scenes*L, D)`` sequence. ``scene`` is each local frame's scene."""
 
-    def __init__(self, inner, scene: list, L: int):
-        self.inner, self.scene, self.L = inner, scene, L
+    def __init__(self, inner, scene: list, L: int, n: int):
+        self.inner, self.scene, self.L, self.n = inner, scene, L, n
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None, **kwargs):
@@ -277,7 +385,10 @@ class _FrameTextProcessor:
             sc, b = self.scene[a], a
             while b < F and self.scene[b] == sc:
                 b += 1
-            text = encoder_hidden_states[:, sc * self.L:(sc + 1) * self.L]
+            first = encoder_hidden_states.shape[1] - self.n * self.L     # CLIP image tokens
+            text = torch.cat([encoder_hidden_states[:, :first],
+                              encoder_hidden_states[:, first + sc * self.L:
+                                                    first + (sc + 1) * self.L]], dim=1)
             outs.append(self.inner(attn, h[:, a:b].reshape(B, (b - a) * T, C), text,
                                    attention_mask, rotary_emb, **kwargs))
             a = b
