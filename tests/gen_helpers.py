@@ -179,3 +179,9 @@ def generate_rank(rank, world, model_dir, kwargs):
     """This rank's final latents of ``vinf.generate(model_dir, **kwargs)`` (no outputs)."""
     from vinf_engine.pipeline import generate
     return generate(model_dir, out=None, progress=False, **kwargs)["latents"]
+
+
+def generate_rank_report(rank, world, model_dir, kwargs):
+    """This rank's report of ``vinf.generate(model_dir, **kwargs)`` (no outputs)."""
+    from vinf_engine.pipeline import generate
+    return generate(model_dir, out=None, progress=False, **kwargs)

@@ -18,7 +18,8 @@ import torch
 
 from .files import temp_file
 
-__all__ = ["Checkpointer", "CheckpointError", "pack_scheduler_state", "restore_scheduler_state"]
+__all__ = ["Checkpointer", "CheckpointError", "pack_scheduler_state", "restore_scheduler_state",
+           "restore_cache_state"]
 
 FORMAT = 1
 KEEP = 2
@@ -106,6 +107,11 @@ def pack_scheduler_state(scheduler) -> dict:
     name = type(scheduler).__name__
     return {k: _pack(v, f"{name}.{k}") for k, v in vars(scheduler).items()
             if k != "_internal_dict"}
+
+
+def restore_cache_state(state, device):
+    """A step cache's state as ``Checkpointer.save`` packed it (tensors back on ``device``)."""
+    return _unpack(state, device)
 
 
 def restore_scheduler_state(scheduler, state: dict, device):
@@ -200,11 +206,14 @@ class Checkpointer:
         return None
 
     # -------------------------------------------------------- save / load
-    def save(self, step: int, latents: torch.Tensor, scheduler_state: dict):
+    def save(self, step: int, latents: torch.Tensor, scheduler_state: dict, caches=None):
+        """``caches``: each denoiser's step cache state (``cache.StepCache.state_dict``)."""
         os.makedirs(self.dir, exist_ok=True)
         payload = {"format": FORMAT, "fingerprint": self.fingerprint, "settings": self.settings,
                    "rank": self.rank, "world": self.world, "step": step,
                    "latents": latents.detach().cpu(), "scheduler": scheduler_state}
+        if caches is not None and any(c is not None for c in caches):
+            payload["caches"] = [None if c is None else _pack(c, "step cache") for c in caches]
         tmp = save_temp(payload, self.dir, prefix=f".rank{self.rank:05d}.", suffix=".tmp")
         try:
             os.replace(tmp, self.path(step))

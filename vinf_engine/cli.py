@@ -149,6 +149,11 @@ def _parallel_flags(g):
                    help="Wan: latent frames the model was trained on (default 21; TI2V-5B 31)")
     c.add_argument("--per-clip-groupnorm", action="store_true",
                    help="GroupNorm statistics per clip (the published prototype; ablation only)")
+    c.add_argument("--cache", metavar="fbc:T[,...]", default=None,
+                   help="a step cache every rank agrees on (Wan): skip the middle blocks on "
+                        "steps where the first block's output changed less than T over the "
+                        "whole video, e.g. fbc:0.08; options front=, back=, warmup=, "
+                        "max_skips=, taylor (vinf_engine.cache). Off by default")
     c.add_argument("--comm-mode", metavar="MODE", default="overlap",
                    help="how the ranks' exchanges move: overlap (exact, default), blocking "
                         "(the published pattern, same video; UNet3D), stale (the previous "

@@ -87,6 +87,8 @@ class ClipParallel:
         # offset + rows) of the step's batch-major ``total`` (a memory-bounded chunk); None:
         # all of them
         self.row_window: tuple | None = None
+        self.cache_config = None               # cache.CacheConfig, or None: no step cache
+        self.cache = None                      # cache.StepCache, installed by the adapter
         self._undo = []
 
     @property
@@ -430,7 +432,8 @@ DEFAULT_CHUNK_MIB = 1024
 
 
 def parallelize(model, config: DualScopeConfig | None = None, process_group=None, *,
-                comm_mode: str = "overlap", timeout=None, chunk_mib: float | None = DEFAULT_CHUNK_MIB):
+                comm_mode: str = "overlap", timeout=None, chunk_mib: float | None = DEFAULT_CHUNK_MIB,
+                cache=None):
     """Make ``model`` run one clip of a long video per rank; patches it in place.
 
     ``model`` is any model of a registered family (``vinf_engine.models.families()``: diffusers
@@ -461,13 +464,30 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     "blocking"`` leaves its temporal attention and conv stacks whole. The same output as
     unchunked up to the rounding of a smaller matrix product. None or 0: off.
 
+    ``cache`` (default None: off, the model untouched) is a step cache every rank agrees on:
+    ``"fbc:0.08"`` or a ``vinf_engine.cache.CacheConfig`` (``vinf_engine.cache``); the
+    middle of the model is skipped on calls where its first blocks' output changed less than
+    the threshold over the whole video since the last computed call. Families with uniform
+    blocks (Wan). ``model.vinf_engine.cache.report()`` says what it did.
+
     Returns the model.
     """
+    from .cache import CacheConfig
     from .models import Patcher
     local_error, adapter, config = _local_problem(model, config, comm_mode, chunk_mib)
+    try:
+        cache = CacheConfig.parse(cache)
+    except ValueError as e:
+        local_error, adapter = local_error or str(e), None
+    if cache is not None and adapter is not None:
+        why = (adapter.cache_problem(model, cache) if getattr(adapter, "caches", False)
+               else f"the {adapter.name} family has no step cache")
+        if why:
+            local_error, adapter = why, None
     comm = ClipComm(process_group, timeout=timeout)
     fingerprint = None if adapter is None else (config.as_tuple(), comm_mode,
-                                                adapter.fingerprint(model))
+                                                adapter.fingerprint(model),
+                                                None if cache is None else cache.spec())
     rows = comm.agree((local_error, fingerprint))
     errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(rows) if err]
     if errors:
@@ -477,6 +497,7 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
         raise ValueError(f"parallelize refused: rank(s) {diff} hold a different config or model "
                          f"than rank 0 (config {rows[0][1][0]} on rank 0)")
     engine = ClipParallel(config, comm, comm_mode, chunk_mib)
+    engine.cache_config = cache
     if comm.world_size > 1:
         # Touch the data plane once so that a broken link fails here, not mid-step, and so
         # that NCCL's first collective is one every rank joins.

@@ -24,7 +24,7 @@ import torch
 
 from .agreement import agree, checked, same, say, short
 from .checkpoint import (Checkpointer, CheckpointError, pack_scheduler_state,
-                         restore_scheduler_state, unreadable)
+                         restore_cache_state, restore_scheduler_state, unreadable)
 from .comm import ClipComm
 from .conditioning import read_visual
 from .errors import GenerationError, GenerationFailed
@@ -76,6 +76,8 @@ class Run:
     engine_stats: dict = field(default_factory=dict)
     comm_before: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)   # outputs written, not yet in place
+    resumed_caches: list | None = None    # the checkpoint's step cache states, per denoiser
+    cache_reports: list = field(default_factory=list)
     phase: str = "parallelize"
     step: int = 0
     bar: Progress | None = None
@@ -219,8 +221,8 @@ def resume(run: Run):
         return
     run.ckpt = Checkpointer(s.checkpoint_dir, run.rank, run.world, run.fingerprint, run.record)
     shape = (1, run.plan.shape[1], len(run.frames), *run.plan.shape[3:])
-    run.start_step, run.latents, run.skipped = _resume_point(run.ckpt, s, run.sched, run.comm,
-                                                             run.device, shape)
+    (run.start_step, run.latents, run.skipped,
+     run.resumed_caches) = _resume_point(run.ckpt, s, run.sched, run.comm, run.device, shape)
 
 
 # ==================================================================== the engine attached
@@ -235,7 +237,10 @@ def attached(run: Run):
     try:
         for m in run.denoisers:
             parallelize(m, run.config, run.group, comm_mode=run.s.comm_mode,
-                        timeout=run.timeout, chunk_mib=run.s.chunk_mib)
+                        timeout=run.timeout, chunk_mib=run.s.chunk_mib, cache=run.s.cache)
+        for m, state in zip(run.denoisers, run.resumed_caches or ()):
+            if state is not None:
+                m.vinf_engine.cache.load_state_dict(state)
         yield run
     except GenerationError:
         raise
@@ -285,7 +290,8 @@ def denoise(run: Run, progress: bool = True, callback=None):
             done = i + 1
             if run.ckpt is not None and (done % s.checkpoint_every == 0 or done == n_iter):
                 run.phase = "checkpoint"
-                run.ckpt.save(done, run.latents, pack_scheduler_state(sched))
+                run.ckpt.save(done, run.latents, pack_scheduler_state(sched),
+                              caches=_cache_states(run))
                 run.phase = "denoising"
             if callback is not None:
                 callback(i, timesteps[i], run.latents)
@@ -297,6 +303,14 @@ def denoise(run: Run, progress: bool = True, callback=None):
     run.step = n_iter
     run.engine_stats = _sum_counters(m.vinf_engine.comm.counters.snapshot()
                                      for m in run.denoisers)
+    run.cache_reports = [m.vinf_engine.cache.report() for m in run.denoisers
+                         if m.vinf_engine.cache is not None]
+
+
+def _cache_states(run: Run):
+    """Every denoiser's step cache state (None without one): a resumed run decides alike."""
+    return [None if m.vinf_engine.cache is None else m.vinf_engine.cache.state_dict()
+            for m in run.denoisers]
 
 
 def decode_and_write(run: Run):
@@ -377,7 +391,7 @@ def report(run: Run) -> dict:
         timings_s={k: max(r["timings_s"].get(k, 0.0) for r in per_rank)
                    for k in per_rank[0]["timings_s"]},
         comm_total={k: sum(r["comm"].get(k, 0) for r in per_rank) for k in per_rank[0]["comm"]},
-        per_rank=per_rank)
+        cache=run.cache_reports or None, per_rank=per_rank)
     out["latents"] = run.latents.detach().float().cpu()
     return out
 
@@ -387,6 +401,8 @@ def _per_rank(run: Run) -> list:
     after, before = run.comm.counters.snapshot(), run.comm_before
     peak, kind = peak_memory_mib(run.device)
     mine = dict(rank=run.rank, frames=len(run.frames), first_frame=run.frames.start,
+                cache=[dict(decisions=r["decisions"], own_changes=r["own_changes"])
+                       for r in run.cache_reports],
                 device=str(run.device), peak_memory_mib=round(peak, 1), memory_kind=kind,
                 backends=dispatch.summary(),
                 timings_s={k: round(v, 4) for k, v in run.timings.items()},
@@ -522,7 +538,7 @@ def _resume_point(ckpt, s, sched, comm, device, clip_shape) -> tuple:
         problems.append(f"checkpoint dir: {type(e).__name__}: {e}")
     held = agree(comm, problems, (steps_avail, skipped), "the checkpoint")
     if not s.resume:
-        return 0, None, []
+        return 0, None, [], None
     skipped = [f"rank {r}: {x}" for r, (_, sk) in enumerate(held) for x in sk]
     held = [h for h, _ in held]
     common = set(held[0]).intersection(*(set(x) for x in held[1:]))
@@ -539,11 +555,13 @@ def _resume_point(ckpt, s, sched, comm, device, clip_shape) -> tuple:
             raise CheckpointError(f"latents of shape {tuple(latents.shape)} in "
                                   f"{ckpt.path(start)} do not fit this run")
         restored = head["scheduler"]
+        caches = head.get("caches")
     except Exception as e:  # noqa: BLE001
         problems.append(f"checkpoint step {start}: {unreadable(e)}")
     agree(comm, problems, None, "the checkpoint")
     restore_scheduler_state(sched, restored, device)
-    return start, latents.to(device), skipped
+    caches = [None if c is None else restore_cache_state(c, device) for c in (caches or ())]
+    return start, latents.to(device), skipped, caches
 
 
 def _device(device, comm, world) -> torch.device:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .cache import CacheConfig
 from .conditioning import input_digest, visual_problems
 from .config import DualScopeConfig
 from .errors import GenerationError, GenerationFailed
@@ -76,6 +77,7 @@ class GenerateSettings:
     last_image: object = None      # pinned at the last frame
     extend: str | None = None      # an mp4 to continue: its frames, then num_frames new ones
     context_frames: int | None = None   # the input's last frames the new ones follow
+    cache: object = None           # a step cache: "fbc:0.08" or a cache.CacheConfig (off: None)
     scenes: list = field(default_factory=list, init=False)   # set by problems()
     inputs: dict = field(default_factory=dict, init=False)   # checksums of images, video
 
@@ -162,11 +164,22 @@ class GenerateSettings:
             p.append(f"context frames must be a positive integer, got {self.context_frames!r}")
         elif self.context_frames is not None and self.extend is None:
             p.append("--context-frames is for --extend")
+        try:
+            CacheConfig.parse(self.cache)
+        except ValueError as e:
+            p.append(str(e))
         p += visual_problems(self)
         self.inputs = input_digest(self)
         if rank == 0:                              # outputs are written by rank 0 only
             p += self._output_problems()
         return p
+
+    def _cache_spec(self):
+        try:
+            c = CacheConfig.parse(self.cache)
+        except ValueError:
+            return self.cache if isinstance(self.cache, str) else repr(self.cache)
+        return None if c is None else c.spec()
 
     def _output_problems(self) -> list[str]:
         from .video import check_output_path
@@ -208,5 +221,6 @@ class GenerateSettings:
                     resume=self.resume, out=self.out is not None,
                     save_latents=self.save_latents is not None,
                     inputs=self.inputs, context_frames=self.context_frames,
+                    cache=self._cache_spec(),
                     # overlap and blocking make the same video; stale another
                     comm="stale" if self.comm_mode == "stale" else "exact")

@@ -334,6 +334,15 @@ class WanAdapter(AdapterBase):
     # rotated at their owner's positions, which the clamped global scope cannot use.
     inputs = ("hidden_states", "timestep")       # the forward's clip and timestep parameters
     comm_modes = ("overlap", "stale", "loopback")
+    caches = True                                # uniform blocks: a step cache fits them
+
+    @staticmethod
+    def cache_problem(model, cache) -> str | None:
+        n = len(model.blocks)
+        if cache.front + cache.back >= n:
+            return (f"the step cache's front ({cache.front}) and back ({cache.back}) blocks "
+                    f"leave no middle of the model's {n} blocks to skip")
+        return None
 
     @classmethod
     def model_classes(cls) -> tuple:
@@ -413,6 +422,10 @@ class WanAdapter(AdapterBase):
                               f"(relative distances up to {L - 1})", stacklevel=3)
         patcher.before_forward(model, begin)
         patcher.flush_after([*model.blocks, model])
+        if engine.cache_config is not None:
+            from ..cache import StepCache, cache_blocks
+            engine.cache = StepCache(engine.cache_config, engine)
+            cache_blocks(patcher, list(model.blocks), engine.cache)
 
 
 def window_problem(model, config: DualScopeConfig, num_frames: int) -> str | None:
