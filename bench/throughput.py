@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -27,10 +26,8 @@ from vinf_engine.scheduler import MODES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # already so when run as a script
 import projection  # noqa: E402  (bench/projection.py, beside this script)
+from harness import peak_memory_mib, rel_diff  # noqa: E402  (what the benchmarks share)
 
-
-def rel_diff(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 PRESETS = {
     # Four levels like the real model, narrow channels: every operator the engine replaces
@@ -96,12 +93,6 @@ def unet_kwargs(preset: dict) -> dict:
     return dict(sample_size=preset["latent_hw"][0], in_channels=4, out_channels=4,
                 down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
                 up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3, **preset["unet"])
-
-
-def peak_memory_mib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # peak RSS, KiB on Linux
 
 
 def denoise(rank, world, opts):

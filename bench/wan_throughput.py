@@ -37,8 +37,8 @@ import torch
 import vinf_engine as vinf
 from vinf_engine.launch import run_local
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/: throughput.py's helpers
-from throughput import peak_memory_mib, rel_diff  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/: the shared harness
+from harness import peak_memory_mib, rel_diff  # noqa: E402
 
 # Every WanTransformer3DModel here is Wan 2.1's shape except for the sizes the presets set.
 WAN21 = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
