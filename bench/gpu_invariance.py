@@ -22,6 +22,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import harness  # noqa: E402  (bench/harness.py, beside this script)
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
@@ -101,20 +102,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "invariance.json"))
+    ap.add_argument("--out", default=harness.out_path("invariance.json"))
     a = ap.parse_args(argv)
     from vinf_engine.launch import run_local
     device = "cuda:0" if a.device == "cuda" else "cpu"
     dtypes = ["float32", "bfloat16"] if a.device == "cuda" else ["float32"]
-    rows = []
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    report = harness.Rows(a.out, dict(device=a.device, gpu=torch.cuda.get_device_name()
+                                      if a.device == "cuda" else None, rows=[]))
+    rows = report.rows
 
     def emit(row):
-        rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(a.out, "w") as f:
-            json.dump(dict(device=a.device, gpu=torch.cuda.get_device_name() if a.device == "cuda"
-                           else None, rows=rows), f, indent=1)
+        report.add(row)
 
     for dtype in dtypes:
         t0 = time.time()

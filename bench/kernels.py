@@ -45,8 +45,8 @@ def emit(row: dict):
     print("# row " + json.dumps(row, default=str), flush=True)
     if _SCRIPT:
         os.makedirs(ARGS.out, exist_ok=True)
-        with open(os.path.join(ARGS.out, f"kernels-{DEV}.json"), "w") as f:
-            json.dump(dict(env=ENV, rows=ROWS, complete=False), f, indent=1)
+        harness.write_json(os.path.join(ARGS.out, f"kernels-{DEV}.json"),
+                           dict(env=ENV, rows=ROWS, complete=False))
 
 
 def parse(argv=None):
@@ -74,6 +74,8 @@ TINY = DEV == "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 
 import torch.nn.functional as F  # noqa: E402
+
+import harness  # noqa: E402  (bench/harness.py, beside this script)
 
 if _SCRIPT:
     sys.path.insert(0, ROOT)
@@ -429,9 +431,7 @@ def main():
     table()
     os.makedirs(ARGS.out, exist_ok=True)
     path = os.path.join(ARGS.out, f"kernels-{DEV}.json")
-    with open(path, "w") as f:
-        json.dump(dict(env=env, rows=ROWS, complete=True, dispatch=dispatch.summary()), f,
-                  indent=1)
+    harness.write_json(path, dict(env=env, rows=ROWS, complete=True, dispatch=dispatch.summary()))
     print(f"# wrote {path}")
     failed = [r for r in ROWS if r.get("check") == "FAILED"]
     return 1 if failed else 0

@@ -35,6 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from throughput import PRESETS, build_unet  # noqa: E402
 
 METHODS = {
@@ -46,14 +47,6 @@ METHODS = {
 H200_GIB = 139.0                  # SPEC: about 139 GiB of GPU memory
 H200_MS_PER_FRAME_STEP = 6.68     # SPEC section 5: eager diffusers, 256 frames, 320x512, CFG
 FULL_LATENT = (40, 64)            # 320x512
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 CONFIGS = {
@@ -91,7 +84,7 @@ def _used(device) -> tuple:
     """(peak so far, held now) in bytes."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
-    return _rss_kib("VmHWM:") * 1024, _rss_kib("VmRSS:") * 1024
+    return harness.rss_kib("VmHWM:") * 1024, harness.rss_kib("VmRSS:") * 1024
 
 
 def _peak(device, forward, model=None) -> dict:
@@ -109,28 +102,16 @@ def _peak(device, forward, model=None) -> dict:
                 rises.append((names[module], peak, held))
                 last[0] = peak
         hooks = [m.register_forward_hook(after) for m in names]
-    with torch.no_grad():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _rss_kib("VmRSS:") * 1024
+    with torch.no_grad(), harness.Peak(device) as peak:
         t0 = time.perf_counter()
         forward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated(device)
-        else:
-            peak = _rss_kib("VmHWM:") * 1024
+    seconds = time.perf_counter() - t0
     for h in hooks:
         h.remove()
-    res = dict(peak_bytes=max(0, peak - before), seconds=time.perf_counter() - t0)
+    res = dict(peak_bytes=peak.bytes, seconds=seconds)
     if model is not None:
-        res["where"] = [dict(module=n, peak_mib=(p - before) / 2 ** 20,
-                             held_mib=(h - before) / 2 ** 20) for n, p, h in rises]
+        res["where"] = [dict(module=n, peak_mib=(p - peak.before) / 2 ** 20,
+                             held_mib=(h - peak.before) / 2 ** 20) for n, p, h in rises]
     return res
 
 
@@ -212,7 +193,7 @@ def combine(paths) -> dict:
     return out
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
@@ -225,8 +206,7 @@ def main(argv=None):
     ap.add_argument("--chunk-mib", type=float, default=64.0,
                     help="the engine's budget per layer (the package default is 1024; the "
                          "CPU default run's tiny layers need a smaller one to chunk at all)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "out", "memory.json"))
+    ap.add_argument("--out", default=harness.out_path("memory.json"))
     ap.add_argument("--ranks", type=int, default=1,
                     help="run the engine on this many gloo ranks, each on its clip (frames / "
                          "ranks); the figure is the largest rank's peak")
@@ -240,19 +220,11 @@ def main(argv=None):
     ap.add_argument("--combine", nargs="+", metavar="REPORT",
                     help="no run: project the per-frame bytes at 320x512 from modelscope "
                          "reports at two or more latents (see combine())")
-    a = ap.parse_args(argv)
-    if a.combine:
-        proj = combine(a.combine)
-        with open(a.out, "w") as f:
-            json.dump(proj, f, indent=1)
-        print(f"wrote {a.out}")
-        return 0
-    # glibc keeps freed memory mapped (arenas, the trim threshold), so peak RSS would also
-    # count what an earlier layer freed: every allocation of 64 KiB or more gets its own
-    # mapping instead, returned on free, and the peak RSS follows the live tensors. The
-    # spawned processes read it at start.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    from vinf_engine.launch import run_local
+    return ap
+
+
+def resolve(ap, a) -> dict:
+    """The runs asked for, checked before any spawn: frames, latent, methods, preset, device."""
     frames = [int(f) for f in a.frames.split(",")]
     if len(frames) < 3:
         ap.error("--frames: give 3 or more lengths")
@@ -270,78 +242,112 @@ def main(argv=None):
             ap.error(f"--frames: each length must divide into {a.ranks} clips")
         if a.device == "cuda":
             ap.error("--ranks: gloo ranks on the CPU only (NCCL puts one rank per GPU)")
-    device = "cuda:0" if a.device == "cuda" else "cpu"
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    rows = []
-    report = dict(benchmark="memory", date=time.strftime("%Y-%m-%d"), device=a.device,
-                  preset=preset, latent_hw=latent, chunk_mib=a.chunk_mib, ranks=a.ranks,
-                  config=a.config, rows=rows,
-                  methods={m: METHODS[m] for m in methods})
+    return dict(frames=frames, latent=latent, methods=methods, preset=preset,
+                device="cuda:0" if a.device == "cuda" else "cpu")
 
-    def save():
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
-    print(f"vinf_engine memory: {preset} {'Wan' if a.wan else 'UNet3D'}, latent {latent}, "
-          f"CFG batch 2, {a.device}, engine in {a.config} config"
+
+def measure_row(a, run: dict, method: str, n: int) -> dict:
+    """One (method, frames) in processes of its own: the largest rank's peak."""
+    got, error = harness.spawn(measure, a.ranks, method, run["preset"], n, run["latent"],
+                               run["device"], a.chunk_mib, a.where, a.config,
+                               label=f"{method}, {n} frames", threads=max(1, 2 // a.ranks),
+                               timeout=1800, keep=400)
+    if error is not None:
+        return dict(method=method, frames=n, error=error)
+    r = max(got, key=lambda g: g["peak_bytes"])       # the largest rank's
+    row = dict(method=method, frames=n, peak_mib=r["peak_bytes"] / 2 ** 20, seconds=r["seconds"])
+    if a.where:
+        row["where"] = r["where"]
+        # where it (nearly) peaked: later rises of a page or two are noise
+        top = next((w for w in r["where"]
+                    if w["peak_mib"] >= 0.98 * r["where"][-1]["peak_mib"]), None)
+        if top:
+            print(f"  {method}, {n} frames: peak reached after {top['module']} "
+                  f"({top['peak_mib']:.0f} MiB; {top['held_mib']:.0f} MiB held "
+                  "then)", flush=True)
+    return row
+
+
+def measure_all(a, run: dict) -> harness.Rows:
+    """Every method at every length, each row on disk as soon as it is measured."""
+    report = harness.Rows(a.out, dict(
+        benchmark="memory", date=time.strftime("%Y-%m-%d"), device=a.device, preset=run["preset"],
+        latent_hw=run["latent"], chunk_mib=a.chunk_mib, ranks=a.ranks, config=a.config, rows=[],
+        methods={m: METHODS[m] for m in run["methods"]}))
+    print(f"vinf_engine memory: {run['preset']} {'Wan' if a.wan else 'UNet3D'}, latent "
+          f"{run['latent']}, CFG batch 2, {a.device}, engine in {a.config} config"
           + (f", {a.ranks} gloo ranks" if a.ranks > 1 else ""),
           flush=True)
-    for method in methods:
-        for n in frames:
-            try:
-                got = run_local(measure, a.ranks, method, preset, n, latent, device,
-                                a.chunk_mib, a.where, a.config, threads=max(1, 2 // a.ranks),
-                                timeout=1800)
-                r = max(got, key=lambda g: g["peak_bytes"])       # the largest rank's
-                row = dict(method=method, frames=n, peak_mib=r["peak_bytes"] / 2 ** 20,
-                           seconds=r["seconds"])
-                if a.where:
-                    row["where"] = r["where"]
-                    # where it (nearly) peaked: later rises of a page or two are noise
-                    top = next((w for w in r["where"]
-                                if w["peak_mib"] >= 0.98 * r["where"][-1]["peak_mib"]), None)
-                    if top:
-                        print(f"  {method}, {n} frames: peak reached after {top['module']} "
-                              f"({top['peak_mib']:.0f} MiB; {top['held_mib']:.0f} MiB held "
-                              "then)", flush=True)
-            except RuntimeError as e:
-                row = dict(method=method, frames=n, error=str(e)[-400:])
-            rows.append(row)
+    for method in run["methods"]:
+        for n in run["frames"]:
+            row = measure_row(a, run, method, n)
             print("  " + json.dumps(row), flush=True)
-            save()
+            report.add(row)
+    return report
+
+
+def slopes_of(rows, methods) -> dict:
+    """Bytes per frame of each method with two or more measured lengths, printed."""
     slopes = {}
     for method in methods:
         pts = [(r["frames"], r["peak_mib"] * 2 ** 20) for r in rows
                if r["method"] == method and "error" not in r]
         if len(pts) >= 2:
             slopes[method] = slope(pts)
-    report["mib_per_frame"] = {m: s / 2 ** 20 for m, s in slopes.items()}
     print()
     for m, s in slopes.items():
         rel = f" ({s / slopes['diffusers']:.2f}x diffusers')" if "diffusers" in slopes else ""
         print(f"{m:<22} {s / 2 ** 20:8.2f} MiB per frame{rel}")
-    if preset == "modelscope" and "engine" in slopes and a.ranks == 1:
-        scale = (FULL_LATENT[0] * FULL_LATENT[1]) / (latent[0] * latent[1])
-        if a.device == "cpu":
-            scale /= 2                             # fp32 here, bf16 on the GPU
-        proj = {}
-        for m, s in slopes.items():
-            per_frame_gib = s * scale / 2 ** 30
-            proj[m] = dict(gib_per_frame_320x512_bf16=per_frame_gib,
-                           gib_at_2300_frames=per_frame_gib * 2300,
-                           longest_video_on_one_h200=int(H200_GIB / per_frame_gib))
-            print(f"{m:<22} at 320x512 bf16: {per_frame_gib:.4f} GiB per frame; 2,300 frames "
-                  f"{per_frame_gib * 2300:.1f} GiB; one H200 holds {proj[m]['longest_video_on_one_h200']} "
-                  "frames (activations only, beside ~2.8 GiB of weights)")
-        report["projection"] = dict(
-            per_method=proj, assumption="activations scale with the latent's area; fp32 on CPU "
-            "halved for bf16; weights not included",
-            time_2300x30_s=2300 * 30 * H200_MS_PER_FRAME_STEP / 1e3,
-            time_note="SPEC's measured eager diffusers 6.68 ms per frame-step on one H200 "
-                      "(engine overhead on one process ~1.0x on CPU; not measured on a GPU)")
-        print(f"2,300 frames x 30 steps at the SPEC's {H200_MS_PER_FRAME_STEP} ms per frame-step: "
-              f"{report['projection']['time_2300x30_s']:.0f} s")
-    save()
-    _plot(rows, methods, os.path.splitext(a.out)[0] + ".png", report)
+    return slopes
+
+
+def project_full_size(report: dict, slopes: dict, latent, device: str):
+    """Per-frame bytes scaled to 320x512 bf16, and what that means on one H200 (added to
+    ``report`` and printed)."""
+    scale = (FULL_LATENT[0] * FULL_LATENT[1]) / (latent[0] * latent[1])
+    if device == "cpu":
+        scale /= 2                             # fp32 here, bf16 on the GPU
+    proj = {}
+    for m, s in slopes.items():
+        per_frame_gib = s * scale / 2 ** 30
+        proj[m] = dict(gib_per_frame_320x512_bf16=per_frame_gib,
+                       gib_at_2300_frames=per_frame_gib * 2300,
+                       longest_video_on_one_h200=int(H200_GIB / per_frame_gib))
+        print(f"{m:<22} at 320x512 bf16: {per_frame_gib:.4f} GiB per frame; 2,300 frames "
+              f"{per_frame_gib * 2300:.1f} GiB; one H200 holds {proj[m]['longest_video_on_one_h200']} "
+              "frames (activations only, beside ~2.8 GiB of weights)")
+    report["projection"] = dict(
+        per_method=proj, assumption="activations scale with the latent's area; fp32 on CPU "
+        "halved for bf16; weights not included",
+        time_2300x30_s=2300 * 30 * H200_MS_PER_FRAME_STEP / 1e3,
+        time_note="SPEC's measured eager diffusers 6.68 ms per frame-step on one H200 "
+                  "(engine overhead on one process ~1.0x on CPU; not measured on a GPU)")
+    print(f"2,300 frames x 30 steps at the SPEC's {H200_MS_PER_FRAME_STEP} ms per frame-step: "
+          f"{report['projection']['time_2300x30_s']:.0f} s")
+
+
+def main(argv=None):
+    ap = parser()
+    a = ap.parse_args(argv)
+    if a.combine:
+        proj = combine(a.combine)
+        with open(a.out, "w") as f:
+            json.dump(proj, f, indent=1)
+        print(f"wrote {a.out}")
+        return 0
+    # glibc keeps freed memory mapped (arenas, the trim threshold), so peak RSS would also
+    # count what an earlier layer freed: every allocation of 64 KiB or more gets its own
+    # mapping instead, returned on free, and the peak RSS follows the live tensors. The
+    # spawned processes read it at start.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    run = resolve(ap, a)
+    report = measure_all(a, run)
+    slopes = slopes_of(report.rows, run["methods"])
+    report.report["mib_per_frame"] = {m: s / 2 ** 20 for m, s in slopes.items()}
+    if run["preset"] == "modelscope" and "engine" in slopes and a.ranks == 1:
+        project_full_size(report.report, slopes, run["latent"], a.device)
+    report.save()
+    _plot(report.rows, run["methods"], os.path.splitext(a.out)[0] + ".png", report.report)
     print(f"wrote {a.out}")
     return 0
 

@@ -27,6 +27,7 @@ lengths first, so a run cut short keeps what it finished. Weights are random.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,39 +36,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import _rss_kib  # noqa: E402
+import harness  # noqa: E402
 from throughput import PRESETS, build_unet  # noqa: E402
 
 METHODS = ("diffusers", "engine-exact", "engine", "diffusers-compiled", "engine-compiled")
 EXACT = dict(num_global=0, phase_bias=0.0)        # and a window of the whole video
 PAPER = dict(window=8, num_global=16)
-
-
-class _Peak:
-    """Peak bytes above what is held at entry: the device's allocator, or the process RSS."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.before = _rss_kib("VmRSS:") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _rss_kib("VmHWM:") * 1024
-        self.bytes = max(0, peak - self.before)
-        return False
 
 
 def _prepare(model, method, frames):
@@ -104,7 +78,7 @@ def measure(model, method, frames, opts, device, dtype, reference):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         warm_s = time.perf_counter() - t0
-        with _Peak(device) as peak:
+        with harness.Peak(device) as peak:
             t1 = time.perf_counter()
             for t in ts[opts.warmup:]:
                 out = run(x, t, encoder_hidden_states=text).sample
@@ -120,14 +94,25 @@ def measure(model, method, frames, opts, device, dtype, reference):
         reference[key] = last
     elif key in reference:
         ref = reference[key]
-        row["max_rel_diff_vs_diffusers"] = float((last - ref).abs().max() / ref.abs().max())
+        row["max_rel_diff_vs_diffusers"] = harness.rel_diff(last, ref)
     if not torch.isfinite(last).all():
         row["error"] = "non-finite output"
     del out, last, x, text
     return row
 
 
-def main(argv=None):
+@dataclasses.dataclass
+class Plan:
+    """The command line, resolved: defaults by device."""
+    args: argparse.Namespace      # with .preset and .latent resolved (measure reads them)
+    frames: list
+    methods: list
+    device: torch.device
+    dtype: torch.dtype
+    out: str
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--preset", choices=tuple(PRESETS), default=None,
@@ -141,6 +126,11 @@ def main(argv=None):
                     "every eager row)")
     ap.add_argument("--methods", default=None, help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/one_gpu-<device>.json)")
+    return ap
+
+
+def parse(argv) -> Plan:
+    ap = parser()
     a = ap.parse_args(argv)
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -157,74 +147,84 @@ def main(argv=None):
         ap.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if a.steps < 1 or a.warmup < 1:
         ap.error("--steps and --warmup must be >= 1")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                f"one_gpu-{a.device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    device = torch.device("cuda:0" if cuda else "cpu")
-    dtype = getattr(torch, preset["dtype"]) if cuda else torch.float32
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    rows = []
-    report = dict(benchmark="one_gpu", date=time.strftime("%Y-%m-%d"), device=a.device,
-                  gpu=torch.cuda.get_device_name(device) if cuda else None,
-                  torch=torch.__version__, preset=a.preset, latent_hw=a.latent,
-                  dtype=str(dtype).replace("torch.", ""), cfg_batch=2, exact_config=EXACT,
-                  paper_config=PAPER, rows=rows, complete=False)
+    return Plan(a, frames, methods, torch.device("cuda:0" if cuda else "cpu"),
+                getattr(torch, preset["dtype"]) if cuda else torch.float32,
+                a.out or harness.out_path(f"one_gpu-{a.device}.json"))
 
-    def save():
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, out)
+
+def measure_all(plan: Plan, report: harness.Rows):
+    """Every method at every length, eager rows first (the most per second of device time),
+    then the compiled ones; each row on disk as soon as it is measured."""
+    a, device = plan.args, plan.device
     t0 = time.perf_counter()
-    model = build_unet(preset, device, dtype)
-    report["build_s"] = time.perf_counter() - t0
-    save()
-    print(f"vinf_engine one device: {a.preset} UNet3D, latent {a.latent}, {report['dtype']}, "
-          f"CFG batch 2, {report['gpu'] or 'cpu'} (built in {report['build_s']:.0f} s)", flush=True)
+    model = build_unet(PRESETS[a.preset], device, plan.dtype)
+    report.report["build_s"] = time.perf_counter() - t0
+    report.save()
+    print(f"vinf_engine one device: {a.preset} UNet3D, latent {a.latent}, "
+          f"{report.report['dtype']}, CFG batch 2, {report.report['gpu'] or 'cpu'} (built in "
+          f"{report.report['build_s']:.0f} s)", flush=True)
     reference: dict = {}
-    # Eager rows first (the most per second of device time), then the compiled ones.
-    order = [m for m in methods if not m.endswith("compiled")] + [m for m in methods
-                                                                   if m.endswith("compiled")]
+    order = [m for m in plan.methods if not m.endswith("compiled")] + [
+        m for m in plan.methods if m.endswith("compiled")]
     for compiled in (False, True):
-        for n in frames:
+        for n in plan.frames:
             for method in order:
                 if method.endswith("compiled") != compiled:
                     continue
                 try:
-                    row = measure(model, method, n, a, device, dtype, reference)
+                    row = measure(model, method, n, a, device, plan.dtype, reference)
                 except Exception as e:          # an OOM at 256 frames is a row, not the end
                     oom = "out of memory" in str(e).lower()
                     row = dict(method=method, frames=n, error="out of memory" if oom
                                else f"{type(e).__name__}: {str(e)[-400:]}")
-                    if cuda:
+                    if device.type == "cuda":
                         torch.cuda.empty_cache()
-                rows.append(row)
                 print("  " + json.dumps(row), flush=True)
-                save()
-    report["complete"] = True
+                report.add(row)
+
+
+COLUMNS = [("method", 20), ("frames", 6), ("ms/frame-step", 14), ("vs diffusers", 13),
+           ("vs compiled", 12), ("peak GiB", 9), ("rel diff", 9)]
+
+
+def print_rows(rows):
+    """Each row beside eager and compiled diffusers at the same length."""
     base = {r["frames"]: r["ms_per_frame_step"] for r in rows
             if r["method"] == "diffusers" and "error" not in r}
     base_c = {r["frames"]: r["ms_per_frame_step"] for r in rows
               if r["method"] == "diffusers-compiled" and "error" not in r}
-    print(f"\n{'method':<20} {'frames':>6} {'ms/frame-step':>14} {'vs diffusers':>13} "
-          f"{'vs compiled':>12} {'peak GiB':>9} {'rel diff':>9}")
-    for r in rows:
+
+    def cells(r):
         if "error" in r:
-            print(f"{r['method']:<20} {r['frames']:>6}   {r['error'][:80]}")
-            continue
+            return [r["method"], str(r["frames"]), r["error"][:80]]
         ms, n = r["ms_per_frame_step"], r["frames"]
-        vs = f"{base[n] / ms:.2f}x" if n in base else "-"
-        vc = f"{base_c[n] / ms:.2f}x" if n in base_c else "-"
-        rd = r.get("max_rel_diff_vs_diffusers")
-        print(f"{r['method']:<20} {n:>6} {ms:>14.3f} {vs:>13} {vc:>12} {r['peak_gib']:>9.2f} "
-              f"{'-' if rd is None else f'{rd:.1e}':>9}")
+        return [r["method"], str(n), f"{ms:.3f}", f"{base[n] / ms:.2f}x" if n in base else "-",
+                f"{base_c[n] / ms:.2f}x" if n in base_c else "-", f"{r['peak_gib']:.2f}",
+                harness.fmt(r.get("max_rel_diff_vs_diffusers"), ".1e")]
+    print()
+    harness.print_table(COLUMNS, [cells(r) for r in rows], gap=" ", rule=False)
     print("vs diffusers / vs compiled: its speed-up over eager / compiled diffusers at the same "
           "length; rel diff: max |out - diffusers'| / max |diffusers'| (engine-exact: the same "
           "attention; engine: the dual-scope approximation)")
-    save()
-    print(f"wrote {out}")
+
+
+def main(argv=None):
+    plan = parse(argv)
+    a, cuda = plan.args, plan.device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    report = harness.Rows(plan.out, dict(
+        benchmark="one_gpu", date=time.strftime("%Y-%m-%d"), device=a.device,
+        gpu=torch.cuda.get_device_name(plan.device) if cuda else None,
+        torch=torch.__version__, preset=a.preset, latent_hw=a.latent,
+        dtype=str(plan.dtype).replace("torch.", ""), cfg_batch=2, exact_config=EXACT,
+        paper_config=PAPER, rows=[], complete=False))
+    measure_all(plan, report)
+    report.report["complete"] = True
+    print_rows(report.rows)
+    report.save()
+    print(f"wrote {plan.out}")
     return 0
 
 

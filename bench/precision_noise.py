@@ -15,6 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -28,9 +29,8 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     a = ap.parse_args(argv)
     try:
-        hw = tuple(int(v) for v in a.latent.lower().split("x"))
-        assert len(hw) == 2 and min(hw) >= 1
-    except (ValueError, AssertionError):
+        hw = harness.parse_hw(a.latent)
+    except ValueError:
         ap.error(f"--latent must look like 8x8, got {a.latent!r}")
     opts = dict(device=a.device, preset=a.preset, frames=a.frames, steps=a.steps, seed=0,
                 config=dict(window=8, num_global=16), latent_hw=hw, modes=["overlap"])
@@ -43,7 +43,7 @@ def main(argv=None):
             out[dt] = throughput.denoise(0, 1, opts)["overlap"]["latents"]
     finally:
         preset["dtype"] = saved
-    d = throughput.rel_diff(out[a.dtype], out["float32"])
+    d = harness.rel_diff(out[a.dtype], out["float32"])
     print(f"{a.preset}, latent {hw[0]}x{hw[1]}, {a.frames} frames, {a.steps} steps, one rank: "
           f"max |out({a.dtype}) - out(float32)| / max |out(float32)| = {d:.2e}")
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 from vinf_engine import ClipLayout, global_frames
 from vinf_engine.comm import frame_plan
@@ -80,13 +81,24 @@ def _remote(layout, rank, wants) -> int:
     return plan.n_out - len(plan.local_pos)
 
 
-def project(run: dict, gpus: int, gpu: str, link: str, frames_per_gpu: int) -> dict:
-    """Projected step of ``gpus`` GPUs from a throughput report ``run`` (see module doc)."""
-    prof, lk = GPUS[gpu], LINKS[link]
-    rows = {r["mode"]: r for r in run["rows"] if r.get("ranks", 0) > 1 and "error" not in r}
-    if "overlap" not in rows or "loopback" not in rows:
-        raise ValueError("the projection needs the overlap and loopback modes in the same run")
-    over, loop = rows["overlap"], rows["loopback"]
+class _Target(NamedTuple):
+    """The target run as its busiest rank sees it: its compute, the scales from the measured
+    run, and the remote frames it receives per exchange, the engine's and the published
+    pattern's."""
+    rank: int
+    compute_ms: float
+    byte_scale: float        # measured bytes -> the target's latent area and element size
+    window_scale: float      # measured overlap windows -> the target's compute
+    att_frames: int          # engine: an attention context exchange (halos, global frames)
+    conv_frames: int         # engine: a temporal conv stack's halo (4 convs deep)
+    halo_frames: int         # published: the attention window's halo
+    one_frame_halo: int      # published: one conv's one-frame halo
+    gather_frames: int       # published: the global frames all-gathered from the others
+    peers_halo: int          # neighbours (1 or 2)
+    has_global: bool
+
+
+def _target(run: dict, gpus: int, prof: dict, loop: dict, frames_per_gpu: int) -> _Target:
     cfg = run["config"]
     # Rescale measured bytes to the target's latent area and element size.
     (h, w), (th, tw) = run["latent_hw"], prof["latent_hw"]
@@ -96,30 +108,34 @@ def project(run: dict, gpus: int, gpu: str, link: str, frames_per_gpu: int) -> d
     r = _busiest(layout)
     compute_ms = prof["ms_per_frame_step"] * frames_per_gpu
     run_compute_ms = loop["seconds"] / run["steps"] * 1e3
-    window_scale = compute_ms / run_compute_ms
+    wa = attention_plan(layout, r, cfg["window"], cfg["num_global"]).wants
+    g = global_frames(layout.num_frames, cfg["num_global"])
+    owned = [sum(layout.owner(f) == q for f in g) for q in range(gpus)]
+    return _Target(
+        rank=r, compute_ms=compute_ms, byte_scale=byte_scale,
+        window_scale=compute_ms / run_compute_ms, att_frames=_remote(layout, r, wa),
+        conv_frames=_remote(layout, r, halo_wants(layout, 4)),
+        halo_frames=_remote(layout, r, halo_wants(layout, min(cfg["window"], layout.num_frames - 1))),
+        one_frame_halo=_remote(layout, r, halo_wants(layout, 1)),
+        gather_frames=(gpus - 1) * max(owned) if g else 0,
+        peers_halo=sum(1 for q in (r - 1, r + 1) if 0 <= q < gpus), has_global=bool(g))
+
+
+def _price(exchanges: list, t: _Target, lk: dict) -> tuple:
+    """Exposed ms, bytes and launches per mode of one step's ``exchanges`` on link ``lk``."""
     bw = lk["gbps"] * 1e6                      # bytes per ms
     lat = lk["latency_us"] / 1e3
     ar = ALLREDUCE_LATENCY_US / 1e3
     sync = DEVICE_SYNC_US / 1e3
-    wa = attention_plan(layout, r, cfg["window"], cfg["num_global"]).wants
-    wc = halo_wants(layout, 4)
-    w1 = halo_wants(layout, 1)
-    att_frames = _remote(layout, r, wa)
-    conv_frames = _remote(layout, r, wc)
-    halo_frames = _remote(layout, r, halo_wants(layout, min(cfg["window"], layout.num_frames - 1)))
-    g = global_frames(layout.num_frames, cfg["num_global"])
-    owned = [sum(layout.owner(f) == q for f in g) for q in range(gpus)]
-    gather_frames = (gpus - 1) * max(owned) if g else 0
-    peers_halo = sum(1 for q in (r - 1, r + 1) if 0 <= q < gpus)
     exposed = {"overlap": 0.0, "blocking": 0.0, "stale": 0.0}
     bytes_ = {"overlap": 0.0, "blocking": 0.0}
     launches = {"overlap": 0, "blocking": 0}
-    for e in over["exchanges_last_step"]:
-        win = e["window_ms"] * window_scale
+    for e in exchanges:
+        win = e["window_ms"] * t.window_scale
         if e["frames"] == 0 and e["bytes_received"] > 0:          # statistics all-reduce
-            t = ar + e["bytes_received"] / bw
-            exposed["overlap"] += max(0.0, t - win)
-            exposed["blocking"] += t + sync
+            tt = ar + e["bytes_received"] / bw
+            exposed["overlap"] += max(0.0, tt - win)
+            exposed["blocking"] += tt + sync
             launches["overlap"] += 1
             launches["blocking"] += 1
             continue
@@ -131,32 +147,44 @@ def project(run: dict, gpus: int, gpu: str, link: str, frames_per_gpu: int) -> d
             # the published pattern all-reduces them apart, blocking, with a sync.
             exposed["blocking"] += ar + stats / bw + sync
             launches["blocking"] += 1
-        per_frame = (e["bytes_received"] - stats) / e["frames"] * byte_scale
+        per_frame = (e["bytes_received"] - stats) / e["frames"] * t.byte_scale
         if "attention" in e["kind"]:
-            b = per_frame * att_frames
+            b = per_frame * t.att_frames
             # published: K and V halos from each neighbour, K and V global frames all-gathered
-            bb = 2 * per_frame * halo_frames + (2 * per_frame * gather_frames)
-            nb = 2 * peers_halo + (2 if g else 0)
+            bb = 2 * per_frame * t.halo_frames + (2 * per_frame * t.gather_frames)
+            nb = 2 * t.peers_halo + (2 if t.has_global else 0)
         else:
-            b = per_frame * conv_frames
+            b = per_frame * t.conv_frames
             # published: a one-frame halo from each neighbour before each of the 4 convs
-            bb = 4 * per_frame * _remote(layout, r, w1)
-            nb = 4 * peers_halo
-        t = lat + b / bw
-        exposed["overlap"] += max(0.0, t - win)
+            bb = 4 * per_frame * t.one_frame_halo
+            nb = 4 * t.peers_halo
+        tt = lat + b / bw
+        exposed["overlap"] += max(0.0, tt - win)
         exposed["blocking"] += nb * (lat + sync) + bb / bw
         bytes_["overlap"] += b
         bytes_["blocking"] += bb
         launches["overlap"] += 1
         launches["blocking"] += nb
+    return exposed, bytes_, launches
+
+
+def project(run: dict, gpus: int, gpu: str, link: str, frames_per_gpu: int) -> dict:
+    """Projected step of ``gpus`` GPUs from a throughput report ``run`` (see module doc)."""
+    prof, lk = GPUS[gpu], LINKS[link]
+    rows = {r["mode"]: r for r in run["rows"] if r.get("ranks", 0) > 1 and "error" not in r}
+    if "overlap" not in rows or "loopback" not in rows:
+        raise ValueError("the projection needs the overlap and loopback modes in the same run")
+    t = _target(run, gpus, prof, rows["loopback"], frames_per_gpu)
+    exposed, bytes_, launches = _price(rows["overlap"]["exchanges_last_step"], t, lk)
     if "stale" in rows:
         # The same frames and statistics as overlap, posted as one batch per model block
         # (the measured launches) and read a step later.
         bytes_["stale"] = bytes_["overlap"]
         launches["stale"] = round(rows["stale"].get("collectives_per_step", 0))
+    compute_ms = t.compute_ms
     out = dict(gpus=gpus, gpu=gpu, link=link, frames_per_gpu=frames_per_gpu,
-               compute_ms=compute_ms, byte_scale=byte_scale, window_scale=window_scale,
-               busiest_rank=r, modes={})
+               compute_ms=compute_ms, byte_scale=t.byte_scale, window_scale=t.window_scale,
+               busiest_rank=t.rank, modes={})
     for mode, ex in exposed.items():
         step = compute_ms + ex + (CONTROL_MS if gpus > 1 else 0.0)
         if gpus == 1:

@@ -12,25 +12,19 @@ Weights are random (never downloaded): the timings do not depend on their values
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import platform
-import resource
 import sys
 import time
 
 import torch
 
 import vinf_engine as vinf
-from vinf_engine.launch import run_local
 from vinf_engine.scheduler import MODES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # already so when run as a script
-import projection  # noqa: E402  (bench/projection.py, beside this script)
-
-
-def rel_diff(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+import harness  # noqa: E402  (bench/harness.py, beside this script)
+import projection  # noqa: E402
 
 PRESETS = {
     # Four levels like the real model, narrow channels: every operator the engine replaces
@@ -98,12 +92,6 @@ def unet_kwargs(preset: dict) -> dict:
                 up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3, **preset["unet"])
 
 
-def peak_memory_mib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # peak RSS, KiB on Linux
-
-
 def denoise(rank, world, opts):
     """One rank's share: its clip of the video through ``steps`` CFG denoising steps, once per
     communication mode asked for (the same model, parallelized anew for each)."""
@@ -134,15 +122,9 @@ def denoise(rank, world, opts):
             uncond, cond = eps.chunk(2)
             return uncond + guidance * (cond - uncond)
 
-        def sync():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if world > 1:
-                torch.distributed.barrier()
-
         with torch.no_grad():
             unet(latents, sched.timesteps[0])                   # warm-up, not timed
-            sync()
+            harness.sync(device, world)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             if engine is not None:
@@ -153,14 +135,14 @@ def denoise(rank, world, opts):
                 if engine is not None and i == len(sched.timesteps) - 1:
                     engine.scheduler.record = True              # log the last step's exchanges
                 latents = sched.step(unet(latents, t), t, latents).prev_sample
-            sync()
+            harness.sync(device, world)
             seconds = time.perf_counter() - t0
             if engine is not None:
                 engine.scheduler.record = False
                 log = engine.scheduler.take_log()
         from vinf_engine.ops import dispatch
         results[mode] = dict(
-            seconds=seconds, peak_mib=peak_memory_mib(device), log=log,
+            seconds=seconds, peak_mib=harness.peak_memory_mib(device), log=log,
             backends=dispatch.summary(),
             counters=engine.comm.counters.snapshot() if engine is not None else None,
             latents=latents.float().cpu())
@@ -170,19 +152,15 @@ def denoise(rank, world, opts):
 
 
 def run(label, modes, world, opts, threads):
-    """Spawn ``world`` ranks running every mode in ``modes``; one table row per mode."""
+    """Spawn ``world`` ranks running every mode in ``modes``: one table row per mode, and the
+    whole video's final latents by row name (for the comparisons; not in the JSON)."""
     backend = "nccl" if opts["device"] == "cuda" else "gloo"
-    try:
-        res = run_local(denoise, world, dict(opts, modes=modes), backend=backend,
-                        threads=threads, timeout=3600)
-    except RuntimeError as e:
-        oom = "out of memory" in str(e).lower()
-        print(f"  {label}: {'out of memory' if oom else 'FAILED'}", flush=True)
-        if not oom:
-            print(str(e)[-2000:], file=sys.stderr)
+    res, error = harness.spawn(denoise, world, dict(opts, modes=modes), label=label,
+                               backend=backend, threads=threads, timeout=3600)
+    if error is not None:
         return [dict(name=f"{label}, {m}" if m != "diffusers" else label, mode=m, ranks=world,
-                     error="out of memory" if oom else str(e)[-500:]) for m in modes]
-    rows = []
+                     error=error) for m in modes], {}
+    rows, latents = [], {}
     per = opts["steps"]      # one UNet call per denoising step (CFG rides in the batch)
     for mode in modes:
         rr = [r[mode] for r in res]
@@ -202,19 +180,25 @@ def run(label, modes, world, opts, threads):
             row["mib_sent_per_step"] = max(x["bytes_sent"] for x in c) / per / 2**20
             row["mib_received_per_step"] = max(x["bytes_received"] for x in c) / per / 2**20
             row["exchanges_last_step"] = rr[0]["log"]           # rank 0's, for --project
-        row["_latents"] = torch.cat([r["latents"] for r in rr], dim=2)
+        latents[name] = torch.cat([r["latents"] for r in rr], dim=2)
         rows.append(row)
         print(f"  {name}: {wall:.2f} s", flush=True)
-    return rows
+    return rows, latents
 
 
-def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", choices=("unet3d", "wan"), default="unet3d")
-    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if known.model == "wan":                   # the Wan DiT mode: bench/wan_throughput.py
-        import wan_throughput
-        return wan_throughput.main(rest)
+# ------------------------------------------------------------------------------ parse
+@dataclasses.dataclass
+class Plan:
+    """The command line, resolved: defaults by device and preset, checked before any spawn."""
+    args: argparse.Namespace
+    opts: dict            # what every rank receives (see denoise)
+    ranks: int
+    modes: list
+    target: tuple | None  # --project's (gpus, gpu, link)
+    out: str
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("unet3d", "wan"), default="unet3d",
                     help="unet3d: this benchmark; wan: Wan 2.1 DiT at 1x/2x/4x its trained length "
@@ -240,8 +224,12 @@ def main(argv=None):
                          "pcie) from this run's measured exchanges; writes a PNG plot")
     ap.add_argument("--project-frames-per-gpu", type=int, default=64)
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/throughput-<device>.json)")
-    a = ap.parse_args(argv)
+    return ap
 
+
+def parse(argv) -> Plan:
+    ap = parser()
+    a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     preset_name = a.preset or ("tiny" if a.device == "cpu" else "modelscope")
@@ -270,84 +258,104 @@ def main(argv=None):
     latent_hw = preset["latent_hw"]
     if a.latent:
         try:
-            latent_hw = tuple(int(v) for v in a.latent.lower().split("x"))
-            assert len(latent_hw) == 2 and min(latent_hw) >= 1
-        except (ValueError, AssertionError):
+            latent_hw = harness.parse_hw(a.latent)
+        except ValueError:
             ap.error(f"--latent must look like 8x8, got {a.latent!r}")
     opts = dict(device=a.device, preset=preset_name, frames=frames, steps=steps, seed=a.seed,
                 config=config, latent_hw=latent_hw)
+    out = a.out or harness.out_path(f"throughput-{a.device}.json")
+    return Plan(a, opts, ranks, modes, target, out)
+
+
+# ------------------------------------------------------------------------------ measure
+def measure(plan: Plan):
+    """The engine on R ranks (every mode), on 1 rank, and plain diffusers on the whole video;
+    each spawn's rows go to disk as soon as they exist. Returns (rows, latents by row name)."""
+    a, o = plan.args, plan.opts
     cores = os.cpu_count() or 1
     one = None if a.device == "cuda" else cores                # threads for a lone process
-    each = None if a.device == "cuda" else max(1, cores // ranks)
-
-    print(f"vinf_engine throughput: {preset_name} UNet3D, {frames} frames, {steps} steps, "
-          f"{a.device}, window {a.window}, {a.num_global} global frames", flush=True)
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                f"throughput-{a.device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    rows = []
+    each = None if a.device == "cuda" else max(1, cores // plan.ranks)
+    print(f"vinf_engine throughput: {o['preset']} UNet3D, {o['frames']} frames, {o['steps']} "
+          f"steps, {a.device}, window {a.window}, {a.num_global} global frames", flush=True)
+    report = harness.Rows(plan.out, dict(benchmark="throughput", complete=False, device=a.device,
+                                         preset=o["preset"], frames=o["frames"],
+                                         steps=o["steps"], rows=[]))
+    latents = {}
 
     def measured(new):
-        # Each spawn's rows go to disk as soon as they exist: a run cut short keeps them.
-        rows.extend(new)
-        for r in new:
+        rows, lat = new
+        latents.update(lat)
+        for r in rows:
             print(f"  {r['name']}: " + (r["error"][:200] if "error" in r else
                                         f"{r['seconds']:.2f} s, {r['frame_steps_per_s']:.2f} "
                                         "frame-steps/s"), flush=True)
-        with open(out, "w") as f:
-            json.dump(dict(benchmark="throughput", complete=False, device=a.device,
-                           preset=preset_name, frames=frames, steps=steps,
-                           rows=[{k: v for k, v in r.items() if k != "_latents"} for r in rows]),
-                      f, indent=1)
-    if ranks > 1:
-        measured(run(f"engine {ranks} ranks", modes, ranks, opts, each))
-    measured(run("engine 1 rank", ["overlap"], 1, opts, one))
+        report.add(*rows)
+    if plan.ranks > 1:
+        measured(run(f"engine {plan.ranks} ranks", plan.modes, plan.ranks, o, each))
+    measured(run("engine 1 rank", ["overlap"], 1, o, one))
     if not a.skip_diffusers:
-        measured(run("diffusers, whole video", ["diffusers"], 1, opts, one))
+        measured(run("diffusers, whole video", ["diffusers"], 1, o, one))
+    return report.rows, latents
 
-    ok = {r["name"]: r for r in rows if "error" not in r}
-    one_rank = ok.get("engine 1 rank, overlap")
-    exact = ok.get(f"engine {ranks} ranks, overlap")
+
+def compare(rows, latents, ranks, steps):
+    """Partition invariance (R ranks against 1, exact), the stale mode's drift from exact, and
+    each R-rank row's exposed communication (its step time over the loopback run's).
+    Returns (invariance, stale drift), None where a row is missing."""
+    one_rank = latents.get("engine 1 rank, overlap")
+    exact = latents.get(f"engine {ranks} ranks, overlap")
+    stale = latents.get(f"engine {ranks} ranks, stale")
     invariance = stale_drift = None
-    if one_rank and exact:
-        invariance = rel_diff(exact["_latents"], one_rank["_latents"])
-    stale = ok.get(f"engine {ranks} ranks, stale")
-    if stale and (exact or one_rank):
-        stale_drift = rel_diff(stale["_latents"], (exact or one_rank)["_latents"])
+    if one_rank is not None and exact is not None:
+        invariance = harness.rel_diff(exact, one_rank)
+    if stale is not None and (exact is not None or one_rank is not None):
+        stale_drift = harness.rel_diff(stale, exact if exact is not None else one_rank)
+    ok = {r["name"]: r for r in rows if "error" not in r}
     loop = ok.get(f"engine {ranks} ranks, loopback")
     for r in rows:
-        r.pop("_latents", None)
         if loop and "error" not in r and r["mode"] in ("overlap", "blocking", "stale") and r["ranks"] == ranks:
             r["exposed_comm_ms_per_step"] = (r["seconds"] - loop["seconds"]) / steps * 1e3
+    return invariance, stale_drift
 
-    gpu = torch.cuda.get_device_name() if a.device == "cuda" else None
-    report = dict(benchmark="throughput", date=time.strftime("%Y-%m-%d"), device=a.device, gpu=gpu,
-                  cpu=platform.processor() or platform.machine(), cores=cores,
-                  torch=torch.__version__, preset=preset_name, frames=frames, steps=steps,
-                  latent_hw=latent_hw, dtype=preset["dtype"], config=config, rows=rows,
-                  max_rel_diff_R_ranks_vs_1_rank=invariance,
-                  stale_max_rel_drift_vs_exact=stale_drift, complete=True)
-    print()
-    head = (f"{'run':<30}{'s':>8}{'frame-steps/s':>15}{'peak MiB/rank':>15}{'launches':>10}"
-            f"{'syncs':>7}{'MiB sent':>10}{'MiB recv':>10}{'exposed ms':>12}   (per step)")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
+
+# ------------------------------------------------------------------------------ report
+COLUMNS = [("run", 30), ("s", 8), ("frame-steps/s", 15), ("peak MiB/rank", 15), ("launches", 10),
+           ("syncs", 7), ("MiB sent", 10), ("MiB recv", 10), ("exposed ms", 12)]
+
+
+def build_report(plan: Plan, rows, invariance, stale_drift) -> dict:
+    o = plan.opts
+    return dict(benchmark="throughput", **harness.environment(o["device"]), preset=o["preset"],
+                frames=o["frames"], steps=o["steps"], latent_hw=o["latent_hw"],
+                dtype=PRESETS[o["preset"]]["dtype"], config=o["config"], rows=rows,
+                max_rel_diff_R_ranks_vs_1_rank=invariance,
+                stale_max_rel_drift_vs_exact=stale_drift, complete=True)
+
+
+def print_rows(rows):
+    def cells(r):
         if "error" in r:
-            print(f"{r['name']:<30}  {r['error'][:60]}")
-            continue
-        def col(key, fmt):
-            return format(r[key], fmt) if key in r else "-"
-        print(f"{r['name']:<30}{r['seconds']:>8.2f}{r['frame_steps_per_s']:>15.2f}"
-              f"{max(r['peak_mib_per_rank']):>15.0f}{col('collectives_per_step', '.0f'):>10}"
-              f"{col('device_syncs_per_step', '.0f'):>7}{col('mib_sent_per_step', '.2f'):>10}"
-              f"{col('mib_received_per_step', '.2f'):>10}"
-              f"{col('exposed_comm_ms_per_step', '.1f'):>12}")
+            return [r["name"], r["error"][:60]]
+        col = lambda key, spec: harness.fmt(r.get(key), spec)       # noqa: E731
+        return [r["name"], f"{r['seconds']:.2f}", f"{r['frame_steps_per_s']:.2f}",
+                f"{max(r['peak_mib_per_rank']):.0f}", col("collectives_per_step", ".0f"),
+                col("device_syncs_per_step", ".0f"), col("mib_sent_per_step", ".2f"),
+                col("mib_received_per_step", ".2f"), col("exposed_comm_ms_per_step", ".1f")]
+    print()
+    harness.print_table(COLUMNS, [cells(r) for r in rows], suffix="   (per step)")
+
+
+def print_summary(plan: Plan, report: dict):
+    """The table and what it means; adds the round floor (from the model's structure) to
+    ``report``."""
+    print_rows(report["rows"])
+    invariance = report["max_rel_diff_R_ranks_vs_1_rank"]
+    stale_drift = report["stale_max_rel_drift_vs_exact"]
     if invariance is not None:
-        print(f"\nmax |out(R={ranks}, overlap) - out(R=1)| / max |out(R=1)| = {invariance:.2e}")
+        print(f"\nmax |out(R={plan.ranks}, overlap) - out(R=1)| / max |out(R=1)| = {invariance:.2e}")
     if stale_drift is not None:
         print(f"stale mode drift from exact: max rel {stale_drift:.2e}")
-    fl = report["round_floor"] = round_floor(preset)
+    fl = report["round_floor"] = round_floor(PRESETS[plan.opts["preset"]])
     print(f"dependent rounds per exact step (each >= 1 launch): floor {fl['floor']} = "
           f"{fl['conv_groupnorms']} GroupNorms in {fl['temporal_conv_stacks']} temporal conv "
           f"stacks + {fl['temporal_attentions']} temporal attentions; the overlap mode takes "
@@ -355,23 +363,43 @@ def main(argv=None):
           f"context)")
     print("launches: data-plane collectives (one batch of p2p transfers = 1); exposed: step time "
           "minus the loopback run's (exchanges replaced by local copies of the same size)")
-    mem_note = "GPU max_memory_allocated" if a.device == "cuda" else "peak RSS of the rank's process"
+    mem_note = ("GPU max_memory_allocated" if plan.opts["device"] == "cuda" else
+                "peak RSS of the rank's process")
     print(f"peak memory: {mem_note}; collectives count data-plane launches (one batched p2p = 1)")
-    if target is not None:
-        if preset_name == "tiny":
-            print("\nnote: projecting from the tiny preset's exchanges; use --preset modelscope "
-                  "(e.g. with --latent 8x8 on a CPU) for the 1.41B model's bytes")
-        p = projection.project(report, *target, a.project_frames_per_gpu)
-        projection.print_projection(p)
-        points = projection.sweep(report, target[1], a.project_frames_per_gpu)
-        png = os.path.splitext(out)[0] + f"-scaling-{target[0]}x{target[1]}.png"
-        projection.plot(points, target, png)
-        report["projection"] = dict(target=p, sweep=points, assumptions=projection.ASSUMPTIONS,
-                                    plot=png)
-        print(f"wrote {png}")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {out}")
+
+
+def add_projection(plan: Plan, report: dict):
+    """--project: step time and scaling on the target GPUs from this run's exchanges, printed,
+    plotted and added to ``report``."""
+    target, per_gpu = plan.target, plan.args.project_frames_per_gpu
+    if plan.opts["preset"] == "tiny":
+        print("\nnote: projecting from the tiny preset's exchanges; use --preset modelscope "
+              "(e.g. with --latent 8x8 on a CPU) for the 1.41B model's bytes")
+    p = projection.project(report, *target, per_gpu)
+    projection.print_projection(p)
+    points = projection.sweep(report, target[1], per_gpu)
+    png = os.path.splitext(plan.out)[0] + f"-scaling-{target[0]}x{target[1]}.png"
+    projection.plot(points, target, png)
+    report["projection"] = dict(target=p, sweep=points, assumptions=projection.ASSUMPTIONS,
+                                plot=png)
+    print(f"wrote {png}")
+
+
+def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", choices=("unet3d", "wan"), default="unet3d")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.model == "wan":                   # the Wan DiT mode: bench/wan_throughput.py
+        import wan_throughput
+        return wan_throughput.main(rest)
+    plan = parse(argv)
+    rows, latents = measure(plan)
+    report = build_report(plan, rows, *compare(rows, latents, plan.ranks, plan.opts["steps"]))
+    print_summary(plan, report)
+    if plan.target is not None:
+        add_projection(plan, report)
+    harness.write_json(plan.out, report)
+    print(f"wrote {plan.out}")
     failed = [r for r in rows if "error" in r and r["error"] != "out of memory"]
     return 1 if failed else 0
 

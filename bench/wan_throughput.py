@@ -24,10 +24,10 @@ when both rows exist. Weights are random (never downloaded): timings do not depe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -35,10 +35,10 @@ import warnings
 import torch
 
 import vinf_engine as vinf
-from vinf_engine.launch import run_local
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/: throughput.py's helpers
-from throughput import peak_memory_mib, rel_diff  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/: the shared harness
+import harness  # noqa: E402
+from harness import fmt, peak_memory_mib, rel_diff  # noqa: E402
 
 # Every WanTransformer3DModel here is Wan 2.1's shape except for the sizes the presets set.
 WAN21 = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
@@ -133,21 +133,6 @@ def build_wan(preset: dict, device, dtype):
                 if not keep & set(name.split(".")):
                     p.data = p.data.to(dtype)
     return m.eval()
-
-
-def reset_peak_memory(device):
-    """Start a new peak: the allocator's on GPUs; on Linux CPUs the process's peak RSS
-    (writing 5 to /proc/self/clear_refs resets VmHWM, which ru_maxrss reads). Returns False
-    where the CPU peak cannot be reset (then it is the process's peak so far)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class CollectiveCounter:
@@ -250,13 +235,6 @@ def enable_context_parallel(model, method, world, opts, device):
                 backend="native" if method == "ulysses" else "_native_flash")
 
 
-def _sync(device, world):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def measure(model, method, rank, world, frames, opts, device, dtype, text, counter):
     """One method at one length: warm-up forward, then ``steps`` timed CFG Euler steps.
     Returns this rank's record and its final latents (its clip, or the whole video)."""
@@ -280,8 +258,8 @@ def measure(model, method, rank, world, frames, opts, device, dtype, text, count
 
     with torch.no_grad():
         eps(latents, sched.timesteps[0])                  # warm-up, not timed
-        _sync(device, world)
-        peak_reset = reset_peak_memory(device)
+        harness.sync(device, world)
+        peak_reset = harness.reset_peak_memory(device)
         comm = engine.comm.counters if engine is not None else counter
         if comm is not None:
             comm.reset()
@@ -290,7 +268,7 @@ def measure(model, method, rank, world, frames, opts, device, dtype, text, count
         t0 = time.perf_counter()
         for t in sched.timesteps:
             latents = sched.step(eps(latents, t), t, latents).prev_sample
-        _sync(device, world)
+        harness.sync(device, world)
         seconds = time.perf_counter() - t0
         if counter is not None:
             counter.active = False
@@ -378,7 +356,7 @@ def worker(rank, world, opts):
             recs = _gather(rec, world, group)
             if rank == 0:
                 row = _combine(method, world, frames, recs, opts)
-                append_row(opts["out"], row)
+                harness.append_row(opts["out"], row)
                 print_row(row)
             if any("error" in r for r in recs):
                 failed = failed or f"not run: failed at {frames} frames"
@@ -396,25 +374,6 @@ def worker(rank, world, opts):
 
 
 # ------------------------------------------------------------------------------ the report
-def write_report(path, report):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
-
-
-def append_row(path, row):
-    """Add ``row`` to the JSON report at ``path`` at once (atomically rewritten)."""
-    with open(path) as f:
-        report = json.load(f)
-    report["rows"].append(row)
-    write_report(path, report)
-
-
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def print_row(row):
     if "error" in row or "skipped" in row:
         why = row.get("error") or row.get("skipped")
@@ -460,40 +419,48 @@ def add_comparisons(rows, latents):
                 r["max_rel_diff_vs_dense"] = rel_diff(a, b)
 
 
+COLUMNS = [("run", 28), ("frames", 7), ("s/step", 9), ("ms/frame", 10), ("vs dense", 9),
+           ("vs 1x", 7), ("peak MiB", 10), ("MiB sent", 10), ("MiB recv", 10), ("launch", 8),
+           ("rel diff", 10)]
+
+
+def _cells(r) -> list:
+    """One measured row's cells of the table (an error: its text)."""
+    if "error" in r:
+        return [r["name"], str(r["frames"]), r["error"][:80]]
+    sent = r.get("mib_sent_per_rank_per_step")
+    recv = r.get("mib_received_per_rank_per_step")
+    diff = r.get("max_rel_diff_vs_1_rank" if r["method"] == "engine" else "max_rel_diff_vs_dense")
+    return [r["name"], str(r["frames"]), f"{r['seconds_per_step']:.3f}",
+            f"{r['ms_per_frame_step']:.1f}", fmt(r.get("per_frame_vs_dense"), ".2f"),
+            fmt(r.get("per_frame_vs_1x"), ".2f"), f"{max(r['peak_mib_per_rank']):.0f}",
+            fmt(max(sent) if sent else None, ".2f"), fmt(max(recv) if recv else None, ".2f"),
+            fmt(r.get("collectives_per_step"), ".0f"), fmt(diff, ".1e")]
+
+
 def print_table(rows, methods):
-    head = (f"{'run':<28}{'frames':>7}{'s/step':>9}{'ms/frame':>10}{'vs dense':>9}{'vs 1x':>7}"
-            f"{'peak MiB':>10}{'MiB sent':>10}{'MiB recv':>10}{'launch':>8}{'rel diff':>10}")
-    print(head)
-    print("-" * len(head))
+    """Rows by length, then method (in ``methods``' order); rows of no length (skipped) last."""
     order = {m: i for i, m in enumerate(methods)}
     measured = [r for r in rows if r.get("frames") is not None]
-    for r in sorted(measured, key=lambda r: (r["frames"], order.get(r["method"], 99))):
-        if "error" in r:
-            print(f"{r['name']:<28}{r['frames']:>7}  {r['error'][:80]}")
-            continue
-        sent = r.get("mib_sent_per_rank_per_step")
-        recv = r.get("mib_received_per_rank_per_step")
-        diff = r.get("max_rel_diff_vs_1_rank" if r["method"] == "engine" else "max_rel_diff_vs_dense")
-        print(f"{r['name']:<28}{r['frames']:>7}{r['seconds_per_step']:>9.3f}"
-              f"{r['ms_per_frame_step']:>10.1f}{_fmt(r.get('per_frame_vs_dense'), '.2f'):>9}"
-              f"{_fmt(r.get('per_frame_vs_1x'), '.2f'):>7}{max(r['peak_mib_per_rank']):>10.0f}"
-              f"{_fmt(max(sent) if sent else None, '.2f'):>10}"
-              f"{_fmt(max(recv) if recv else None, '.2f'):>10}"
-              f"{_fmt(r.get('collectives_per_step'), '.0f'):>8}{_fmt(diff, '.1e'):>10}")
-    for r in rows:
-        if r.get("frames") is None:
-            print(f"{r['name']:<28}{'':>7}  {r.get('skipped') or r.get('error')}")
+    lines = [_cells(r) for r in sorted(measured, key=lambda r: (r["frames"], order.get(r["method"], 99)))]
+    lines += [[r["name"], "", str(r.get("skipped") or r.get("error"))] for r in rows
+              if r.get("frames") is None]
+    harness.print_table(COLUMNS, lines)
 
 
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
-    except OSError:
-        return None
+# ------------------------------------------------------------------------------ parse
+@dataclasses.dataclass
+class Plan:
+    """The command line, resolved: defaults by device and preset, checked before any spawn."""
+    args: argparse.Namespace
+    ranks: int
+    methods: list         # without ring on CPU once the ring row is written (see skip_ring)
+    base: dict            # what every rank receives (see worker), but methods and threads
+    timeout: float
+    backend: str
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--preset", choices=tuple(PRESETS), default=None,
@@ -521,8 +488,27 @@ def main(argv=None):
                     help="seconds per spawn of ranks (default 900 on cpu, 3600 on cuda)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default bench/out/throughput-wan-<device>.json)")
-    a = ap.parse_args(argv)
+    return ap
 
+
+def _frames(ap, a, trained, R) -> list:
+    """The lengths: --frames, or 1x, 2x and 4x the trained length."""
+    if a.frames:
+        try:
+            frames = sorted({int(f) for f in a.frames.split(",")})
+            assert frames and frames[0] >= 1
+        except (ValueError, AssertionError):
+            ap.error(f"--frames must look like 21,42,84, got {a.frames!r}")
+    else:
+        frames = [trained, 2 * trained, 4 * trained]
+    if frames[0] < R:
+        ap.error(f"--frames {frames[0]} is fewer than --ranks {R}")
+    return frames
+
+
+def parse(argv) -> Plan:
+    ap = parser()
+    a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     preset_name = a.preset or ("cpu" if a.device == "cpu" else "wan2.1-1.3b")
@@ -539,85 +525,80 @@ def main(argv=None):
     if R == 1:
         methods = [m for m in methods if m not in MULTI]      # engine on 1 rank is engine1
     trained = trained_length(preset)
-    if a.frames:
-        try:
-            frames = sorted({int(f) for f in a.frames.split(",")})
-            assert frames and frames[0] >= 1
-        except (ValueError, AssertionError):
-            ap.error(f"--frames must look like 21,42,84, got {a.frames!r}")
-    else:
-        frames = [trained, 2 * trained, 4 * trained]
-    if frames[0] < R:
-        ap.error(f"--frames {frames[0]} is fewer than --ranks {R}")
+    frames = _frames(ap, a, trained, R)
     latent_hw = preset["latent_hw"]
     if a.latent:
         try:
-            latent_hw = tuple(int(v) for v in a.latent.lower().split("x"))
-            assert len(latent_hw) == 2 and min(latent_hw) >= 2 and not latent_hw[0] % 2 \
-                and not latent_hw[1] % 2
-        except (ValueError, AssertionError):
+            latent_hw = harness.parse_hw(a.latent, even=True)
+        except ValueError:
             ap.error(f"--latent must look like 8x8 (even: patch 2), got {a.latent!r}")
-    dtype = a.dtype or preset["dtype"]
     config = dict(window=a.window, num_global=a.num_global)
     vinf.DualScopeConfig(**config)                             # validate before spawning
-    steps = a.steps or preset["steps"]
-    cores = os.cpu_count() or 1
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                f"throughput-wan-{a.device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    timeout = a.timeout or (900.0 if a.device == "cpu" else 3600.0)
-    backend = "nccl" if a.device == "cuda" else "gloo"
-    import diffusers
-    report = dict(benchmark="throughput-wan", date=time.strftime("%Y-%m-%d"), device=a.device,
-                  gpu=torch.cuda.get_device_name() if a.device == "cuda" else None,
-                  cpu=platform.processor() or platform.machine(), cpu_model=_cpu_model(), cores=cores,
-                  torch=torch.__version__, diffusers=diffusers.__version__, backend=backend,
-                  preset=preset_name, model=wan_kwargs(preset), latent_hw=list(latent_hw),
-                  text_len=preset["text_len"], dtype=dtype, trained_frames=trained,
-                  frames=frames, steps=steps, guidance=GUIDANCE,
-                  scheduler=f"FlowMatchEulerDiscreteScheduler(shift={FLOW_SHIFT})",
-                  engine_config=config, ranks=R, methods=methods,
-                  cpu_threads_per_rank=(a.threads or "cores // ranks") if a.device == "cpu" else None,
-                  rows=[])
-    write_report(out, report)
+    base = dict(device=a.device, preset=preset_name, frames=frames,
+                steps=a.steps or preset["steps"], seed=a.seed, config=config,
+                latent_hw=latent_hw, dtype=a.dtype or preset["dtype"],
+                trained=trained,
+                out=a.out or harness.out_path(f"throughput-wan-{a.device}.json"))
+    return Plan(a, R, methods, base, a.timeout or (900.0 if a.device == "cpu" else 3600.0),
+                "nccl" if a.device == "cuda" else "gloo")
 
-    print(f"vinf_engine throughput, Wan: {preset_name} WanTransformer3DModel "
-          f"({preset['model']['num_layers']} layers, {preset['model']['num_attention_heads']} x "
-          f"{preset['model']['attention_head_dim']} heads), latent {latent_hw[0]}x{latent_hw[1]}, "
-          f"{'/'.join(map(str, frames))} latent frames (trained: {trained}), {steps} steps + "
-          f"1 warm-up, CFG batch 2, {dtype}, {a.device} ({backend}"
+
+# ------------------------------------------------------------------------------ measure
+def start(plan: Plan):
+    """The report's header on disk (rows follow as they are measured) and on stdout; the ring
+    row where ring does not run (on CPU it leaves ``plan.methods``)."""
+    a, b, R = plan.args, plan.base, plan.ranks
+    preset = PRESETS[b["preset"]]
+    os.makedirs(os.path.dirname(os.path.abspath(b["out"])), exist_ok=True)
+    import diffusers
+    harness.write_json(b["out"], dict(
+        benchmark="throughput-wan", **harness.environment(a.device, cpu_model=True),
+        diffusers=diffusers.__version__, backend=plan.backend, preset=b["preset"],
+        model=wan_kwargs(preset), latent_hw=list(b["latent_hw"]), text_len=preset["text_len"],
+        dtype=b["dtype"], trained_frames=b["trained"], frames=b["frames"], steps=b["steps"],
+        guidance=GUIDANCE, scheduler=f"FlowMatchEulerDiscreteScheduler(shift={FLOW_SHIFT})",
+        engine_config=b["config"], ranks=R, methods=plan.methods,
+        cpu_threads_per_rank=(a.threads or "cores // ranks") if a.device == "cpu" else None,
+        rows=[]))
+    hw, m = b["latent_hw"], preset["model"]
+    print(f"vinf_engine throughput, Wan: {b['preset']} WanTransformer3DModel "
+          f"({m['num_layers']} layers, {m['num_attention_heads']} x "
+          f"{m['attention_head_dim']} heads), latent {hw[0]}x{hw[1]}, "
+          f"{'/'.join(map(str, b['frames']))} latent frames (trained: {b['trained']}), "
+          f"{b['steps']} steps + 1 warm-up, CFG batch 2, {b['dtype']}, {a.device} ({plan.backend}"
           f"{f', {a.threads} thread(s) per rank' if a.device == 'cpu' and a.threads else ''}), "
           f"engine window {a.window}, "
           f"{a.num_global} global frames", flush=True)
     ring_row = None
-    if "ring" in methods and a.device == "cpu":
-        methods.remove("ring")
+    if "ring" in plan.methods and a.device == "cpu":
+        plan.methods.remove("ring")
         ring_row = dict(name=LABELS["ring"].format(R=R), method="ring", ranks=R, frames=None,
                         skipped=RING_ON_CPU)
-    elif "ring" not in methods and R > 1:
+    elif "ring" not in plan.methods and R > 1:
         ring_row = dict(name=LABELS["ring"].format(R=R), method="ring", ranks=R, frames=None,
                         skipped=(RING_ON_CPU if a.device == "cpu" else
                                  "not run: opt in with --methods ...,ring (backend _native_flash)"))
     if ring_row:
-        append_row(out, ring_row)
+        harness.append_row(b["out"], ring_row)
         print_row(ring_row)
 
-    latents = {}
-    base = dict(device=a.device, preset=preset_name, frames=frames, steps=steps, seed=a.seed,
-                config=config, latent_hw=latent_hw, dtype=dtype, trained=trained, out=out)
-    groups = [(R, [m for m in methods if m in MULTI]), (1, [m for m in methods if m not in MULTI])]
-    failed = False
+
+def measure_all(plan: Plan):
+    """The methods on R ranks in one spawn, those on one rank in another; rank 0 of each adds
+    every row to the report as it is measured. Returns ({method: {frames: whole video's
+    latents}}, whether a spawn failed)."""
+    out, cores, latents, failed = plan.base["out"], os.cpu_count() or 1, {}, False
+    groups = [(plan.ranks, [m for m in plan.methods if m in MULTI]),
+              (1, [m for m in plan.methods if m not in MULTI])]
     for world, group in groups:
         if not group:
             continue
-        threads = None if a.device == "cuda" else (a.threads or max(1, cores // world))
-        try:
-            res = run_local(worker, world, dict(base, methods=group, threads=threads),
-                            backend=backend, threads=threads, timeout=timeout)
-        except RuntimeError as e:
+        threads = None if plan.args.device == "cuda" else (plan.args.threads or max(1, cores // world))
+        res, error = harness.spawn(worker, world, dict(plan.base, methods=group, threads=threads),
+                                   label=f"{', '.join(group)} on {world} rank(s)",
+                                   backend=plan.backend, threads=threads, timeout=plan.timeout)
+        if error is not None:
             failed = True
-            print(f"  {', '.join(group)} on {world} rank(s): FAILED\n{str(e)[-2000:]}",
-                  file=sys.stderr, flush=True)
             continue
         for m in group:
             if m in MULTI and m != "engine":          # every rank holds the whole video
@@ -628,8 +609,14 @@ def main(argv=None):
         with open(out) as f:
             report = json.load(f)
         add_comparisons(report["rows"], latents)
-        write_report(out, report)
+        harness.write_json(out, report)
+    return latents, failed
 
+
+# ------------------------------------------------------------------------------ report
+def finish(plan: Plan, latents) -> dict:
+    """The report as measured, with the comparisons, the summary and the notes (written)."""
+    out, frames = plan.base["out"], plan.base["frames"]
     with open(out) as f:
         report = json.load(f)
     rows = report["rows"]
@@ -644,33 +631,41 @@ def main(argv=None):
     inv = [r["max_rel_diff_vs_1_rank"] for r in rows if "max_rel_diff_vs_1_rank" in r]
     report["max_rel_diff_R_ranks_vs_1_rank"] = max(inv) if inv else None
     report["summary"] = summary
+    cpu = plan.args.device == "cpu"
     report["notes"] = dict(
         ms_per_frame="rank-milliseconds per frame-step: step time x ranks / frames",
-        peak_memory=("GPU max_memory_allocated since the warm-up" if a.device == "cuda" else
+        peak_memory=("GPU max_memory_allocated since the warm-up" if not cpu else
                      "peak RSS of the rank's process since the warm-up (/proc/self/clear_refs)"),
         bytes="per rank per step (engine: CommCounters; diffusers: its collectives, wrapped)",
         ulysses_on_cpu=("torch.accelerator.device_count patched to 1 during enable_parallelism; "
                         "attention backend native (SDPA); called with return_dict=False"),
-        ring=RING_ON_CPU if a.device == "cpu" else None)
-    write_report(out, report)
+        ring=RING_ON_CPU if cpu else None)
+    harness.write_json(out, report)
+    return report
 
+
+def print_summary(plan: Plan, report: dict):
+    rows, R, frames = report["rows"], plan.ranks, plan.base["frames"]
+    cuda = plan.args.device == "cuda"
     print()
     print_table(rows, METHODS)
-    if inv:
+    inv = report["max_rel_diff_R_ranks_vs_1_rank"]
+    if inv is not None:
         print(f"\npartition invariance: max over lengths of max |out(R={R}) - out(R=1)| / "
-              f"max |out(R=1)| = {max(inv):.2e} ({dtype})")
+              f"max |out(R=1)| = {inv:.2e} ({plan.base['dtype']})")
+    ok = {(r["method"], r["frames"]): r for r in rows if "error" not in r and "skipped" not in r}
     for m, label in (("engine1", "engine 1 rank"), ("engine", f"engine {R} ranks")):
         parts = [f"{f}: {ok[(m, f)]['per_frame_vs_dense']:.2f}x" for f in frames
                  if "per_frame_vs_dense" in ok.get((m, f), {})]
         if parts:
             print(f"{label} per-frame cost vs dense: " + ", ".join(parts))
-    for key, v in summary.items():
+    for key, v in report["summary"].items():
         m = key.split("_per_frame")[0]
         label = "engine 1 rank" if m == "engine1" else f"engine {R} ranks"
         goal = " (goal <= 1.2x: " + ("met" if v <= 1.2 else "missed") + ")"
-        print(f"{label} per-frame cost at {hi} frames / at {lo}: {v:.2f}x"
-              f"{goal if a.device == 'cuda' else ''}")
-    if a.device == "cpu" and "ulysses" in methods:
+        print(f"{label} per-frame cost at {frames[-1]} frames / at {frames[0]}: {v:.2f}x"
+              f"{goal if cuda else ''}")
+    if not cuda and "ulysses" in plan.methods:
         print("Ulysses on CPU/gloo: torch.accelerator.device_count patched to 1 (diffusers takes "
               "rank % device_count(), 0 on CPU), native SDPA backend, return_dict=False")
     print("ms/frame: step time x ranks / frames (rank-ms per frame-step); vs dense: that over dense's at the same length; "
@@ -678,8 +673,16 @@ def main(argv=None):
     print("peak MiB: per rank, " + report["notes"]["peak_memory"] + "; MiB sent/recv and launch "
           "(collectives): per rank per step, the largest rank's")
     print("rel diff: engine R ranks vs engine 1 rank (partition invariance); Ulysses vs dense")
-    print(f"wrote {out}")
-    errors = [r for r in rows if "error" in r and r["error"] != "out of memory"]
+    print(f"wrote {plan.base['out']}")
+
+
+def main(argv=None):
+    plan = parse(argv)
+    start(plan)
+    latents, failed = measure_all(plan)
+    report = finish(plan, latents)
+    print_summary(plan, report)
+    errors = [r for r in report["rows"] if "error" in r and r["error"] != "out of memory"]
     return 1 if failed or errors else 0
 
 

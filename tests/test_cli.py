@@ -48,14 +48,8 @@ def _args(model, out, steps=STEPS, **over):
                                 "--save-latents": out[:-4] + ".pt", **over})
 
 
-@pytest.fixture(scope="module")
-def table(tmp_path_factory, tiny_model):
-    """name -> (argv per rank, what the message must contain); the results of running them
-    all, then a valid run (the reference video of the launch tests), on 2 ranks."""
-    w = tmp_path_factory.mktemp("cli")
-    model = tiny_model
-    out = str(w / "out" / "video.mp4")
-    os.makedirs(w / "out")
+def _unsupported_models(w, model) -> dict:
+    """Model folders that must be refused: name -> path."""
     # Folders that are not a supported pipeline.
     (w / "empty").mkdir()
     sd = w / "sd"
@@ -83,6 +77,11 @@ def table(tmp_path_factory, tiny_model):
     ucfg = json.loads((mismatch / "unet" / "config.json").read_text())
     ucfg["block_out_channels"] = [16, 48]
     (mismatch / "unet" / "config.json").write_text(json.dumps(ucfg))
+    return dict(empty=w / "empty", sd=sd, broken=broken, nan=nan, mismatch=mismatch)
+
+
+def _bad_files(w) -> dict:
+    """Checkpoints, prompt files and outputs that must be refused or survive: name -> path."""
     # Checkpoints that are all corrupt (this run's names, garbage inside).
     ck_corrupt = w / "ck_corrupt"
     ck_corrupt.mkdir()
@@ -101,18 +100,23 @@ def table(tmp_path_factory, tiny_model):
     (w / "out" / "folder.mp4").mkdir()
     ck, ck_empty = str(w / "ck"), str(w / "ck_empty")
     os.makedirs(ck_empty)
+    return dict(ck_corrupt=ck_corrupt, empty_scene=empty_scene, good_prompts=good_prompts,
+                binary=binary, existing=existing, ck=ck, ck_empty=ck_empty)
 
+
+def _input_cases(model, out, w, f) -> dict:
+    """Bad models, sizes, counts, prompt files and outputs: name -> (argv per rank, needle)."""
     def same(**over):
         return [_base(model, out, **over)] * WORLD
 
     P = "--prompt"
-    cases = {
+    return {
         "no model folder": (same(**{"--model": str(w / "nope")}), "does not exist"),
-        "folder without a pipeline": (same(**{"--model": str(w / "empty")}),
+        "folder without a pipeline": (same(**{"--model": str(f["empty"])}),
                                       "is not a diffusers pipeline folder (no model_index.json)"),
-        "unsupported pipeline": (same(**{"--model": str(sd)}),
+        "unsupported pipeline": (same(**{"--model": str(f["sd"])}),
                                  "holds a StableDiffusionPipeline whose unet is UNet2DConditionModel"),
-        "truncated weights": (same(**{"--model": str(broken)}), "cannot load unet"),
+        "truncated weights": (same(**{"--model": str(f["broken"])}), "cannot load unet"),
         "frames < ranks": (same(**{"--frames": "1"}), "frames (1) is fewer than ranks (2)"),
         "zero frames": (same(**{"--frames": "0"}), "frames must be a positive integer, got 0"),
         "frames not a number": (same(**{"--frames": "many"}), "frames must be a positive integer, got 'many'"),
@@ -124,19 +128,29 @@ def table(tmp_path_factory, tiny_model):
         "negative guidance": (same(**{"--guidance": "-1"}), "guidance scale must be a finite number >= 0"),
         "missing prompt file": (same(**{P: None, "--prompt-file": str(w / "nope.txt")}),
                                 "nope.txt' does not exist"),
-        "prompt file not text": (same(**{P: None, "--prompt-file": str(binary)}), "is not UTF-8 text"),
+        "prompt file not text": (same(**{P: None, "--prompt-file": str(f["binary"])}), "is not UTF-8 text"),
         "prompt file is a folder": (same(**{P: None, "--prompt-file": str(w / "empty")}), "is a directory"),
         "prompt file missing on rank 1 only": (
-            [_base(model, out, **{P: None, "--prompt-file": str(good_prompts)}),
+            [_base(model, out, **{P: None, "--prompt-file": str(f["good_prompts"])}),
              _base(model, out, **{P: None, "--prompt-file": str(w / "gone.txt")})],
             "rank 1: prompt file"),
-        "prompt and prompt file": (same(**{"--prompt-file": str(good_prompts)}), "not both"),
+        "prompt and prompt file": (same(**{"--prompt-file": str(f["good_prompts"])}), "not both"),
         "output folder missing": (same(**{"--out": str(w / "nodir" / "v.mp4")}),
                                   "output directory"),
-        "output under a file": (same(**{"--out": str(binary / "v.mp4")}), "output directory"),
+        "output under a file": (same(**{"--out": str(f["binary"] / "v.mp4")}), "output directory"),
         "output is a folder": (same(**{"--out": str(w / "out" / "folder.mp4")}), "is a directory"),
-        "output exists": (same(**{"--out": str(existing)}), "already exists (pass --overwrite"),
+        "output exists": (same(**{"--out": str(f["existing"])}), "already exists (pass --overwrite"),
         "output not mp4": (same(**{"--out": str(w / "out" / "v.avi")}), "must end in .mp4"),
+    }
+
+
+def _settings_cases(model, out, w, f) -> dict:
+    """Bad settings, checkpoints and weights: name -> (argv per rank, needle)."""
+    def same(**over):
+        return [_base(model, out, **over)] * WORLD
+
+    P, ck = "--prompt", f["ck"]
+    return {
         "ranks with different arguments": (
             [_base(model, out), _base(model, out, **{"--steps": "3"})],
             "ranks were started with different arguments (steps: rank 0: 2, rank 1: 3)"),
@@ -147,7 +161,7 @@ def table(tmp_path_factory, tiny_model):
         "fps on a model without fps input": (same(**{"--fps": "8"}), "--fps conditions VideoCrafter2 only"),
         "bad dtype": (same(**{"--dtype": "float8"}), "dtype must be one of"),
         "resume without checkpoint dir": (same(**{"--resume": True}), "--resume needs --checkpoint-dir"),
-        "resume with nothing to resume": (same(**{"--checkpoint-dir": ck_empty, "--resume": True}),
+        "resume with nothing to resume": (same(**{"--checkpoint-dir": f["ck_empty"], "--resume": True}),
                                           "--resume: no checkpoint in"),
         "checkpoint from another config": (
             same(**{"--checkpoint-dir": ck, "--resume": True, "--seed": "9", "--steps": "3"}),
@@ -160,26 +174,38 @@ def table(tmp_path_factory, tiny_model):
         "steps past the scheduler": (same(**{"--steps": "2000"}),
                                      "steps 2000 is more than the scheduler's 1000 training timesteps"),
         "report is a folder": (same(**{"--report": str(w / "empty")}), "--report path"),
-        "checkpoint dir under a file": (same(**{"--checkpoint-dir": str(binary / "ck")}),
+        "checkpoint dir under a file": (same(**{"--checkpoint-dir": str(f["binary"] / "ck")}),
                                         "is a file, not a directory"),
-        "scene with no text": (same(**{P: None, "--prompt-file": str(empty_scene)}),
+        "scene with no text": (same(**{P: None, "--prompt-file": str(f["empty_scene"])}),
                                "line 2: the scene at frame 2 has no text"),
-        "weights holding NaN": (same(**{"--model": str(nan)}), "weights hold NaN or Inf in 1 tensor"),
+        "weights holding NaN": (same(**{"--model": str(f["nan"])}), "weights hold NaN or Inf in 1 tensor"),
         "config that does not fit its weights": (
-            same(**{"--model": str(mismatch)}), "its config does not match its weights: "),
-        "every checkpoint corrupt": (same(**{"--checkpoint-dir": str(ck_corrupt), "--resume": True}),
+            same(**{"--model": str(f["mismatch"])}), "its config does not match its weights: "),
+        "every checkpoint corrupt": (same(**{"--checkpoint-dir": str(f["ck_corrupt"]), "--resume": True}),
                                      "is unreadable (not a complete checkpoint file: truncated or corrupt)"),
     }
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, tiny_model):
+    """name -> (argv per rank, what the message must contain); the results of running them
+    all, then a valid run (the reference video of the launch tests), on 2 ranks."""
+    w = tmp_path_factory.mktemp("cli")
+    model = tiny_model
+    out = str(w / "out" / "video.mp4")
+    os.makedirs(w / "out")
+    f = {**_unsupported_models(w, model), **_bad_files(w)}
+    cases = {**_input_cases(model, out, w, f), **_settings_cases(model, out, w, f)}
     names = list(cases)
     reference = str(w / "reference" / "ref.mp4")
     os.makedirs(os.path.dirname(reference))
     argvs = [(n, cases[n][0]) for n in names] + [("valid run", [_args(model, reference)] * WORLD)]
-    setup = dict(model=model, out=str(w / "setup.mp4"), checkpoint_dir=ck)
+    setup = dict(model=model, out=str(w / "setup.mp4"), checkpoint_dir=f["ck"])
     t0 = time.perf_counter()
     results = run_ranks(cli_cases_rank, WORLD, argvs, setup, timeout=300)
     wall = time.perf_counter() - t0
-    return dict(cases=cases, results=results, out=out, existing=existing, w=w, model=model,
-                ck=ck, wall=wall, reference=reference)
+    return dict(cases=cases, results=results, out=out, existing=f["existing"], w=w, model=model,
+                ck=f["ck"], wall=wall, reference=reference)
 
 
 def test_the_table_has_at_least_15_cases(table):
