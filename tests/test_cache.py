@@ -36,8 +36,10 @@ def test_config_parses_and_refuses():
     with pytest.raises(ValueError, match="leave no middle of the model's 2 blocks"):
         vinf.parallelize(model, cache="fbc:0.1,front=1,back=1")
     from helpers import tiny_unet
-    with pytest.raises(ValueError, match="family has no step cache"):
-        vinf.parallelize(tiny_unet(), cache="fbc:0.1")
+    with pytest.raises(ValueError, match="runs the first down block and the last up block"):
+        vinf.parallelize(tiny_unet(), cache="fbc:0.1,front=2")
+    with pytest.raises(ValueError, match="does not combine with comm_mode 'stale'"):
+        vinf.parallelize(tiny_wan_transformer(num_layers=3), cache="fbc:0.1", comm_mode="stale")
 
 
 def test_off_is_the_uncached_model_and_zero_threshold_computes_everything():
@@ -141,3 +143,20 @@ def test_the_cli_takes_a_cache_and_refuses_a_bad_one(models, tmp_path, capsys):
     assert rep["cache"][0]["spec"] == "fbc:0.5,warmup=1" and rep["cache"][0]["calls"] == 4
     assert main(argv[:-1] + [str(tmp_path / "y.pt"), "--cache", "fbc:x"]) == 2
     assert "cache 'fbc:x'" in capsys.readouterr().err and not (tmp_path / "y.pt").exists()
+
+
+def test_unet3d_caches_its_deep_features_alike_on_every_rank(tmp_path):
+    """UNet3D, DeepCache's way: the first down block decides, the deep features are reused;
+    the same decisions and latents on 1 and 2 ranks; off, nothing is wrapped."""
+    from gen_helpers import HW, save_tiny_pipeline
+    model = save_tiny_pipeline(str(tmp_path / "t2v"))
+    kw = dict(prompts="the cat", num_frames=6, steps=6, seed=2, guidance_scale=4.0,
+              config=DUAL, height=HW[0], width=HW[1], cache="fbc:0.5,warmup=1,max_skips=1")
+    one = vinf.generate(model, out=None, progress=False, **kw)
+    assert one["cache"][0]["decisions"] == ["computed", "skipped"] * 3
+    res = run_ranks(generate_rank_report, 2, model, kw, timeout=300)
+    assert all(r["per_rank"][i]["cache"][0]["decisions"] == one["cache"][0]["decisions"]
+               for i, r in enumerate(res))
+    assert rel_err(torch.cat([r["latents"] for r in res], dim=2), one["latents"]) <= 1e-5
+    plain = vinf.generate(model, out=None, progress=False, **dict(kw, cache=None))
+    assert rel_err(one["latents"], plain["latents"]) > 0

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-__all__ = ["CacheConfig", "StepCache", "cache_blocks"]
+__all__ = ["CacheConfig", "StepCache", "cache_blocks", "cache_unet"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,12 @@ class StepCache:
     rank's clip's residuals. ``engine`` is the model's ``ClipParallel`` (its communicator
     all-reduces the change)."""
 
-    def __init__(self, config: CacheConfig, engine):
-        self.config, self.engine = config, engine
+    def __init__(self, config: CacheConfig, engine, reuse: str = "residual"):
+        # reuse: "residual" (the middle's output minus its input, added to this call's
+        # input: uniform blocks on one stream) or "output" (the middle's output itself: a
+        # UNet's deep features, whose input is another stream)
+        self.config, self.engine, self.reuse = config, engine, reuse
+        self.force = False                  # this call must compute (set before the front)
         self.calls = 0
         self.skips_in_row = 0
         self.log: list = []     # per call: (change, own change, "computed" | "skipped")
@@ -111,10 +115,11 @@ class StepCache:
         """Decide, from the front's residual, whether this call skips the middle (a value
         read on the host: outside any graph)."""
         self.calls += 1
-        r = (h - self._front_in).float()
+        r = (h if self._front_in is None else h - self._front_in).float()
         self._front_in = None
         c = self.config
-        warm = self.calls <= c.warmup or self._front_prev is None or not self._residuals
+        warm = (self.calls <= c.warmup or self._front_prev is None or not self._residuals
+                or self.force)
         change = own = None
         if self._front_prev is not None and self._front_prev.shape == r.shape:
             change, own = self._change(r, self._front_prev)
@@ -158,8 +163,8 @@ class StepCache:
             r = self._residuals[-1]
             if self.config.taylor and len(self._residuals) == 2:
                 r = 2 * r - self._residuals[0]
-            return h + r.to(h.dtype)
-        r = h - self._mid_in
+            return r.to(h.dtype) if self.reuse == "output" else h + r.to(h.dtype)
+        r = h if self.reuse == "output" else h - self._mid_in
         self._mid_in = None
         self._residuals = (self._residuals + [r])[-2:]
         return h
@@ -221,3 +226,58 @@ def cache_blocks(patcher, blocks, cache: StepCache):
     for i, block in enumerate(blocks):
         if i < first or i <= last:
             patcher.replace_method(block, "forward", make(i))
+
+
+def cache_unet(patcher, model, cache: StepCache):
+    """Install ``cache`` on a UNet3D the DeepCache way: its down and up paths meet through
+    skip connections, so the middle is no residual on one stream; the deep features are. The
+    front (``conv_in``, ``transformer_in``, the first down block) always runs and its output's
+    change decides; skipped, the other down blocks, the mid block and every up block but the
+    last hand their input through, and the second-to-last up block's output is the last
+    computed call's; the last up block then runs on it with the skips the front just made
+    (``front=1``, ``back=1``: the last up block). A latent size the UNet pads (not a
+    multiple of its down-sampling) always computes."""
+    downs, ups = list(model.down_blocks), list(model.up_blocks)
+    factor = 2 ** (len(ups) - 1)
+
+    def first_down(inner):
+        def forward(hidden_states, *args, **kwargs):
+            cache.force = hidden_states.shape[-1] % factor or hidden_states.shape[-2] % factor
+            out = inner(hidden_states, *args, **kwargs)
+            cache.front_output(out[0])
+            return out
+        return forward
+
+    def middle_down(block):
+        n = len(block.resnets) + (len(block.downsamplers) if block.downsamplers else 0)
+
+        def wrap(inner):
+            def forward(hidden_states, *args, **kwargs):
+                if cache.skip:           # stand-ins: the up blocks that would read them skip too
+                    return hidden_states, (hidden_states,) * n
+                return inner(hidden_states, *args, **kwargs)
+            return forward
+        return wrap
+
+    def passing(inner):
+        def forward(hidden_states, *args, **kwargs):
+            if cache.skip:
+                return hidden_states.pop() if isinstance(hidden_states, list) else hidden_states
+            return inner(hidden_states, *args, **kwargs)
+        return forward
+
+    def last_middle(inner):
+        def forward(hidden_states, *args, **kwargs):
+            if cache.skip:
+                h = hidden_states.pop() if isinstance(hidden_states, list) else hidden_states
+                return cache.middle_output(h)
+            return cache.middle_output(inner(hidden_states, *args, **kwargs))
+        return forward
+    patcher.replace_method(downs[0], "forward", first_down)
+    for b in downs[1:]:
+        patcher.replace_method(b, "forward", middle_down(b))
+    if model.mid_block is not None:
+        patcher.replace_method(model.mid_block, "forward", passing)
+    for b in ups[:-2]:
+        patcher.replace_method(b, "forward", passing)
+    patcher.replace_method(ups[-2], "forward", last_middle)

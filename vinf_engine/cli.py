@@ -150,7 +150,7 @@ def _parallel_flags(g):
     c.add_argument("--per-clip-groupnorm", action="store_true",
                    help="GroupNorm statistics per clip (the published prototype; ablation only)")
     c.add_argument("--cache", metavar="fbc:T[,...]", default=None,
-                   help="a step cache every rank agrees on (Wan): skip the middle blocks on "
+                   help="a step cache every rank agrees on: skip the middle blocks on "
                         "steps where the first block's output changed less than T over the "
                         "whole video, e.g. fbc:0.08; options front=, back=, warmup=, "
                         "max_skips=, taylor (vinf_engine.cache). Off by default")

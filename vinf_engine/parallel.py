@@ -467,8 +467,9 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     ``cache`` (default None: off, the model untouched) is a step cache every rank agrees on:
     ``"fbc:0.08"`` or a ``vinf_engine.cache.CacheConfig`` (``vinf_engine.cache``); the
     middle of the model is skipped on calls where its first blocks' output changed less than
-    the threshold over the whole video since the last computed call. Families with uniform
-    blocks (Wan). ``model.vinf_engine.cache.report()`` says what it did.
+    the threshold over the whole video since the last computed call (Wan: the middle blocks,
+    First-Block-Cache style; UNet3D: the deep features, DeepCache style). Not with
+    ``comm_mode="stale"``. ``model.vinf_engine.cache.report()`` says what it did.
 
     Returns the model.
     """
@@ -482,6 +483,9 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     if cache is not None and adapter is not None:
         why = (adapter.cache_problem(model, cache) if getattr(adapter, "caches", False)
                else f"the {adapter.name} family has no step cache")
+        if not why and comm_mode == "stale":
+            why = ("the step cache does not combine with comm_mode 'stale': stale pairs each "
+                   "step's exchanges with the previous step's, which a skipped step lacks")
         if why:
             local_error, adapter = why, None
     comm = ClipComm(process_group, timeout=timeout)

@@ -375,6 +375,16 @@ class UNet3DAdapter(AdapterBase):
     name = "UNet3D (ModelScope, Zeroscope, VideoCrafter2)"
     inputs = ("sample", "timestep")       # the forward's clip and timestep parameters
     comm_modes = ("overlap", "blocking", "stale", "loopback")
+    caches = True           # DeepCache's way: the deep features (vinf_engine.cache.cache_unet)
+
+    @staticmethod
+    def cache_problem(model, cache) -> str | None:
+        if cache.front != 1 or cache.back > 1:
+            return ("UNet3D's step cache always runs the first down block and the last up block "
+                    f"(front=1, back=0 or 1), got front={cache.front}, back={cache.back}")
+        if len(model.up_blocks) < 2 or len(model.down_blocks) < 1:
+            return "UNet3D's step cache needs at least two up blocks and one down block"
+        return None
 
     @classmethod
     def model_classes(cls) -> tuple:
@@ -525,3 +535,7 @@ class UNet3DAdapter(AdapterBase):
         # Stale-mode batch boundaries: the end of each block and of the whole forward.
         patcher.flush_after([getattr(model, "transformer_in", None), *model.down_blocks,
                              getattr(model, "mid_block", None), *model.up_blocks, model])
+        if engine.cache_config is not None:
+            from ..cache import StepCache, cache_unet
+            engine.cache = StepCache(engine.cache_config, engine, reuse="output")
+            cache_unet(patcher, model, engine.cache)
