@@ -473,21 +473,11 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
 
     Returns the model.
     """
-    from .cache import CacheConfig
     from .models import Patcher
     local_error, adapter, config = _local_problem(model, config, comm_mode, chunk_mib)
-    try:
-        cache = CacheConfig.parse(cache)
-    except ValueError as e:
-        local_error, adapter = local_error or str(e), None
-    if cache is not None and adapter is not None:
-        why = (adapter.cache_problem(model, cache) if getattr(adapter, "caches", False)
-               else f"the {adapter.name} family has no step cache")
-        if not why and comm_mode == "stale":
-            why = ("the step cache does not combine with comm_mode 'stale': stale pairs each "
-                   "step's exchanges with the previous step's, which a skipped step lacks")
-        if why:
-            local_error, adapter = why, None
+    cache, why = _cache_problem(model, adapter, cache, comm_mode)
+    if why:
+        local_error, adapter = local_error or why, None
     comm = ClipComm(process_group, timeout=timeout)
     fingerprint = None if adapter is None else (config.as_tuple(), comm_mode,
                                                 adapter.fingerprint(model),
@@ -515,6 +505,25 @@ def parallelize(model, config: DualScopeConfig | None = None, process_group=None
     model.vinf_engine = engine
     engine.on_undo(lambda: delattr(model, "vinf_engine"))
     return model
+
+
+def _cache_problem(model, adapter, cache, comm_mode: str) -> tuple:
+    """``(CacheConfig or None, error or None)``: ``cache`` parsed, and what this rank finds
+    wrong with it for ``model``'s family and ``comm_mode``."""
+    from .cache import CacheConfig
+    try:
+        cache = CacheConfig.parse(cache)
+    except ValueError as e:
+        return None, str(e)
+    if cache is None or adapter is None:
+        return cache, None
+    if not getattr(adapter, "caches", False):
+        return cache, f"the {adapter.name} family has no step cache"
+    why = adapter.cache_problem(model, cache)
+    if not why and comm_mode == "stale":
+        why = ("the step cache does not combine with comm_mode 'stale': stale pairs each "
+               "step's exchanges with the previous step's, which a skipped step lacks")
+    return cache, why
 
 
 def _local_problem(model, config, comm_mode: str, chunk_mib) -> tuple:
