@@ -4,7 +4,8 @@ Each builder returns a real ``diffusers.WanPipeline`` whose modules are the rele
 classes (UMT5 text encoder, ``WanTransformer3DModel``, ``AutoencoderKLWan``, UniPC
 flow scheduler, a T5 Unigram tokenizer) shrunk to under 100k random weights each, so a
 whole save -> ``WanPipeline.from_pretrained`` -> generate round trip runs in seconds on
-CPU with no download.  Three layouts are covered:
+CPU with no download.  Three layouts are covered (``tiny_wan_i2v_pipeline``: the same three
+as ``WanImageToVideoPipeline``s):
 
 * ``"2.1"``  - one transformer, 16-channel VAE (4x temporal, 8x spatial).
 * ``"2.2"``  - Wan 2.2 A14B: two experts ``transformer`` / ``transformer_2`` with
@@ -96,6 +97,66 @@ def tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                           flow_shift=3.0, num_train_timesteps=1000),
         expand_timesteps=ti2v, **extra)
+
+
+_CLIP_DIM = 16
+
+
+def _image_encoder():
+    """A tiny CLIP vision tower: 32x32 images, 16x16 patches, so 5 image tokens (4 + CLS)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    return CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=_CLIP_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=16, projection_dim=_CLIP_DIM))
+
+
+def _image_processor():
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def tiny_wan_i2v_pipeline(variant: str = "2.1", seed: int = 0):
+    """A ``WanImageToVideoPipeline`` of tiny random modules (not saved).
+
+    * ``"2.1"``  - Wan 2.1 I2V: a CLIP vision ``image_encoder`` + ``image_processor``, the
+      transformer taking ``[latents, mask(4), condition(16)]`` = 36 channels with ``image_dim``
+      set (image keys in its cross-attention).
+    * ``"2.2"``  - Wan 2.2 I2V-A14B: no image encoder, two 36-channel experts switched at
+      ``boundary_ratio=0.9``.
+    * ``"ti2v"`` - Wan 2.2 TI2V-5B's image-to-video: ``expand_timesteps=True`` (the image's
+      latent replaces latent frame 0), the 48-channel VAE; its ``vae.encode`` gets one frame.
+    """
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    if variant not in ("2.1", "2.2", "ti2v"):
+        raise ValueError(f"unknown Wan variant {variant!r}")
+    ti2v = variant == "ti2v"
+    z_dim = 48 if ti2v else 16
+    io = {} if ti2v else dict(in_channels=2 * z_dim + 4, out_channels=z_dim)
+    tok = _tokenizer()
+    extra = {}
+    if variant == "2.1":
+        extra = dict(image_encoder=_seeded(_image_encoder, seed + 500),
+                     image_processor=_image_processor())
+        io.update(image_dim=_CLIP_DIM, added_kv_proj_dim=48)   # the transformer's inner dim
+    if variant == "2.2":
+        extra = dict(transformer_2=_seeded(lambda: _transformer(z_dim, **io), seed + 300),
+                     boundary_ratio=0.9)
+    return WanImageToVideoPipeline(
+        tokenizer=tok,
+        text_encoder=_seeded(lambda: _text_encoder(len(tok)), seed + 100),
+        transformer=_seeded(lambda: _transformer(z_dim, **io), seed + 200),
+        vae=_seeded(lambda: _vae(ti2v), seed + 400),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                          flow_shift=3.0, num_train_timesteps=1000),
+        expand_timesteps=ti2v, **extra)
+
+
+def wan_image(seed: int = 0, hw=WAN_HW):
+    """A random RGB ``PIL.Image`` of ``hw`` (height, width)."""
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(seed)
+    return Image.fromarray(g.integers(0, 256, (*hw, 3), dtype=np.uint8))
 
 
 def save_tiny_wan_pipeline(folder: str, variant: str = "2.1", seed: int = 0) -> str:
