@@ -31,6 +31,8 @@ SPECS = {
     "wan2.1 i2v": dict(pipe=("wan_i2v", "2.1"), call=WAN, seed=1),
     "wan2.2 i2v first+last": dict(pipe=("wan_i2v", "2.2"), call=dict(WAN, last_image=2), seed=2),
     "wan2.2 ti2v": dict(pipe=("wan_i2v", "ti2v"), call=WAN, seed=3),
+    "wan2.1 t2v": dict(pipe=("wan_t2v", "2.1"),
+                       call={k: v for k, v in WAN.items() if k != "image"}, seed=6),
     "t2v": dict(pipe=("t2v",), call=T2V, seed=4),
     "v2v": dict(pipe=("v2v",), call=dict(prompt="the cat", video=(6, 32, 32), strength=0.7,
                                          num_inference_steps=3, output_type="pt"), seed=5),
@@ -84,7 +86,7 @@ def _expected_counts(name, spec, whole):
         for r in range(R):
             s = sum(dec[:r])
             out[r]["decoded"] = dec[r] + len(history_range(vae, s))
-        if name.endswith("ti2v"):                      # a one-frame encode: stock on every rank
+        if name.endswith("ti2v") or name.endswith("t2v"):   # one frame, or none: not shared
             for r in range(R):
                 out[r]["encoded"] = whole["encoded"]
         else:
@@ -116,6 +118,7 @@ def test_the_pipelines_vae_is_shared_on_three_ranks(stock):
         assert [r[name]["counts"] for r in res] == expect, name
         for key in ("encoded", "decoded"):
             if ref["counts"][key] and not (name.endswith("ti2v") and key == "encoded"):
+                # each rank does less than the whole, in all less than every rank the whole
                 assert sum(e[key] for e in expect) < 3 * ref["counts"][key], (name, key)
 
 
@@ -184,3 +187,24 @@ def test_one_process_passes_through_and_unparallelize_restores():
     with torch.no_grad():
         assert torch.equal(ours, vae.decode(z).sample)    # one rank: the stock call itself
     assert count.take() == dict(encoded=0, decoded=6)
+
+
+def test_bench_runs(tmp_path):
+    """bench/vae_share.py at tiny sizes, 2 ranks: counts before and after, the timed decode."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "vae_share.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "vae_share.py"), "--ranks", "2",
+                        "--wan-frames", "9", "--t2v-frames", "4", "--decode-latents", "4",
+                        "--latent", "4x4", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for name, ranks in report["counts"].items():
+        assert len(ranks) == 2 and all(r["rel_diff"] <= 1e-5 for r in ranks), name
+        assert sum(r["after"]["decoded"] for r in ranks) < 2 * ranks[0]["before"]["decoded"]
+    row = report["decode"][0]
+    assert row["rel_diff"] <= 1e-5 and [r["decoded"] for r in row["ranks"]] == [1, 4]

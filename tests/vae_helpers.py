@@ -49,12 +49,15 @@ def _t2v(cls: str):
 
 
 def build(spec: dict):
-    """A tiny pipeline from ``spec["pipe"]``: ``("wan_i2v", variant)``, ``("t2v",)`` or
-    ``("v2v",)`` (the same tiny UNet3D modules as a ``VideoToVideoSDPipeline``)."""
+    """A tiny pipeline from ``spec["pipe"]``: ``("wan_i2v", variant)``, ``("wan_t2v", variant)``,
+    ``("t2v",)`` or ``("v2v",)`` (the same tiny UNet3D modules as a ``VideoToVideoSDPipeline``)."""
     kind, *arg = spec["pipe"]
     if kind == "wan_i2v":
         from wan_helpers import tiny_wan_i2v_pipeline
         pipe = tiny_wan_i2v_pipeline(*arg)
+    elif kind == "wan_t2v":
+        from wan_helpers import tiny_wan_pipeline
+        pipe = tiny_wan_pipeline(*arg)
     elif kind == "t2v":
         pipe = _t2v("TextToVideoSDPipeline")
     elif kind == "v2v":
