@@ -9,8 +9,9 @@
    a ``TextToVideoSDPipeline``; each rank also checks its video against the unpatched one.
 2. Wall time of ``pipe.vae.decode(z)`` of one video's latents: 1 process (diffusers' own
    decode) against R gloo ranks (the shared decode, one thread each), in the same run, with
-   each rank's CPU time and decoder latent frames (its clip plus its causal warm-up), and the
-   ranks' video against the 1-process one. The VAE: ``AutoencoderKLWan`` with the released
+   each rank's CPU time and decoder latent frames (its clip plus its causal warm-up; in
+   brackets those through the whole decoder: a warm-up frame runs only the stages its
+   receptive field reaches), and the ranks' video against the 1-process one. The VAE: ``AutoencoderKLWan`` with the released
    layout (``num_res_blocks=2``, 4 stages, causal history 38 latent frames) at a small
    width (``--base-dim``), random weights.
 
@@ -97,8 +98,7 @@ def decode_rank(rank, world, n_latent, hw, base_dim):
         t0, c0 = time.perf_counter(), time.process_time()
         video = pipe.vae.decode(z).sample
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return dict(wall_s=wall, cpu_s=cpu, decoded=count.take()["decoded"],
-                video=video if rank == 0 else None)
+    return dict(wall_s=wall, cpu_s=cpu, **count.take(), video=video if rank == 0 else None)
 
 
 def cpu_name() -> str:
@@ -126,7 +126,7 @@ def main(argv=None):
     from helpers import rel_err
     from vinf_engine.launch import run_local
     from vinf_engine.vae_share import clip_sizes
-    from vinf_engine.wan_vae import causal_history
+    from vinf_engine.wan_vae import causal_history, warmup_cost
 
     R = a.ranks
     report = dict(date=time.strftime("%Y-%m-%d"), machine=f"{cpu_name()}, {os.cpu_count()} cores",
@@ -138,40 +138,43 @@ def main(argv=None):
         print(f"\nFrames through each rank's VAE, {R} ranks (before: the VAE unpatched, every rank "
               "the whole video; after: shared)\n")
         print("| pipeline | rank | encoded before | encoded after | decoded before | decoded after "
-              "| video vs unpatched |")
+              "(of which through the whole decoder) | video vs unpatched |")
         print("|---|---|---|---|---|---|---|")
         for name in specs:
             report["counts"][name] = [r[name] for r in res]
             for rank, r in enumerate(res):
                 c = r[name]
                 print(f"| {name} | {rank} | {c['before']['encoded']} | {c['after']['encoded']} | "
-                      f"{c['before']['decoded']} | {c['after']['decoded']} | "
-                      f"{c['rel_diff']:.1e} |")
+                      f"{c['before']['decoded']} | {c['after']['decoded']} "
+                      f"({c['after']['decoded_full']}) | {c['rel_diff']:.1e} |")
 
     hw = tuple(int(v) for v in a.latent.split("x"))
-    H = causal_history(big_vae(a.base_dim))
+    vae = big_vae(a.base_dim)
+    H, cost = causal_history(vae), warmup_cost(vae)
     print(f"\npipe.vae.decode of one video: AutoencoderKLWan(base_dim={a.base_dim}) released "
-          f"layout (causal history {H}), latent {a.latent}, fp32, 1 thread per process\n")
+          f"layout (causal history {H}, a warm-up costing {cost(H):.1f} frames), latent "
+          f"{a.latent}, fp32, 1 thread per process\n")
     print("| latent frames | video frames | run | wall s | rank CPU s (max) | decoder latent "
-          "frames per rank | speed-up | video vs 1 process |")
+          "frames per rank (whole) | speed-up | video vs 1 process |")
     print("|---|---|---|---|---|---|---|---|")
     for n in (int(v) for v in a.decode_latents.split(",")):
         one = run_local(decode_rank, 1, n, hw, a.base_dim, threads=1, timeout=3600)[0]
         many = run_local(decode_rank, R, n, hw, a.base_dim, threads=1, timeout=3600)
         wall = max(r["wall_s"] for r in many)
         diff = rel_err(many[0]["video"], one["video"])
-        sizes = clip_sizes(n, R, H)
+        sizes = clip_sizes(n, R, cost)
+        keys = ("wall_s", "cpu_s", "decoded", "decoded_full")
         row = dict(latent_frames=n, video_frames=one["video"].shape[2], clip_sizes=sizes,
-                   one=dict(wall_s=one["wall_s"], cpu_s=one["cpu_s"], decoded=one["decoded"]),
-                   ranks=[dict(wall_s=r["wall_s"], cpu_s=r["cpu_s"], decoded=r["decoded"])
-                          for r in many],
+                   one={k: one[k] for k in keys}, ranks=[{k: r[k] for k in keys} for r in many],
                    speedup=one["wall_s"] / wall, rel_diff=diff)
         report["decode"].append(row)
+        per_rank = ", ".join(f"{r['decoded']} ({r['decoded_full']})" for r in many)
         print(f"| {n} | {row['video_frames']} | 1 process (diffusers) | {one['wall_s']:.1f} | "
               f"{one['cpu_s']:.1f} | {one['decoded']} | 1.00 | - |")
         print(f"| {n} | {row['video_frames']} | {R} ranks (shared), clips {sizes} | {wall:.1f} | "
               f"{max(r['cpu_s'] for r in many):.1f} | "
-              f"{', '.join(str(r['decoded']) for r in many)} | {row['speedup']:.2f} | "
+              f"{per_rank} | "
+              f"{row['speedup']:.2f} | "
               f"{diff:.1e} |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

@@ -16,8 +16,8 @@ import vinf_engine as vinf
 from helpers import rel_err, run_ranks
 from vae_helpers import FrameCount, build, pipelines_rank, run_pipeline, wan_vae_calls_rank
 from vinf_engine.vae_share import clip_sizes
-from vinf_engine.wan_vae import (causal_history, encode_history_range, encoder_history,
-                                 history_range, video_frames_of)
+from vinf_engine.wan_vae import (_stage_depths, encode_history_range, encoder_history,
+                                 history_range, video_frames_of, warmup_cost)
 from wan_helpers import WAN_HW
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
@@ -42,6 +42,20 @@ SPECS = {
 # The v2v call moves by 1.45e-5 on 3 ranks with the VAE left stock on every rank (measured:
 # the denoiser's split alone), by 1.43e-5 with it shared.
 TOL = dict(v2v=2e-5)
+
+
+def counts(encoded=0, decoded=0, decoded_full=None):
+    """A ``FrameCount`` result; ``decoded_full`` defaults to ``decoded`` (no warm-up)."""
+    return dict(encoded=encoded, decoded=decoded,
+                decoded_full=decoded if decoded_full is None else decoded_full)
+
+
+def _decode_share(vae, n, R, rank):
+    """Rank ``rank``'s decoder frames for a video of ``n`` latent frames: ``(into the decoder,
+    through all of it)``, its clip plus its warm-up (whole only over the head's depth)."""
+    sizes = clip_sizes(n, R, warmup_cost(vae))
+    s = sum(sizes[:rank])
+    return sizes[rank] + len(history_range(vae, s)), sizes[rank] + min(s, _stage_depths(vae)[-1])
 
 
 def _work(sizes, warmup):
@@ -79,13 +93,11 @@ def _expected_counts(name, spec, whole):
     """Each rank's encoder and decoder frames: its clip plus its warm-up (Wan), its rows (2-D)."""
     pipe = build(spec)
     vae, R = pipe.vae, 3
-    out = [dict(encoded=0, decoded=0) for _ in range(R)]
+    out = [counts() for _ in range(R)]
     if name.startswith("wan"):
         n = 1 + (spec["call"]["num_frames"] - 1) // 4
-        dec = clip_sizes(n, R, causal_history(vae))
         for r in range(R):
-            s = sum(dec[:r])
-            out[r]["decoded"] = dec[r] + len(history_range(vae, s))
+            out[r]["decoded"], out[r]["decoded_full"] = _decode_share(vae, n, R, r)
         if name.endswith("ti2v") or name.endswith("t2v"):   # one frame, or none: not shared
             for r in range(R):
                 out[r]["encoded"] = whole["encoded"]
@@ -96,7 +108,7 @@ def _expected_counts(name, spec, whole):
                 frames = video_frames_of(s, s + enc[r])
                 out[r]["encoded"] = len(frames) + len(encode_history_range(vae, s))
     else:
-        for key in ("encoded", "decoded"):
+        for key in ("encoded", "decoded", "decoded_full"):
             if whole[key]:
                 for r, n in enumerate(clip_sizes(whole[key], R, 0)):
                     out[r][key] = n
@@ -116,7 +128,7 @@ def test_the_pipelines_vae_is_shared_on_three_ranks(stock):
             assert torch.equal(got, res[0][name]["frames"]), (name, rank)
         expect = _expected_counts(name, spec, ref["counts"])
         assert [r[name]["counts"] for r in res] == expect, name
-        for key in ("encoded", "decoded"):
+        for key in ("encoded", "decoded", "decoded_full"):
             if ref["counts"][key] and not (name.endswith("ti2v") and key == "encoded"):
                 # each rank does less than the whole, in all less than every rank the whole
                 assert sum(e[key] for e in expect) < 3 * ref["counts"][key], (name, key)
@@ -126,49 +138,51 @@ def test_direct_vae_calls_on_three_ranks():
     n = 40                                                # latent frames: 157 video frames
     res = run_ranks(wan_vae_calls_rank, 3, n, timeout=600)
     vae = build(dict(pipe=("wan_i2v", "2.2"))).vae
-    H, K = causal_history(vae), (encoder_history(vae) + 3) // 4
-    dec, enc = clip_sizes(n, 3, H), clip_sizes(n, 3, K)
+    K = (encoder_history(vae) + 3) // 4
+    enc = clip_sizes(n, 3, K)
     whole_frames = 1 + 4 * (n - 1)
     for rank, r in enumerate(res):
-        s_dec, s_enc = sum(dec[:rank]), sum(enc[:rank])
-        mine_dec = dec[rank] + min(s_dec, H)
+        s_enc = sum(enc[:rank])
+        mine_dec, mine_full = _decode_share(vae, n, 3, rank)
         mine_enc = len(video_frames_of(s_enc, s_enc + enc[rank])) + len(encode_history_range(vae, s_enc))
-        assert mine_dec < n and mine_enc < whole_frames   # every rank does less than the whole
+        assert mine_full < n / 2 and mine_enc < whole_frames   # every rank: less than the whole
+        dec = counts(decoded=mine_dec, decoded_full=mine_full)
         # within the dtype's bound: no farther from the fp64 VAE than twice diffusers' fp32
         for what in ("decode", "encode"):
-            ours, counts = r[what]
+            ours, _ = r[what]
             ref64, ref32 = r[f"stock64_{what}"], r[f"stock32_{what}"]
             stock_err = (ref32.double() - ref64).abs().max().item()
             our_err = (ours.double() - ref64).abs().max().item()
             assert our_err <= 2 * stock_err + 2 ** -23 * ref64.abs().max().item(), (what, our_err)
-        assert r["decode"][1] == dict(encoded=0, decoded=mine_dec)
-        assert r["encode"][1] == dict(encoded=mine_enc, decoded=0)
+        assert r["decode"][1] == dec
+        assert r["encode"][1] == counts(encoded=mine_enc)
         assert r["decode_bytes"] > 0                      # the gather, on the engine's counters
         mean = res[0]["encode"][0][:, :16]
         assert torch.equal(r["encode_tuple"][0], mean)    # return_dict=False, the same bits
         assert torch.equal(r["decode_tuple"][0], res[0]["decode"][0])
         assert torch.equal(r["decode"][0], res[0]["decode"][0])     # the same bits everywhere
         # not shared, stock on every rank: one frame, an image batch, encode tiling
-        assert r["one_frame"][1] == dict(encoded=1, decoded=0)
-        assert r["image"][1] == dict(encoded=0, decoded=0) and "parallelize_pipe" not in r["image"][0]
+        assert r["one_frame"][1] == counts(encoded=1)
+        assert r["image"][1] == counts() and "parallelize_pipe" not in r["image"][0]
         assert r["image"][0] == res[0]["image"][0]        # the stock error, the same everywhere
         tiles = (WAN_HW[0] // 16) * (WAN_HW[1] // 16)     # tiled_encode: the video per tile
-        assert r["tiled_encode"][1] == dict(encoded=whole_frames * tiles, decoded=0)
+        assert r["tiled_encode"][1] == counts(encoded=whole_frames * tiles)
         # tiled decode is shared (decode_clip mirrors tiled_decode): diffusers' bits
-        assert r["tiled_decode"][1] == dict(encoded=0, decoded=mine_dec * tiles)
+        assert r["tiled_decode"][1] == counts(decoded=mine_dec * tiles,
+                                              decoded_full=mine_full * tiles)
         assert torch.equal(r["tiled_decode"][0], r["stock_tiled_decode"])
-        assert r["sliced"][1] == dict(encoded=0, decoded=2 * mine_dec)
+        assert r["sliced"][1] == counts(decoded=2 * mine_dec, decoded_full=2 * mine_full)
         assert rel_err(r["sliced"][0], r["stock_sliced"]) <= 1e-5
         # ranks that disagree: refused on every rank, before any frame is decoded
         for bad in ("other_data", "other_length"):
             msg = r[bad][0] if bad == "other_data" else r[bad]
             assert "ValueError" in msg and "unparallelize_pipe" in msg, msg
-        assert r["other_data"][1] == dict(encoded=0, decoded=0)
-        assert r["grad"] == (True, dict(encoded=0, decoded=4))
-        assert r["offload"][1] == dict(encoded=0, decoded=mine_dec)
+        assert r["other_data"][1] == counts()
+        assert r["grad"] == (True, counts(decoded=4))
+        assert r["offload"][1] == dec
         assert torch.equal(r["offload"][0], res[0]["decode"][0])
         # after unparallelize_pipe under a later wrapper: a pass-through to the stock decode
-        assert r["after_undo"][1] == dict(encoded=0, decoded=n) and r["after_undo_wrapper_ran"]
+        assert r["after_undo"][1] == counts(decoded=n) and r["after_undo_wrapper_ran"]
         assert rel_err(r["after_undo"][0], r["stock32_decode"]) <= 1e-5
         assert r["encode_restored"]
 
@@ -186,7 +200,7 @@ def test_one_process_passes_through_and_unparallelize_restores():
     assert "encode" not in vae.__dict__ and "decode" not in vae.__dict__
     with torch.no_grad():
         assert torch.equal(ours, vae.decode(z).sample)    # one rank: the stock call itself
-    assert count.take() == dict(encoded=0, decoded=6)
+    assert count.take() == counts(decoded=6)
 
 
 def test_bench_runs(tmp_path):
@@ -207,4 +221,5 @@ def test_bench_runs(tmp_path):
         assert len(ranks) == 2 and all(r["rel_diff"] <= 1e-5 for r in ranks), name
         assert sum(r["after"]["decoded"] for r in ranks) < 2 * ranks[0]["before"]["decoded"]
     row = report["decode"][0]
-    assert row["rel_diff"] <= 1e-5 and [r["decoded"] for r in row["ranks"]] == [1, 4]
+    assert row["rel_diff"] <= 1e-5 and sum(row["clip_sizes"]) == 4
+    assert [r["decoded"] for r in row["ranks"]] == [row["clip_sizes"][0], 4]

@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from helpers import rel_err
-from vinf_engine.wan_vae import (_decode_window, _encode_window, causal_history, decode_clip,
-                                 encode_clip, encode_history_range, encoder_history,
-                                 history_range, temporal_factor, video_frames_of)
+from vinf_engine import wan_vae
+from vinf_engine.wan_vae import (_decode_window, _decoder_stages, _encode_window, _stage_depths,
+                                 causal_history, decode_clip, encode_clip, encode_history_range,
+                                 encoder_history, history_range, temporal_factor,
+                                 video_frames_of, warmup_cost)
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 diffusers = pytest.importorskip("diffusers")
@@ -175,6 +177,42 @@ def test_less_warm_up_is_not_exact(name, dtype, threads):
                                             chunk=2)), dim=2)
         err = (got - ref).abs().max().item()
         assert (err == 0) == (k == H), (k, err)
+
+
+@pytest.mark.parametrize("name", ["base4", "deep", "ti2v"])
+def test_each_decoder_stage_warms_up_exactly_as_far_as_it_must(name, monkeypatch):
+    """A warm-up frame runs only the stages whose receptive field reaches it: stage k over the
+    last ``_stage_depths[k]`` frames before the clip (counted), exactly (bitwise); any one
+    stage started one latent frame later is not exact."""
+    with torch.device("meta"):                            # released: 38 frames cost about 8
+        wan21 = AutoencoderKLWan()
+    assert _stage_depths(wan21) == [38, 28, 14, 7, 4, 1]
+    assert 7.5 < warmup_cost(wan21)(38) == warmup_cost(wan21)(1000) < 8.5
+    assert warmup_cost(wan21)(0) == 0 and warmup_cost(wan21)(1) == 1
+    vae = vae_of(name)
+    depths = _stage_depths(vae)
+    H = depths[0]
+    assert depths == sorted(depths, reverse=True) and depths[-1] == 1
+    s = H + 2
+    z = latents(vae, s + 2, seed=1)
+    ref = ours(vae, z)[:, :, video_frames_of(0, s, 4).stop:]
+
+    def decode():
+        return torch.cat(list(_decode_window(vae, z[:, :, s - H:], warm=H, window_start=s - H,
+                                             chunk=2)), dim=2)
+    calls = [0] * len(depths)
+    hooks = [st.entry.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, st in enumerate(_decoder_stages(vae))]     # each stage's first module ran
+    try:
+        assert torch.equal(decode(), ref)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [d + 2 for d in depths]               # its warm-up, then the 2 clip frames
+    for k in range(1, len(depths)):
+        monkeypatch.setattr(wan_vae, "_stage_depths",
+                            lambda v, k=k: [d - (i == k) for i, d in enumerate(depths)])
+        assert not torch.equal(decode(), ref), k
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)

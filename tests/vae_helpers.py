@@ -15,24 +15,31 @@ EXACT = dict(window=1000, num_global=0, phase_bias=0.0)
 class FrameCount:
     """Frames through ``vae.encoder`` and ``vae.decoder``, counted by pre-hooks on every call:
     for Wan's causal VAE the video frames in and the latent frames in (dim 2); for a 2-D VAE
-    the images in (its rows, dim 0)."""
+    the images in (its rows, dim 0). ``decoded_full``: those that reached the decoder's last
+    conv (a Wan warm-up frame may stop at an earlier stage: ``wan_vae._Stream``)."""
+
+    KEYS = ("encoded", "decoded", "decoded_full")
 
     def __init__(self, vae):
-        self.counts = {"encoded": 0, "decoded": 0}
-        dim = 2 if type(vae).__name__ == "AutoencoderKLWan" else 0
+        self.counts = dict.fromkeys(self.KEYS, 0)
+        wan = type(vae).__name__ == "AutoencoderKLWan"
 
-        def counter(key):
+        def counter(key, dim):
             def hook(module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
-                self.counts[key] += x.shape[dim]
+                self.counts[key] += 1 if dim is None else x.shape[dim]
             return hook
-        self.handles = [vae.encoder.register_forward_pre_hook(counter("encoded"), with_kwargs=True),
-                        vae.decoder.register_forward_pre_hook(counter("decoded"), with_kwargs=True)]
+        self.handles = [
+            m.register_forward_pre_hook(counter(key, dim), with_kwargs=True)
+            for m, key, dim in ((vae.encoder, "encoded", 2 if wan else 0),
+                                (vae.decoder, "decoded", 2 if wan else 0),
+                                # Wan: one latent frame per call; 2-D: its rows
+                                (vae.decoder.conv_out, "decoded_full", None if wan else 0))]
 
     def take(self) -> dict:
         """The counts since the last ``take``."""
         out = dict(self.counts)
-        self.counts.update(encoded=0, decoded=0)
+        self.counts.update(dict.fromkeys(self.KEYS, 0))
         return out
 
     def remove(self):

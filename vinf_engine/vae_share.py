@@ -9,7 +9,8 @@ still returns the whole result and does about ``1/R`` of the frames:
   ``wan_vae.encode_clip`` / ``decode_clip``. Each rank warms the causal caches up on the frames
   before its clip, which it already holds (every rank holds the whole input): no
   communication before the encode or decode, one gather after it. Clips are sized so that
-  every rank's work (clip plus warm-up) is about equal: rank 0, with no warm-up, takes more.
+  every rank's work (clip plus warm-up: a whole encode of up to 28 latent frames, about 8
+  frames of decoding for the released VAEs) is about equal: rank 0, with none, takes more.
 * ``AutoencoderKL`` (UNet3D pipelines): a 2-D VAE fed ``(B*F, C, h, w)`` rows, split along the
   rows; each rank runs the stock call on its rows.
 
@@ -29,46 +30,49 @@ from typing import Callable, NamedTuple
 import torch
 
 from .layout import ClipLayout
-from .wan_vae import (causal_history, decode_clip, encode_clip, encode_history_range,
-                      encoder_history, history_range, temporal_factor, video_frames_of)
+from .wan_vae import (decode_clip, encode_clip, encode_history_range, encoder_history,
+                      history_range, temporal_factor, video_frames_of, warmup_cost)
 
 __all__ = ["share_vae", "clip_sizes", "VaeCall"]
 
 
-def clip_sizes(n: int, ranks: int, warmup: int) -> tuple[int, ...]:
+def clip_sizes(n: int, ranks: int, warmup: Callable[[int], float] | int) -> tuple[int, ...]:
     """Contiguous clips of ``n`` frames over ``ranks`` ranks (``n >= ranks``, at least one
     frame each) that minimize the largest per-rank work, a clip of ``n_r`` frames from frame
-    ``s_r`` costing ``n_r + min(s_r, warmup)``.
+    ``s_r`` costing ``n_r + warmup(s_r)`` (an int ``w``: ``min(s_r, w)``; a function: growing
+    by at most 1 per frame, such as ``wan_vae.warmup_cost(vae)``).
 
     For the smallest feasible largest work ``W`` (bisected), clips are filled from the last
-    rank back, each as long as ``W`` allows: a rank's reach only grows with its clip, and
-    fewer frames left over never hurts the ranks before it, so this fits whenever any split
-    does, and it keeps the early ranks' clips, hence everyone's warm-up, short.
+    rank back, each as long as ``W`` allows: a rank's work only grows with its clip, and fewer
+    frames left over never hurts the ranks before it, so this fits whenever any split does,
+    and it keeps the early ranks' clips, hence everyone's warm-up, short.
     """
     if not 1 <= ranks <= n:
         raise ValueError(f"need 1 <= ranks <= n, got {ranks} ranks for {n} frames")
+    cost = [(warmup(s) if callable(warmup) else min(s, warmup)) for s in range(n + 1)]
 
     def fill(W):
         sizes, left = [], n
         for r in range(ranks - 1, 0, -1):
-            # The longest clip ending at frame ``left`` that leaves a frame for each of the r
-            # ranks before it, within W: from ``left <= W`` on its warm-up reaches frame 0 and
-            # its work is ``left`` whatever its length; before that it is ``take + warmup``.
-            take = left - r if left <= W else min(W - warmup, left - r)
+            # the longest clip ending at frame ``left`` within W that leaves a frame for each
+            # of the r ranks before it (its work, take + cost(left - take), grows with take)
+            take = left - r
+            while take >= 1 and take + cost[left - take] > W:
+                take -= 1
             if take < 1:
                 return None
             sizes.append(take)
             left -= take
         return (left, *reversed(sizes)) if left <= W else None
 
-    lo, hi = -(-n // ranks), n + warmup
-    while lo < hi:
-        mid = (lo + hi) // 2
+    lo, hi = 0.0, n + cost[n]                # fill(hi) always fits: one frame per rank
+    for _ in range(64):                      # to below any gap between two works
+        mid = (lo + hi) / 2
         if fill(mid) is None:
-            lo = mid + 1
+            lo = mid
         else:
             hi = mid
-    return fill(lo)
+    return fill(hi)
 
 
 class VaeCall(NamedTuple):
@@ -170,7 +174,7 @@ class _WanSplit:
         from diffusers.models.autoencoders.vae import DecoderOutput
         vae = self.vae
         R = temporal_factor(vae)
-        sizes = clip_sizes(z.shape[2], comm.world_size, causal_history(vae))
+        sizes = clip_sizes(z.shape[2], comm.world_size, warmup_cost(vae))
         starts = [sum(sizes[:r]) for r in range(len(sizes) + 1)]
         s, e = starts[comm.rank], starts[comm.rank + 1]
         hist = history_range(vae, s)

@@ -11,7 +11,10 @@ middle of a video as if it were a fresh video is wrong near its start.
 The decoder has no other state, and every cached convolution sees a finite window, so the
 output of latent frame ``i`` depends only on latent frames ``i - causal_history(vae) .. i``.
 ``decode_clip`` therefore decodes a clip exactly by first running the decoder over that many
-frames of left history (a "warm-up" whose video output is thrown away) and then over the clip:
+frames of left history (a "warm-up" whose video output is thrown away) and then over the clip.
+The receptive field narrows towards the output: a warm-up frame runs only the decoder stages
+whose field reaches it (all 38 through conv_in and the mid block, 4 through the last up block,
+1 through the head), so a warm-up costs about 8 frames of decoding, not 38 (``warmup_cost``):
 
     K = causal_history(vae)                                     # 38 for the released VAEs
     hist = z_whole[:, :, max(0, start - K):start]               # what the rank before can send
@@ -21,20 +24,21 @@ frames of left history (a "warm-up" whose video output is thrown away) and then 
 and the pieces of all clips of a video, concatenated in order, are bitwise what
 ``decode_clip`` gives for the whole video at once, by construction: every module runs on the
 same tensor shapes in the same order whatever the split (one latent frame per decoder call,
-as ``_decode`` does, and ``post_quant_conv`` per frame too), so the same kernels see the same
-numbers on any CPU or GPU. Against diffusers' ``vae.decode(z_whole).sample``, which runs
+as ``_decode`` does, and ``post_quant_conv`` per frame too; a stage that starts mid-warm-up
+has filled its caches before any output frame), so the same kernels see the same numbers on
+any CPU or GPU. Against diffusers' ``vae.decode(z_whole).sample``, which runs
 ``post_quant_conv`` over the whole latent at once, they differ by that convolution's rounding
 carried through the decoder (the tests bound it against an fp64 decode); with tiling, where
 ``tiled_decode`` also runs it per frame and tile, they are its bits.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
 __all__ = ["causal_history", "decode_clip", "video_frames_of", "history_range", "temporal_factor",
-           "encoder_history", "encode_history_range", "encode_clip"]
+           "warmup_cost", "encoder_history", "encode_history_range", "encode_clip"]
 
 
 def _wan():
@@ -52,8 +56,8 @@ def _left_context(conv) -> int:
     return (k - 1) * d
 
 
-def _temporal_ops(vae) -> list[tuple[str, int]]:
-    """The decoder's temporal structure, in forward order.
+def _ops_of(modules) -> list[tuple[str, int]]:
+    """The temporal structure of decoder ``modules``, in forward order.
 
     Returns a list of ``("conv", p)`` (a causal conv reading ``p`` past frames at the current
     rate) and ``("up", f)`` (the frame rate multiplies by ``f``; every input frame but the first
@@ -67,7 +71,7 @@ def _temporal_ops(vae) -> list[tuple[str, int]]:
     # Module registration order is forward order for every conv and resampler of diffusers'
     # Wan decoder (the mid block registers its attentions first, the residual up block its
     # DupUp3D shortcut first; neither reads the past). The split-decode tests check the result.
-    for m in vae.decoder.modules():
+    for m in (sub for module in modules for sub in module.modules()):
         if id(m) in done:
             continue
         if isinstance(m, wan.WanResample):
@@ -81,6 +85,48 @@ def _temporal_ops(vae) -> list[tuple[str, int]]:
         elif isinstance(m, wan.WanCausalConv3d):
             ops.append(("conv", _left_context(m)))
     return ops
+
+
+class _Stage(NamedTuple):
+    """A stage of the decoder as ``WanDecoder3d.forward`` runs it."""
+    entry: torch.nn.Module          # the module whose call begins it inside that forward
+    modules: tuple                  # what it runs
+    ops: list                       # its temporal structure (``_ops_of``)
+
+
+def _decoder_stages(vae) -> list[_Stage]:
+    """conv_in and the mid block, each up block, the head (norm_out, conv_out)."""
+    d = vae.decoder
+    groups = [(d.conv_in, (d.conv_in, d.mid_block)), *[(b, (b,)) for b in d.up_blocks],
+              (d.norm_out, (d.norm_out, d.conv_out))]
+    return [_Stage(entry, mods, _ops_of(mods)) for entry, mods in groups]
+
+
+def _temporal_ops(vae) -> list[tuple[str, int]]:
+    """The decoder's temporal structure, in forward order (``_ops_of`` the whole decoder)."""
+    return [op for stage in _decoder_stages(vae) for op in stage.ops]
+
+
+def _stage_depths(vae) -> list[int]:
+    """Latent frames of warm-up each stage of ``_decoder_stages`` needs before a clip: the
+    backward walk of ``causal_history`` from the clip's first video frame, stopped at each
+    stage's input, to the latent frame that holds the earliest input index reached there.
+    Non-increasing; the first is ``causal_history``. Released VAEs: 38, 28, 14, 7, 4 and 1:
+    the late stages, at 4x the frame rate and 16x the area, where the work is, need few."""
+    stages = _decoder_stages(vae)
+    rate = 2 ** sum(op == "up" for st in stages for op, _ in st.ops)
+    i = 1                                    # any i > 0 gives the same depths
+    e = rate * (i - 1) + 1
+    depths = []
+    for st in reversed(stages):
+        for op, v in reversed(st.ops):
+            if op == "conv":
+                e -= v
+            else:
+                e = -(-e // v)
+                rate //= v
+        depths.append(i - -(-e // rate))     # the latent frame holding index e: ceil(e / rate)
+    return depths[::-1]
 
 
 def _decoder_rate(vae) -> int:
@@ -143,19 +189,7 @@ def causal_history(vae) -> int:
         ``H``: a clip starting at latent frame ``start`` needs latent frames
         ``max(0, start - H) .. start - 1`` as history.
     """
-    ops = _temporal_ops(vae)
-    rate = 1
-    for op, f in ops:
-        if op == "up":
-            rate *= f
-    i = 1                                    # any i > 0 gives the same distance
-    e = rate * (i - 1) + 1
-    for op, v in reversed(ops):
-        if op == "conv":
-            e -= v
-        else:
-            e = -(-e // v)
-    return i - e
+    return _stage_depths(vae)[0]
 
 
 def history_range(vae_or_history: object, start: int) -> range:
@@ -229,8 +263,9 @@ def decode_clip(vae, z: torch.Tensor, *, start: int, history: torch.Tensor | Non
     (and per sample with ``vae.use_slicing``, per spatial tile with ``vae.use_tiling`` when the
     latent exceeds the tile size, mirroring ``tiled_decode``), ``post_quant_conv`` per frame:
     every split of a video gives the bits of its whole decode here (see the module's notes
-    for ``vae.decode``). The warm-up costs ``min(start, causal_history)`` extra latent frames of
-    decoding per clip; its video output is dropped frame by frame.
+    for ``vae.decode``). The warm-up runs ``min(start, causal_history)`` latent frames through
+    the decoder's first stage and fewer through the later ones (``_stage_depths``), about
+    ``warmup_cost(vae)(start)`` frames of whole decoding; its video is never computed.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 5:
         raise ValueError(f"z must be a 5-D tensor (B, C, n, h, w), got "
@@ -265,16 +300,87 @@ def decode_clip(vae, z: torch.Tensor, *, start: int, history: torch.Tensor | Non
     return _decode_window(vae, window, warm=h_needed, window_start=start - h_needed, chunk=chunk)
 
 
+def warmup_cost(vae) -> Callable[[int], float]:
+    """``cost(start)``: what the warm-up of a clip starting at latent frame ``start`` costs
+    ``decode_clip``, in latent frames of whole-decoder work. Each decoder stage runs over the
+    warm-up frames its receptive field reaches (``_stage_depths``), weighted by its share of
+    the decoder's work, estimated as its convolutions' weights x frames per latent frame x area
+    at its input. Released VAEs: about 8 (measured on the CPU: 7.8-8.5) where a whole warm-up
+    is 38. Grows by at most 1 per frame of ``start``."""
+    rate, area, weights = 1, 1, []
+    for st in _decoder_stages(vae):
+        convs = sum(m.weight.numel() for mod in st.modules for m in mod.modules()
+                    if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+        weights.append(convs * rate * area)
+        area *= 4 ** sum(getattr(m, "mode", None) in ("upsample2d", "upsample3d")
+                         for mod in st.modules for m in mod.modules())
+        rate *= 2 ** sum(op == "up" for op, _ in st.ops)
+    depths, total = _stage_depths(vae), sum(weights)
+
+    def cost(start: int) -> float:
+        return sum(w * min(start, d) for w, d in zip(weights, depths)) / total
+    return cost
+
+
+class _Stop(Exception):
+    """Ends a warm-up call of the decoder at a stage boundary (see ``_Stream``)."""
+
+
+def _stop(module, args):
+    raise _Stop
+
+
+def _upsampler3d(module):
+    """The temporal upsampler (``upsample3d`` ``WanResample``) that ends an up block, or None."""
+    ups = getattr(module, "upsamplers", None)          # WanUpBlock (2.1) / WanResidualUpBlock
+    up = ups[0] if ups else getattr(module, "upsampler", None)
+    return up if getattr(up, "mode", None) == "upsample3d" else None
+
+
+def _seed(block, up):
+    """A pre-hook on up block ``block`` that gives its temporal upsampler ``up`` a cached frame
+    of zeros: a stage that starts mid-video sees zeros before its first frame, as its convs
+    (cache None: zero padding) do, instead of the first-chunk path ("Rep": no time_conv, one
+    frame out per frame in), which a Wan 2.2 block's DupUp3D shortcut could not follow."""
+    def hook(module, args, kwargs):
+        x = args[0]
+        idx = kwargs["feat_idx"][0] + 2 * len(block.resnets)     # 2 cached convs per resnet
+        kwargs["feat_cache"][idx] = x.new_zeros(x.shape[0], up.dim, 1, *x.shape[3:])
+    return hook
+
+
 class _Stream:
-    """One decoder cache: the ``_feat_map`` that ``_decode`` would keep, for one sample/tile."""
+    """One decoder cache: the ``_feat_map`` that ``_decode`` would keep, for one sample/tile.
 
-    def __init__(self, vae, n_convs: int):
-        self.vae, self.feat, self.first = vae, [None] * n_convs, True
+    ``plan`` is ``(module, start, upsampler)`` per decoder stage: a call for global latent
+    frame ``g`` runs the stages with ``start <= g`` (a prefix) and ends at the next one's
+    module, by a pre-hook that raises; a stage starting at ``g`` after the first call gets a
+    zero history (``_seed``). Every call goes through ``vae.decoder`` itself, so its modules
+    run diffusers' own code in the same order, with their hooks (accelerate's) in place.
+    """
 
-    def __call__(self, x1: torch.Tensor) -> torch.Tensor:
-        out = self.vae.decoder(x1, feat_cache=self.feat, feat_idx=[0], first_chunk=self.first)
-        self.first = False
-        return out
+    def __init__(self, vae, n_convs: int, plan: list):
+        self.vae, self.feat, self.first, self.plan = vae, [None] * n_convs, True, plan
+
+    def __call__(self, x1: torch.Tensor, g: int) -> torch.Tensor | None:
+        hooks = []
+        try:
+            for module, start, up in self.plan:
+                if start > g:
+                    hooks.append(module.register_forward_pre_hook(_stop))
+                    break
+                if start == g and up is not None and not self.first:
+                    hooks.append(module.register_forward_pre_hook(_seed(module, up),
+                                                                  with_kwargs=True))
+            try:
+                return self.vae.decoder(x1, feat_cache=self.feat, feat_idx=[0],
+                                        first_chunk=self.first)
+            except _Stop:
+                return None
+        finally:
+            self.first = False
+            for h in hooks:
+                h.remove()
 
 
 def _decode_window(vae, window: torch.Tensor, *, warm: int, window_start: int,
@@ -288,6 +394,11 @@ def _decode_window(vae, window: torch.Tensor, *, warm: int, window_start: int,
     n_convs = sum(isinstance(m, wan.WanCausalConv3d) for m in vae.decoder.modules())
     patch = vae.config.patch_size
     B, _, T, h, w = window.shape
+    # Warm-up frames run only the stages whose receptive field reaches them: all from the
+    # window's start through conv_in and the mid block, few through the late, large stages.
+    first = window_start + warm
+    plan = [(st.entry, max(first - d, window_start) if warm else window_start,
+             _upsampler3d(st.entry)) for st, d in zip(_decoder_stages(vae), _stage_depths(vae))]
     parts = [window[i:i + 1] for i in range(B)] if vae.use_slicing and B > 1 else [window]
 
     lat_tile_h = vae.tile_sample_min_height // vae.spatial_compression_ratio
@@ -298,21 +409,23 @@ def _decode_window(vae, window: torch.Tensor, *, warm: int, window_start: int,
         lat_stride_w = vae.tile_sample_stride_width // vae.spatial_compression_ratio
         rows_at = list(range(0, h, lat_stride_h))
         cols_at = list(range(0, w, lat_stride_w))
-        streams = [[[_Stream(vae, n_convs) for _ in cols_at] for _ in rows_at] for _ in parts]
+        streams = [[[_Stream(vae, n_convs, plan) for _ in cols_at] for _ in rows_at]
+                    for _ in parts]
     else:
-        streams = [_Stream(vae, n_convs) for _ in parts]
+        streams = [_Stream(vae, n_convs, plan) for _ in parts]
 
     def step(t):
+        g = window_start + t
         if not tiled:
             # post_quant_conv (1x1x1) per latent frame, where ``_decode`` runs it over the
             # whole latent at once: a convolution's rounding may depend on its length (the
             # CPU's math library picks its kernel by shape), so only one shape for every
             # frame makes every split of the video decode the same bits.
-            return [s(vae.post_quant_conv(x[:, :, t:t + 1])) for s, x in zip(streams, parts)]
+            return [s(vae.post_quant_conv(x[:, :, t:t + 1]), g) for s, x in zip(streams, parts)]
         outs = []
         for p, grid in zip(parts, streams):
             outs.append([[s(vae.post_quant_conv(
-                p[:, :, t:t + 1, i:i + lat_tile_h, j:j + lat_tile_w]))
+                p[:, :, t:t + 1, i:i + lat_tile_h, j:j + lat_tile_w]), g)
                 for j, s in zip(cols_at, row)] for i, row in zip(rows_at, grid)])
         return outs
 
