@@ -62,9 +62,9 @@ setup(
         # vinf_engine.generate and `python -m vinf_engine generate`: text encoders and the mp4
         # encoder (imageio-ffmpeg ships its own ffmpeg binary).
         # Wan: WanTransformer3DModel.from_pretrained needs accelerate.
-        # WanImageToVideoPipeline: ftfy.
-        "generate": ["transformers>=4.40", "imageio-ffmpeg>=0.5", "accelerate>=0.31", "ftfy"],
+        # diffusers' WanImageToVideoPipeline cleans prompts with ftfy (unguarded).
+        "generate": ["transformers>=4.40", "imageio-ffmpeg>=0.5", "accelerate>=0.31", "ftfy>=6"],
         "test": ["pytest>=8", "transformers>=4.40", "imageio-ffmpeg>=0.5", "accelerate>=0.31",
-                 "ftfy"],
+                 "ftfy>=6"],
     },
 )

@@ -4,7 +4,8 @@ Each builder returns a real ``diffusers.WanPipeline`` whose modules are the rele
 classes (UMT5 text encoder, ``WanTransformer3DModel``, ``AutoencoderKLWan``, UniPC
 flow scheduler, a T5 Unigram tokenizer) shrunk to under 100k random weights each, so a
 whole save -> ``WanPipeline.from_pretrained`` -> generate round trip runs in seconds on
-CPU with no download.  Three layouts are covered:
+CPU with no download.  Three layouts are covered (``tiny_wan_i2v_pipeline``: the same three
+as ``WanImageToVideoPipeline``s):
 
 * ``"2.1"``  - one transformer, 16-channel VAE (4x temporal, 8x spatial).
 * ``"2.2"``  - Wan 2.2 A14B: two experts ``transformer`` / ``transformer_2`` with
@@ -96,6 +97,14 @@ def tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                           flow_shift=3.0, num_train_timesteps=1000),
         expand_timesteps=ti2v, **extra)
+
+
+def wan_image(seed: int = 0, hw=WAN_HW):
+    """A random RGB ``PIL.Image`` of ``hw`` (height, width)."""
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(seed)
+    return Image.fromarray(g.integers(0, 256, (*hw, 3), dtype=np.uint8))
 
 
 def save_tiny_wan_pipeline(folder: str, variant: str = "2.1", seed: int = 0) -> str:

@@ -1,8 +1,9 @@
 """Tiny random Wan image-to-video pipelines (``WanImageToVideoPipeline``) for tests, built
 offline: Wan 2.1 I2V (CLIP image tokens), a first-last-frame model (two images' tokens,
-``pos_embed_seq_len``) and the Wan 2.2 I2V-A14B layout (two experts, no CLIP). The
-transformer takes the latents, four mask channels and the condition latents: ``2 * 16 + 4``
-input channels."""
+``pos_embed_seq_len``), the Wan 2.2 I2V-A14B layout (two experts, no CLIP): their transformer
+takes the latents, four mask channels and the condition latents, ``2 * 16 + 4`` input
+channels; and Wan 2.2 TI2V-5B's image-to-video (``expand_timesteps``: the image's latent
+replaces latent frame 0; the 48-channel VAE)."""
 from __future__ import annotations
 
 import os
@@ -23,12 +24,16 @@ def _clip():
 
 def tiny_wan_i2v_pipeline(variant: str = "2.1", seed: int = 0):
     """``variant``: "2.1" (CLIP tokens of one image), "flf2v" (of the first and the last
-    image), "2.2" (two experts switched at boundary_ratio 0.875, no CLIP)."""
+    image), "2.2" (two experts switched at boundary_ratio 0.875, no CLIP), "ti2v"."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    if variant not in ("2.1", "flf2v", "2.2", "ti2v"):
+        raise ValueError(f"unknown Wan image-to-video variant {variant!r}")
     tok = _tokenizer()
     clip = variant in ("2.1", "flf2v")
+    ti2v = variant == "ti2v"
+    z_dim = 48 if ti2v else 16
     extra = {}
-    kw = dict(in_channels=36, out_channels=16)
+    kw = {} if ti2v else dict(in_channels=2 * z_dim + 4, out_channels=z_dim)
     if clip:
         tokens = 2 * 5 if variant == "flf2v" else None      # 5 tokens an image (32 / 16)^2 + 1
         kw.update(image_dim=CLIP_DIM, added_kv_proj_dim=48, pos_embed_seq_len=tokens)
@@ -38,11 +43,11 @@ def tiny_wan_i2v_pipeline(variant: str = "2.1", seed: int = 0):
                      boundary_ratio=0.875)
     return WanImageToVideoPipeline(
         tokenizer=tok, text_encoder=_seeded(lambda: _text_encoder(len(tok)), seed + 100),
-        transformer=_seeded(lambda: _transformer(16, **kw), seed + 200),
-        vae=_seeded(lambda: _vae(False), seed + 400),
+        transformer=_seeded(lambda: _transformer(z_dim, **kw), seed + 200),
+        vae=_seeded(lambda: _vae(ti2v), seed + 400),
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                           flow_shift=3.0, num_train_timesteps=1000),
-        **extra)
+        expand_timesteps=ti2v, **extra)
 
 
 def save_tiny_wan_i2v_pipeline(folder: str, variant: str = "2.1", seed: int = 0) -> str:

@@ -4,12 +4,14 @@
     video = pipe(prompt, num_frames=256, ...).frames   # every rank, the same arguments
 
 Every rank runs the whole pipeline with the whole video's latents (they are small next to the
-denoiser's activations): prompt encoding, the scheduler, the generator's noise, callbacks,
-guidance and decoding are the pipeline's own, identical on every rank. Only the denoiser is
-shared out: on entry it keeps this rank's clip of the frames (and of per-token timesteps), the
-clip-parallel model runs it, and on exit every rank receives every rank's output frames, so
-the pipeline sees the whole video's prediction. The result equals one process with the same
-config; in exact config it equals the unpatched pipeline.
+denoiser's activations): prompt encoding, the scheduler, the generator's noise, callbacks and
+guidance are the pipeline's own, identical on every rank. The denoiser is shared out: on entry
+it keeps this rank's clip of the frames (and of per-token timesteps), the clip-parallel model
+runs it, and on exit every rank receives every rank's output frames, so the pipeline sees the
+whole video's prediction. So are the VAE's ``encode`` and ``decode`` of a video
+(``vae_share``): each rank encodes or decodes its clip, warmed up on frames it holds, and
+gathers the rest. The result equals one process with the same config; in exact config it
+equals the unpatched pipeline (the VAE's calls up to their rounding: ``vae_share``).
 """
 from __future__ import annotations
 
@@ -73,6 +75,13 @@ class _Split:
         return type(output)(sample=whole)
 
 
+class _Recorder:
+    """What ``Patcher`` records its undos on: here, the pipeline's own undo list."""
+
+    def __init__(self, undo: list):
+        self.on_undo = undo.append
+
+
 def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=None, *,
                      comm_mode: str = "overlap", timeout=None, chunk_mib=DEFAULT_CHUNK_MIB):
     """Make the unchanged ``pipe(...)`` call, made on every rank with the same arguments,
@@ -85,12 +94,15 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
     experts are parallelized). Collective, like
     ``vinf_engine.parallelize``, whose arguments the rest are; ``config`` defaults to the
     model family's. Every rank returns the whole video, equal to one process with the same
-    config (in exact config: the unpatched pipeline). Each rank still decodes the whole video
-    with the pipeline's own VAE call: ``vinf_engine.generate`` decodes each rank's frames and
-    streams them to one mp4 instead. ``unparallelize_pipe`` restores the pipeline.
+    config (in exact config: the unpatched pipeline). The pipeline's ``vae.encode`` and
+    ``vae.decode`` of a video (Wan's ``AutoencoderKLWan``, UNet3D's ``AutoencoderKL`` rows) run
+    each rank's share and gather the whole (``vinf_engine.vae_share``); any other call to them
+    runs stock. ``unparallelize_pipe`` restores the pipeline.
     """
+    from .models.base import Patcher
     from .parallel import parallelize, unparallelize
     from .pipelines import accepted_pipelines, family_of
+    from .vae_share import share_vae
     if getattr(pipe, "_vinf_pipe", None) is not None:
         raise ValueError("pipeline is already parallelized (call unparallelize_pipe first)")
     family = family_of(pipe)
@@ -107,6 +119,8 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
             pre = model.register_forward_pre_hook(split.before, with_kwargs=True, prepend=True)
             post = model.register_forward_hook(split.after, with_kwargs=True)
             undo += [pre.remove, post.remove]
+        comm_of = (lambda m=family.denoisers(pipe)[0]: m.vinf_engine.comm)
+        share_vae(pipe, comm_of, Patcher(_Recorder(undo)))
     except BaseException:
         for fn in reversed(undo):
             fn()
