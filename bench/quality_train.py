@@ -191,7 +191,7 @@ def train_denoiser(kind: str, steps: int, seed: int, clips: int, batch: int, log
     base = DEFAULT_LR[kind]
     opt = torch.optim.AdamW(model.parameters(), lr=base, betas=(0.9, 0.99), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 20)
-    t0, window, rows = time.perf_counter(), [], []
+    t0, c0, window, rows = time.perf_counter(), time.process_time(), [], []
     with open(log_path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["step", "loss", "lr", "seconds"])
@@ -221,7 +221,8 @@ def train_denoiser(kind: str, steps: int, seed: int, clips: int, batch: int, log
                           flush=True)
             if (step + 1) % save_every == 0 or step == steps - 1:
                 _save_denoiser(kind, ema, folder)
-    return dict(steps=steps, seconds=round(time.perf_counter() - t0, 1), final_loss=rows[-1][1],
+    return dict(steps=steps, seconds=round(time.perf_counter() - t0, 1),
+                cpu_seconds=round(time.process_time() - c0, 1), final_loss=rows[-1][1],
                 final_loss_mean_last_250=float(np.mean([r[1] for r in rows[-10:]])),
                 params=sum(p.numel() for p in model.parameters()), clips=clips, batch=batch,
                 lr=base, seed=seed)
