@@ -6,9 +6,9 @@ latents, and (Wan 2.1 I2V / FLF2V) on CLIP tokens of the image in every cross-at
 stock pipeline builds the conditioning video ``[image, zeros..., (last image)]`` and the mask
 for the whole video at once. Here images may sit at any global frame, and each rank builds
 only its clip's slice: the mask from the frames' indices, the condition latents by encoding
-the conditioning video up to the clip's end (the causal encoder's latents there depend on
-nothing later; every rank builds that video itself: the images at their frames, zeros
-elsewhere).
+its clip of the conditioning video after a warm-up on the frames before it that the causal
+encoder reads (``wan_vae.encode_clip``; every rank builds those frames itself: the images at
+their frames, zeros elsewhere).
 """
 from __future__ import annotations
 
@@ -90,12 +90,36 @@ def mask_and_condition(pipe, plan, frames: range, visual, device) -> torch.Tenso
     video (the mode of the VAE's distribution, as the stock pipeline's ``argmax``)."""
     vae, kt = pipe.vae, pipe.vae_scale_factor_temporal
     h, w = plan.shape[3], plan.shape[4]
-    upto = plan.video_frames(range(0, frames.stop))
     with torch.no_grad():
-        # The causal encoder's latent frames up to this clip's end depend on the video up to
-        # its end only: encoded from the video's start, the clip's part is exact.
-        z = vae.encode(_video(pipe, plan, visual, upto, device).to(vae.dtype)
-                       ).latent_dist.mode()[:, :, frames.start:]
+        z = _condition_latents(pipe, plan, frames, visual, device)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+    cond = ((z - mean) * inv_std).float()
+    mask = _mask(kt, visual.frames, plan.frames, frames, h, w, device)
+    return torch.cat([mask, cond], dim=1)
+
+
+def _condition_latents(pipe, plan, frames: range, visual, device) -> torch.Tensor:
+    """The conditioning video's latent means of latent frames ``frames``: its clip encoded
+    after a warm-up on the video frames before it that the causal encoder still reads
+    (``wan_vae.encode_clip``: at most 109 frames for the released VAEs, whatever the clip's
+    place in the video), so each rank's encode costs its clip, not the video up to it."""
+    from ..wan_vae import _encode_tiles, encode_clip, encode_history_range
+    vae = pipe.vae
+    if _encode_tiles(vae, plan.height, plan.width):
+        # encode_clip does not mirror tiled_encode: the stock encode from the video's start,
+        # whose latents up to the clip's end depend on nothing later (the encoder is causal).
+        upto = plan.video_frames(range(0, frames.stop))
+        return vae.encode(_video(pipe, plan, visual, upto, device).to(vae.dtype)
+                          ).latent_dist.mode()[:, :, frames.start:]
+    clip = plan.video_frames(frames)
+    history = encode_history_range(vae, frames.start)
+    video = _video(pipe, plan, visual, range(history.start, clip.stop), device).to(vae.dtype)
+    moments = encode_clip(vae, video[:, :, len(history):], start=frames.start,
+                          history=video[:, :, :len(history)])
+    return moments[:, :vae.config.z_dim]                   # the mean: the mode
+
+
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
     cond = ((z - mean) * inv_std).float()
