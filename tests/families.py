@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import vinf_engine as vinf
+from cogvideox_helpers import cog_call, cog_inputs, tiny_cogvideox_transformer
 from helpers import tiny_unet, unet_inputs
 from wan_helpers import tiny_wan_transformer, wan_inputs
 
@@ -78,7 +79,48 @@ class Wan:
         return model(hidden_states=clip, timestep=t, encoder_hidden_states=text).sample
 
 
-FAMILIES = {"unet3d": UNet3D, "wan": Wan}
+class CogVideoX:
+    """CogVideoX 5b-style (3-D RoPE): frames along dim 1 of the model's input, text first
+    in one attention. The suite's clips are in the engine's layout (B, C, F, H, W); ``call``
+    gives the model its own."""
+    modes = ("overlap",)
+    variant = "5b"
+    # trained_frames=3: the global scope's offsets past 2 are clamped (the video has 11)
+    configs = dict(CONFIGS, clamp=dict(DUAL, window=2, trained_frames=3),
+                   true_positions=dict(DUAL, window=2, trained_frames=3, global_positions="true"))
+    resolution_cut = 2
+
+    @classmethod
+    def model(cls):
+        return tiny_cogvideox_transformer(cls.variant)
+
+    @classmethod
+    def shallow_model(cls):
+        return cls.model()
+
+    @classmethod
+    def inputs(cls, frames):
+        return cog_inputs(frames, 2 if cls.variant == "1.5" else 1)
+
+    @staticmethod
+    def call(model, clip, t, text):
+        return cog_call(model, clip, t, text)
+
+
+class CogVideoX2b(CogVideoX):
+    """CogVideoX 2b: the 3-D sin-cos position embedding at the clip's global frames."""
+    variant = "2b"
+    configs = CONFIGS
+
+
+class CogVideoX15(CogVideoX):
+    """CogVideoX 1.5: temporal patches of 2 latent frames, the engine's frames are pairs."""
+    variant = "1.5"
+    configs = dict(CONFIGS, clamp=dict(DUAL, window=2, trained_frames=3))
+
+
+FAMILIES = {"unet3d": UNet3D, "wan": Wan, "cogvideox": CogVideoX, "cogvideox_2b": CogVideoX2b,
+            "cogvideox15": CogVideoX15}
 
 
 def modes_at(spec, world):

@@ -45,12 +45,13 @@ class _Split:
         sample, timestep = values.get(self.names[0]), values.get(self.names[1])
         if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
             return None                     # the engine's agreement refuses it on every rank
-        F = sample.shape[2]
+        dim, u = self._frames()
+        F = sample.shape[dim] // u          # whole token frames (an odd rest: refused)
         base, extra = divmod(F, eng.world_size)
         sizes = [base + (r < extra) for r in range(eng.world_size)]
         s = sum(sizes[:eng.rank])
         e = s + sizes[eng.rank]             # an empty clip, for F < ranks: refused collectively
-        new = {self.names[0]: sample[:, :, s:e]}
+        new = {self.names[0]: sample.narrow(dim, s * u, (e - s) * u)}
         if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and F:
             T = timestep.shape[1] // F      # per-token timesteps (TI2V): this clip's tokens
             new[self.names[1]] = timestep[:, s * T:e * T]
@@ -63,13 +64,25 @@ class _Split:
                 args[i] = new[name]
         return tuple(args), kwargs
 
+    def _frames(self) -> tuple:
+        """``(dim, unit)``: the model's frame dimension (2, or CogVideoX's 1) and latent
+        frames per engine frame (CogVideoX 1.5: pairs)."""
+        adapter = self.engine.adapter
+        unit = getattr(adapter, "frame_unit", None)
+        return getattr(adapter, "frame_dim", 2), (unit(self.model) if unit else 1)
+
     def after(self, module, args, kwargs, output):
         eng = self.engine
         layout = eng.layout
         clip = output[0] if isinstance(output, tuple) else output.sample
+        dim, u = self._frames()
+        if u > 1:                           # whole token frames along dim, gathered as one
+            clip = clip.unflatten(dim, (-1, u)).flatten(dim + 1, dim + 2)
         everything = tuple(tuple(range(layout.num_frames)) for _ in range(layout.world_size))
-        whole = eng.comm.post_frames(clip.contiguous(), 2, layout, everything,
+        whole = eng.comm.post_frames(clip.contiguous(), dim, layout, everything,
                                      "denoiser output gather").wait()
+        if u > 1:
+            whole = whole.unflatten(dim + 1, (u, -1)).flatten(dim, dim + 1)
         if isinstance(output, tuple):
             return (whole, *output[1:])
         return type(output)(sample=whole)

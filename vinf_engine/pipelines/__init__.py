@@ -4,6 +4,7 @@
     unet3d.py  TextToVideoSDPipeline (ModelScope, Zeroscope) and VideoCrafter2
     wan.py     WanPipeline (Wan 2.1, Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B) and
                WanImageToVideoPipeline (image conditioning: wan_image.py)
+    cogvideox.py  CogVideoXPipeline (CogVideoX 2b, 5b)
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ _FAMILIES: list = []
 
 def families() -> list:
     if not _FAMILIES:
+        from .cogvideox import CogVideoXPipelines
         from .unet3d import UNet3DPipelines
         from .wan import WanPipelines
-        _FAMILIES.extend([UNet3DPipelines(), WanPipelines()])
+        _FAMILIES.extend([UNet3DPipelines(), WanPipelines(), CogVideoXPipelines()])
     return _FAMILIES
 
 

@@ -42,9 +42,10 @@ class UNet3DPipelines(PipelineFamily):
 
     # ---------------------------------------------------------------- folders
     def claims_dir(self, index: dict) -> bool:
-        # Every folder the Wan family does not claim: a UNet2D pipeline is then refused
-        # with what it holds, not as an unknown folder.
-        return "unet" in index or not str(index.get("_class_name", "")).startswith("Wan")
+        # Every folder the Wan and CogVideoX families do not claim: a UNet2D pipeline is
+        # then refused with what it holds, not as an unknown folder.
+        return "unet" in index or not str(index.get("_class_name", "")).startswith(
+            ("Wan", "CogVideoX"))
 
     def inspect(self, path: str, mi: dict) -> tuple:
         from ..models.videocrafter2 import is_videocrafter2_unet_dir
