@@ -100,7 +100,7 @@ def test_bad_input_fails_on_every_rank(family):
     results = _outputs(2)[family, "refusals"]
     expected = {
         "not_a_family": "rank 1: vinf_engine.parallelize has no model family for Linear; "
-                        "registered families: UNet3D",
+                        "registered families: ",
         "config": "different config",
         "config_type": "rank 1: config must be a vinf_engine.DualScopeConfig",
         "resolution": "disagree on the clip's (batch, channels, height, width)",
@@ -128,6 +128,7 @@ def test_the_registry_resolves_along_the_mro_and_lists_families():
     from vinf_engine.models import adapter_for, families
     from vinf_engine.models.unet3d import UNet3DAdapter
     from vinf_engine.models.videocrafter2 import VideoCrafter2UNet3DConditionModel
+    from vinf_engine.models.ltx import LTXAdapter
     from vinf_engine.models.wan import WanAdapter
     names = families()
     assert any("UNet3DConditionModel" in c for c in names.values())
@@ -136,6 +137,8 @@ def test_the_registry_resolves_along_the_mro_and_lists_families():
     vc2 = VideoCrafter2UNet3DConditionModel(**{**__import__("helpers").TINY_UNET})
     assert isinstance(adapter_for(vc2), UNet3DAdapter)
     assert isinstance(adapter_for(FAMILIES["wan"].model()), WanAdapter)
+    assert isinstance(adapter_for(FAMILIES["ltx"].model()), LTXAdapter)
+    assert any("LTXVideoTransformer3DModel" in c for c in names.values())
     msg = adapter_for(torch.nn.Conv2d(2, 2, 1))
     assert isinstance(msg, str) and "Conv2d" in msg and "Wan" in msg and "UNet3D" in msg
 
