@@ -182,3 +182,16 @@ def test_a_window_past_the_trained_range_warns_with_both_numbers():
     from vinf_engine.models.ltx import window_problem
     assert window_problem(model, model.vinf_engine.config, 26) is not None
     assert window_problem(model, model.vinf_engine.config, 21) is None
+
+
+def test_the_step_cache_skips_ltx_blocks_together():
+    # First-block cache over LTX's uniform blocks: a small change of the first block's output
+    # skips the middle blocks (one process here; the decision is the engine's, shared).
+    model = tiny_ltx_transformer(num_layers=4)
+    x, extra = ltx_inputs(6)
+    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2), cache="fbc:0.5")
+    with torch.no_grad():
+        outs = [ltx_call(model, x + 1e-3 * t / 1000, t, extra) for t in (999, 900, 800)]
+    report = model.vinf_engine.cache.report()
+    assert report["decisions"][0] == "computed" and "skipped" in report["decisions"]
+    assert all(o.shape == x.shape for o in outs)
