@@ -193,7 +193,7 @@ def plan(run: Run):
             say(f"warning: {w}")
     run.config = s.resolved_config(family.default_config(pipe))
     run.dtype = next(family.denoisers(pipe)[0].parameters()).dtype
-    run.sched = family.make_scheduler(pipe, s.scheduler)
+    run.sched = family.make_scheduler(pipe, s.scheduler, run.plan)
     run.sched.set_timesteps(s.steps, device=run.device)
     run.layout = ClipLayout(run.plan.latent_frames, run.world)
     run.fps = getattr(family, "fps_conditioning", lambda *_: None)(s, pipe)
@@ -577,7 +577,7 @@ def _dtype(name, device, family) -> torch.dtype:
         return DTYPES[name]
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if family.name == "Wan" else torch.float16
+    return family.cuda_dtype
 
 
 def _sum_counters(snapshots) -> dict:

@@ -67,7 +67,7 @@ def inspect_model_dir(path: str) -> tuple:
         return f"{index} is unreadable: {e}", {}
     if not isinstance(mi, dict):
         return f"{index} is not a JSON object", {}
-    for fam in families():
+    for fam in sorted(families(), key=lambda f: f.catch_all):   # specific claims first
         if fam.claims_dir(mi):
             problem, info = fam.inspect(path, mi)
             return problem, (dict(info, family=fam, index=mi) if problem is None else {})

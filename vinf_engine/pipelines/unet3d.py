@@ -41,9 +41,11 @@ class UNet3DPipelines(PipelineFamily):
              "ModelScope, Zeroscope; VideoCrafter2's UNet")
 
     # ---------------------------------------------------------------- folders
+    catch_all = True
+
     def claims_dir(self, index: dict) -> bool:
-        # Every folder the Wan family does not claim: a UNet2D pipeline is then refused
-        # with what it holds, not as an unknown folder.
+        # Every folder the other families do not claim (asked last): a UNet2D pipeline is
+        # then refused with what it holds, not as an unknown folder.
         return "unet" in index or not str(index.get("_class_name", "")).startswith("Wan")
 
     def inspect(self, path: str, mi: dict) -> tuple:
