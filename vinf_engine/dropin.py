@@ -13,6 +13,8 @@ config; in exact config it equals the unpatched pipeline.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .config import DualScopeConfig
@@ -22,10 +24,17 @@ __all__ = ["parallelize_pipe", "unparallelize_pipe"]
 
 
 class _Split:
-    """The pre- and post-hook of one denoiser: split its input by frames, gather its output."""
+    """The pre- and post-hook of one denoiser: split its input by frames, gather its output.
 
-    def __init__(self, model, names: tuple):
-        self.model, self.names = model, names
+    Frames lie along dim 2 of a 5-D input (UNet3D, Wan), or, for a family whose adapter names
+    a ``frames_argument`` (LTX), along dim 1 of packed frame-major tokens ``(B, F*T, C)``
+    whose frame count that argument holds: each rank takes its frames' tokens and passes its
+    own count."""
+
+    def __init__(self, model, names: tuple, frames_argument: str | None = None):
+        self.model, self.names, self.frames_argument = model, names, frames_argument
+        params = list(inspect.signature(type(model).forward).parameters)[1:]
+        self.positions = {n: i for i, n in enumerate(params)}
 
     @property
     def engine(self):
@@ -34,40 +43,59 @@ class _Split:
     def before(self, module, args, kwargs):
         eng = self.engine
         args = list(args)
+        wanted = self.names + ((self.frames_argument,) if self.frames_argument else ())
         values = {}
-        for i, name in enumerate(self.names):
+        for name in wanted:
+            i = self.positions.get(name, len(args))
             if name in kwargs:
                 values[name] = kwargs[name]
             elif len(args) > i:
                 values[name] = args[i]
         sample, timestep = values.get(self.names[0]), values.get(self.names[1])
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+        where = self._frames(sample, values.get(self.frames_argument))
+        if where is None:
             return None                     # the engine's agreement refuses it on every rank
-        F = sample.shape[2]
+        F, dim, T = where
         base, extra = divmod(F, eng.world_size)
         sizes = [base + (r < extra) for r in range(eng.world_size)]
         s = sum(sizes[:eng.rank])
         e = s + sizes[eng.rank]             # an empty clip, for F < ranks: refused collectively
-        new = {self.names[0]: sample[:, :, s:e]}
+        new = {self.names[0]: sample.narrow(dim, s * T, (e - s) * T)}
+        if self.frames_argument:
+            new[self.frames_argument] = e - s
         if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and F:
-            T = timestep.shape[1] // F      # per-token timesteps (TI2V): this clip's tokens
-            new[self.names[1]] = timestep[:, s * T:e * T]
-        for i, name in enumerate(self.names):
-            if name not in new:
-                continue
-            if name in kwargs:
-                kwargs[name] = new[name]
+            Tt = timestep.shape[1] // F     # per-token timesteps (TI2V, LTX I2V): this clip's
+            new[self.names[1]] = timestep[:, s * Tt:e * Tt]
+        for name, value in new.items():
+            if name in kwargs or self.positions.get(name, len(args)) >= len(args):
+                kwargs[name] = value
             else:
-                args[i] = new[name]
+                args[self.positions[name]] = value
         return tuple(args), kwargs
+
+    def _frames(self, sample, count) -> tuple | None:
+        """``(F, dim, tokens per frame)`` of the denoiser's input, or None if it has none."""
+        if not isinstance(sample, torch.Tensor):
+            return None
+        if self.frames_argument is None:
+            return (sample.shape[2], 2, 1) if sample.dim() == 5 else None
+        if (sample.dim() != 3 or isinstance(count, bool) or not isinstance(count, int)
+                or count < 1 or sample.shape[1] % count):
+            return None
+        return count, 1, sample.shape[1] // count
 
     def after(self, module, args, kwargs, output):
         eng = self.engine
         layout = eng.layout
         clip = output[0] if isinstance(output, tuple) else output.sample
         everything = tuple(tuple(range(layout.num_frames)) for _ in range(layout.world_size))
-        whole = eng.comm.post_frames(clip.contiguous(), 2, layout, everything,
-                                     "denoiser output gather").wait()
+        if self.frames_argument:            # (B, Fc*T, C) tokens: frames along dim 1
+            framed = clip.unflatten(1, (layout.sizes[eng.rank], -1)).contiguous()
+            whole = eng.comm.post_frames(framed, 1, layout, everything,
+                                         "denoiser output gather").wait().flatten(1, 2)
+        else:
+            whole = eng.comm.post_frames(clip.contiguous(), 2, layout, everything,
+                                         "denoiser output gather").wait()
         if isinstance(output, tuple):
             return (whole, *output[1:])
         return type(output)(sample=whole)
@@ -102,7 +130,8 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
             parallelize(model, config, process_group, comm_mode=comm_mode, timeout=timeout,
                         chunk_mib=chunk_mib)
             undo.append(lambda m=model: unparallelize(m))
-            split = _Split(model, model.vinf_engine.adapter.inputs)
+            adapter = model.vinf_engine.adapter
+            split = _Split(model, adapter.inputs, getattr(adapter, "frames_argument", None))
             # Before the forward, where the engine agrees on the step: it must see the clip.
             pre = model.register_forward_pre_hook(split.before, with_kwargs=True, prepend=True)
             post = model.register_forward_hook(split.after, with_kwargs=True)
