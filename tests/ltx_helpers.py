@@ -185,3 +185,34 @@ def ltx_rank(rank, world):
             out["bad", name] = str(e)
     vinf.unparallelize(model)
     return out
+
+
+def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, lengths, dropin):
+    """On ``world`` ranks, the module's one spawn: the invariance runs of
+    ``gen_helpers.invariance_rank``, this rank's share of a distributed VAE decode of fixed
+    latents, the denoiser's bytes received per rank at each of ``lengths`` (video frames),
+    each bad-input case's error, and the drop-in's runs ``dropin`` (``stock_pipe_rank``'s)."""
+    from gen_helpers import invariance_rank, stock_pipe_rank
+    import vinf_engine as vinf
+    from vinf_engine.pipelines import load_pipeline
+    from vinf_engine.pipelines.ltx import LTXPipelines
+    res = invariance_rank(rank, world, model_dir, out_dir, kwargs)
+    pipe = load_pipeline(model_dir)
+    frames = 12
+    z = torch.randn(1, 8, frames, 2, 3, generator=torch.Generator().manual_seed(9))
+    layout = vinf.ClipLayout(frames, world)
+    mine = z[:, :, layout.start(rank):layout.end(rank)]
+    res["decoded"] = list(LTXPipelines().decode(pipe, mine, layout, rank, vinf.ClipComm(), chunk=2))
+    for n in lengths:
+        rep = vinf.generate(pipe, "the cat", num_frames=n, steps=2, out=None, progress=False,
+                            config=dict(window=2, num_global=2), height=LTX_HW[0],
+                            width=LTX_HW[1])
+        res["bytes", n] = [r["comm"]["bytes_received"] for r in rep["per_rank"]]
+    for name, kw in bad_cases:
+        try:
+            vinf.generate(model_dir, progress=False, **kw)
+            res["bad", name] = None
+        except vinf.GenerationError as e:
+            res["bad", name] = str(e)
+    res["dropin"] = stock_pipe_rank(rank, world, dropin)
+    return res

@@ -30,7 +30,7 @@ from .conditioning import read_visual
 from .errors import GenerationError, GenerationFailed
 from .layout import ClipLayout
 from .noise import initial_noise, step_generators, step_noise
-from .pipelines import family_of, inspect_model_dir, load_pipeline
+from .pipelines import accepted_pipelines, family_of, inspect_model_dir, load_pipeline
 from .pipelines.base import rows
 from .progress import Progress, peak_memory_mib
 from .settings import DTYPES, GenerateSettings
@@ -157,7 +157,7 @@ def load_model(run: Run, device=None):
                       else family_of(s.model))
         if run.family is None:
             problems = [f"the model is a {type(s.model).__name__}; vinf_engine runs "
-                        "TextToVideoSDPipeline, VideoCrafter2 and WanPipeline pipelines"]
+                        f"{accepted_pipelines()}"]
         else:
             run.pipe = (load_pipeline(s.model, dtype=_dtype(s.dtype, run.device, run.family),
                                       device=run.device)

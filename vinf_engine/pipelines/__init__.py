@@ -4,6 +4,7 @@
     unet3d.py  TextToVideoSDPipeline (ModelScope, Zeroscope) and VideoCrafter2
     wan.py     WanPipeline (Wan 2.1, Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B) and
                WanImageToVideoPipeline (image conditioning: wan_image.py)
+    ltx.py     LTXPipeline and LTXImageToVideoPipeline (LTX-Video 0.9.x)
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ _FAMILIES: list = []
 def families() -> list:
     if not _FAMILIES:
         from .unet3d import UNet3DPipelines
+        from .ltx import LTXPipelines
         from .wan import WanPipelines
-        _FAMILIES.extend([UNet3DPipelines(), WanPipelines()])
+        _FAMILIES.extend([UNet3DPipelines(), WanPipelines(), LTXPipelines()])
     return _FAMILIES
 
 
