@@ -187,12 +187,14 @@ def ltx_rank(rank, world):
     return out
 
 
-def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, lengths, dropin):
+def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, lengths, dropin,
+                        image_run):
     """On ``world`` ranks, the module's one spawn: the invariance runs of
     ``gen_helpers.invariance_rank``, this rank's share of a distributed VAE decode of fixed
     latents, the denoiser's bytes received per rank at each of ``lengths`` (video frames),
-    each bad-input case's error, and the drop-in's runs ``dropin`` (``stock_pipe_rank``'s)."""
-    from gen_helpers import invariance_rank, stock_pipe_rank
+    each bad-input case's error, the drop-in's runs ``dropin`` (``stock_pipe_rank``'s), and
+    this rank's latents of ``image_run`` = ``(model folder, generate's kwargs)``."""
+    from gen_helpers import generate_rank, invariance_rank, stock_pipe_rank
     import vinf_engine as vinf
     from vinf_engine.pipelines import load_pipeline
     from vinf_engine.pipelines.ltx import LTXPipelines
@@ -215,4 +217,5 @@ def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, leng
         except vinf.GenerationError as e:
             res["bad", name] = str(e)
     res["dropin"] = stock_pipe_rank(rank, world, dropin)
+    res["image"] = generate_rank(rank, world, *image_run)
     return res

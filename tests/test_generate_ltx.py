@@ -146,6 +146,14 @@ DROPIN_CALL = dict(prompt="the cat", negative_prompt="a dog", num_frames=33,
                    max_sequence_length=16, **HW)
 
 
+def _image_run(models):
+    # 33 frames = 5 latent frames on 3 ranks (2, 2, 1): the held frame 0 (timestep 0 on its
+    # tokens) on rank 0 only, the other ranks' timesteps one per sample.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*LTX_HW, 3), np.uint8))
+    return models["i2v"], dict(prompts="the cat", images=image, num_frames=33, steps=2, seed=3,
+                               guidance_scale=4.0, config=DUAL, **HW)
+
+
 def _dropin_runs(models):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (*LTX_HW, 3), np.uint8))
     return {"t2v": ("LTXPipeline", models["t2v"], DUAL, DROPIN_CALL, 1),
@@ -159,7 +167,7 @@ def ranks(models, tmp_path_factory):
     """The module's one spawn of 3 gloo ranks (see ``ltx_generation_rank``)."""
     out = tmp_path_factory.mktemp("ranks")
     res = run_ranks(ltx_generation_rank, 3, models["t2v"], str(out), INVARIANCE, BAD,
-                    (73, 153), _dropin_runs(models), timeout=600)
+                    (73, 153), _dropin_runs(models), _image_run(models), timeout=600)
     return out, res
 
 
@@ -183,6 +191,15 @@ def test_same_video_on_1_2_and_3_ranks(models, ranks):
         # latents 1e-5 apart: a level at most where a value sits at a rounding boundary
         assert np.abs(fz.astype(int) - f1).max() <= 1, name
         assert_lossless_videos_agree(read_video(str(out / name))[0], v1, fz, f1, name)
+
+
+def test_an_image_at_frame_0_gives_the_same_video_on_3_ranks(models, ranks):
+    folder, kw = _image_run(models)
+    one = vinf.generate(folder, out=None, progress=False, **kw)["latents"]
+    parts = [r["image"] for r in ranks[1]]
+    assert [p.shape[2] for p in parts] == [2, 2, 1]
+    # other clip shapes than one process's: fp32 rounding (SPEC: 1e-5)
+    assert rel_err(torch.cat(parts, dim=2), one) <= 1e-5
 
 
 def test_the_distributed_decode_is_the_whole_decode(models, ranks):
