@@ -11,6 +11,7 @@ import torch
 import vinf_engine as vinf
 from cogvideox_helpers import cog_call, cog_inputs, tiny_cogvideox_transformer
 from helpers import tiny_unet, unet_inputs
+from ltx_helpers import ltx_call, ltx_inputs, tiny_ltx_transformer
 from wan_helpers import tiny_wan_transformer, wan_inputs
 
 FRAMES = 11
@@ -119,8 +120,32 @@ class CogVideoX15(CogVideoX):
     configs = dict(CONFIGS, clamp=dict(DUAL, window=2, trained_frames=3))
 
 
+
+class LTX:
+    """Packed tokens (B, F*h*w, C) with num_frames, height, width: the spec's inputs are the
+    5-D latents, packed for the call and the output unpacked, so clips split along dim 2."""
+    modes = ("overlap",)
+    configs = Wan.configs
+    resolution_cut = 2
+
+    @staticmethod
+    def model():
+        return tiny_ltx_transformer()
+
+    shallow_model = model
+
+    @staticmethod
+    def inputs(frames):
+        return ltx_inputs(frames)
+
+    @staticmethod
+    def call(model, clip, t, extra):
+        return ltx_call(model, clip, t, extra)
+
+
+
 FAMILIES = {"unet3d": UNet3D, "wan": Wan, "cogvideox": CogVideoX, "cogvideox_2b": CogVideoX2b,
-            "cogvideox15": CogVideoX15}
+            "cogvideox15": CogVideoX15, "ltx": LTX}
 
 
 def modes_at(spec, world):

@@ -128,6 +128,7 @@ def test_the_registry_resolves_along_the_mro_and_lists_families():
     from vinf_engine.models import adapter_for, families
     from vinf_engine.models.unet3d import UNet3DAdapter
     from vinf_engine.models.videocrafter2 import VideoCrafter2UNet3DConditionModel
+    from vinf_engine.models.ltx import LTXAdapter
     from vinf_engine.models.wan import WanAdapter
     names = families()
     assert any("UNet3DConditionModel" in c for c in names.values())
@@ -139,6 +140,8 @@ def test_the_registry_resolves_along_the_mro_and_lists_families():
     assert isinstance(adapter_for(FAMILIES["wan"].model()), WanAdapter)
     from vinf_engine.models.cogvideox import CogVideoXAdapter
     assert isinstance(adapter_for(FAMILIES["cogvideox"].model()), CogVideoXAdapter)
+    assert isinstance(adapter_for(FAMILIES["ltx"].model()), LTXAdapter)
+    assert any("LTXVideoTransformer3DModel" in c for c in names.values())
     msg = adapter_for(torch.nn.Conv2d(2, 2, 1))
     assert isinstance(msg, str) and "Conv2d" in msg and "Wan" in msg and "UNet3D" in msg
 

@@ -15,6 +15,8 @@ equals the unpatched pipeline (the VAE's calls up to their rounding: ``vae_share
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .config import DualScopeConfig
@@ -24,10 +26,18 @@ __all__ = ["parallelize_pipe", "unparallelize_pipe"]
 
 
 class _Split:
-    """The pre- and post-hook of one denoiser: split its input by frames, gather its output."""
+    """The pre- and post-hook of one denoiser: split its input by frames, gather its output.
 
-    def __init__(self, model, names: tuple):
-        self.model, self.names = model, names
+    Frames lie along dim 2 of a 5-D input (UNet3D, Wan; along dim 1 for CogVideoX, whose
+    engine frames are pairs of latent frames in 1.5), or, for a family whose adapter names
+    a ``frames_argument`` (LTX), along dim 1 of packed frame-major tokens ``(B, F*T, C)``
+    whose frame count that argument holds: each rank takes its frames' tokens and passes its
+    own count."""
+
+    def __init__(self, model, names: tuple, frames_argument: str | None = None):
+        self.model, self.names, self.frames_argument = model, names, frames_argument
+        params = list(inspect.signature(type(model).forward).parameters)[1:]
+        self.positions = {n: i for i, n in enumerate(params)}
 
     @property
     def engine(self):
@@ -36,53 +46,74 @@ class _Split:
     def before(self, module, args, kwargs):
         eng = self.engine
         args = list(args)
+        wanted = self.names + ((self.frames_argument,) if self.frames_argument else ())
         values = {}
-        for i, name in enumerate(self.names):
+        for name in wanted:
+            i = self.positions.get(name, len(args))
             if name in kwargs:
                 values[name] = kwargs[name]
             elif len(args) > i:
                 values[name] = args[i]
         sample, timestep = values.get(self.names[0]), values.get(self.names[1])
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+        where = self._frames(sample, values.get(self.frames_argument))
+        if where is None:
             return None                     # the engine's agreement refuses it on every rank
-        dim, u = self._frames()
-        F = sample.shape[dim] // u          # whole token frames (an odd rest: refused)
+        F, dim, T = where
         base, extra = divmod(F, eng.world_size)
         sizes = [base + (r < extra) for r in range(eng.world_size)]
         s = sum(sizes[:eng.rank])
         e = s + sizes[eng.rank]             # an empty clip, for F < ranks: refused collectively
-        new = {self.names[0]: sample.narrow(dim, s * u, (e - s) * u)}
+        new = {self.names[0]: sample.narrow(dim, s * T, (e - s) * T)}
+        if self.frames_argument:
+            new[self.frames_argument] = e - s
         if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and F:
-            T = timestep.shape[1] // F      # per-token timesteps (TI2V): this clip's tokens
-            new[self.names[1]] = timestep[:, s * T:e * T]
-        for i, name in enumerate(self.names):
-            if name not in new:
-                continue
-            if name in kwargs:
-                kwargs[name] = new[name]
+            Tt = timestep.shape[1] // F     # per-token timesteps (TI2V, LTX I2V): this clip's
+            new[self.names[1]] = timestep[:, s * Tt:e * Tt]
+        for name, value in new.items():
+            if name in kwargs or self.positions.get(name, len(args)) >= len(args):
+                kwargs[name] = value
             else:
-                args[i] = new[name]
+                args[self.positions[name]] = value
         return tuple(args), kwargs
 
-    def _frames(self) -> tuple:
-        """``(dim, unit)``: the model's frame dimension (2, or CogVideoX's 1) and latent
-        frames per engine frame (CogVideoX 1.5: pairs)."""
+    def _unit(self) -> tuple:
+        """``(dim, unit)`` of a 5-D input: the model's frame dimension (2, or CogVideoX's 1)
+        and latent frames per engine frame (CogVideoX 1.5: pairs)."""
         adapter = self.engine.adapter
         unit = getattr(adapter, "frame_unit", None)
         return getattr(adapter, "frame_dim", 2), (unit(self.model) if unit else 1)
+
+    def _frames(self, sample, count) -> tuple | None:
+        """``(F, dim, slices per frame)`` of the denoiser's input, or None if it has none:
+        a 5-D input's engine frames along ``_unit``'s dim, or packed tokens' frames."""
+        if not isinstance(sample, torch.Tensor):
+            return None
+        if self.frames_argument is None:
+            dim, u = self._unit()
+            # whole engine frames (an odd rest: refused by the engine's agreement)
+            return (sample.shape[dim] // u, dim, u) if sample.dim() == 5 else None
+        if (sample.dim() != 3 or isinstance(count, bool) or not isinstance(count, int)
+                or count < 1 or sample.shape[1] % count):
+            return None
+        return count, 1, sample.shape[1] // count
 
     def after(self, module, args, kwargs, output):
         eng = self.engine
         layout = eng.layout
         clip = output[0] if isinstance(output, tuple) else output.sample
-        dim, u = self._frames()
-        if u > 1:                           # whole token frames along dim, gathered as one
-            clip = clip.unflatten(dim, (-1, u)).flatten(dim + 1, dim + 2)
         everything = tuple(tuple(range(layout.num_frames)) for _ in range(layout.world_size))
-        whole = eng.comm.post_frames(clip.contiguous(), dim, layout, everything,
-                                     "denoiser output gather").wait()
-        if u > 1:
-            whole = whole.unflatten(dim + 1, (u, -1)).flatten(dim, dim + 1)
+        if self.frames_argument:            # (B, Fc*T, C) tokens: frames along dim 1
+            framed = clip.unflatten(1, (layout.sizes[eng.rank], -1)).contiguous()
+            whole = eng.comm.post_frames(framed, 1, layout, everything,
+                                         "denoiser output gather").wait().flatten(1, 2)
+        else:
+            dim, u = self._unit()
+            if u > 1:                       # whole engine frames along dim, gathered as one
+                clip = clip.unflatten(dim, (-1, u)).flatten(dim + 1, dim + 2)
+            whole = eng.comm.post_frames(clip.contiguous(), dim, layout, everything,
+                                         "denoiser output gather").wait()
+            if u > 1:
+                whole = whole.unflatten(dim + 1, (u, -1)).flatten(dim, dim + 1)
         if isinstance(output, tuple):
             return (whole, *output[1:])
         return type(output)(sample=whole)
@@ -127,7 +158,8 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
             parallelize(model, config, process_group, comm_mode=comm_mode, timeout=timeout,
                         chunk_mib=chunk_mib)
             undo.append(lambda m=model: unparallelize(m))
-            split = _Split(model, model.vinf_engine.adapter.inputs)
+            adapter = model.vinf_engine.adapter
+            split = _Split(model, adapter.inputs, getattr(adapter, "frames_argument", None))
             # Before the forward, where the engine agrees on the step: it must see the clip.
             pre = model.register_forward_pre_hook(split.before, with_kwargs=True, prepend=True)
             post = model.register_forward_hook(split.after, with_kwargs=True)

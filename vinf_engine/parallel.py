@@ -101,16 +101,19 @@ class ClipParallel:
 
     # ---------------------------------------------------------------- per step
     @eager_across_ranks(lambda self: self.world_size > 1)
-    def begin_step(self, sample: torch.Tensor, timestep) -> ClipLayout:
+    def begin_step(self, sample: torch.Tensor, timestep, problem: str | None = None) -> ClipLayout:
         """Agree with the other ranks on this step's layout and timestep.
 
         ``sample`` is this rank's clip ``(B, C, F, H, W)``. One small all-gather on the control
         plane; every rank raises the same ``ValueError`` if the ranks disagree, so no data-plane
-        collective is ever entered with mismatched shapes.
+        collective is ever entered with mismatched shapes. ``problem``: what the family found
+        wrong with this rank's call, told to every rank like the engine's own findings.
         """
         # Nothing may raise before the agreement: a rank that refused alone would leave the
         # others waiting in it. Local problems travel with the row and fail every rank.
         if self.world_size == 1:                # nothing to agree with: no control traffic
+            if problem:
+                raise ValueError(problem)
             if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
                 raise ValueError(f"sample must be the clip (B, C, F, H, W), got "
                                  f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
@@ -134,6 +137,8 @@ class ClipParallel:
             return self._start(layout, _sample_timesteps(timestep, sample.shape[0]))
         local, row, probe = None, (0, 0, 0, 0, 0, -1, None), None
         try:
+            if problem:
+                raise ValueError(problem)
             if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
                 shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
                 raise ValueError(f"sample must be this rank's clip (B, C, F, H, W), got {shape}")

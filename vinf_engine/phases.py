@@ -30,7 +30,7 @@ from .conditioning import read_visual
 from .errors import GenerationError, GenerationFailed
 from .layout import ClipLayout
 from .noise import initial_noise, step_generators, step_noise
-from .pipelines import family_of, inspect_model_dir, load_pipeline
+from .pipelines import accepted_pipelines, family_of, inspect_model_dir, load_pipeline
 from .pipelines.base import rows
 from .progress import Progress, peak_memory_mib
 from .settings import DTYPES, GenerateSettings
@@ -157,7 +157,7 @@ def load_model(run: Run, device=None):
                       else family_of(s.model))
         if run.family is None:
             problems = [f"the model is a {type(s.model).__name__}; vinf_engine runs "
-                        "TextToVideoSDPipeline, VideoCrafter2 and WanPipeline pipelines"]
+                        f"{accepted_pipelines()}"]
         else:
             run.pipe = (load_pipeline(s.model, dtype=_dtype(s.dtype, run.device, run.family),
                                       device=run.device)
@@ -193,7 +193,7 @@ def plan(run: Run):
             say(f"warning: {w}")
     run.config = s.resolved_config(family.default_config(pipe))
     run.dtype = next(family.denoisers(pipe)[0].parameters()).dtype
-    run.sched = family.make_scheduler(pipe, s.scheduler)
+    run.sched = family.make_scheduler(pipe, s.scheduler, run.plan)
     run.sched.set_timesteps(s.steps, device=run.device)
     run.layout = ClipLayout(run.plan.latent_frames, run.world)
     run.fps = getattr(family, "fps_conditioning", lambda *_: None)(s, pipe)
@@ -577,7 +577,7 @@ def _dtype(name, device, family) -> torch.dtype:
         return DTYPES[name]
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if family.name == "Wan" else torch.float16
+    return family.cuda_dtype
 
 
 def _sum_counters(snapshots) -> dict:

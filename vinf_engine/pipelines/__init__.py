@@ -5,6 +5,7 @@
     wan.py     WanPipeline (Wan 2.1, Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B) and
                WanImageToVideoPipeline (image conditioning: wan_image.py)
     cogvideox.py  CogVideoXPipeline (CogVideoX 2b, 5b)
+    ltx.py     LTXPipeline and LTXImageToVideoPipeline (LTX-Video 0.9.x)
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ def families() -> list:
     if not _FAMILIES:
         from .cogvideox import CogVideoXPipelines
         from .unet3d import UNet3DPipelines
+        from .ltx import LTXPipelines
         from .wan import WanPipelines
-        _FAMILIES.extend([UNet3DPipelines(), WanPipelines(), CogVideoXPipelines()])
+        _FAMILIES.extend([UNet3DPipelines(), WanPipelines(), CogVideoXPipelines(),
+                          LTXPipelines()])
     return _FAMILIES
 
 
@@ -69,7 +72,7 @@ def inspect_model_dir(path: str) -> tuple:
         return f"{index} is unreadable: {e}", {}
     if not isinstance(mi, dict):
         return f"{index} is not a JSON object", {}
-    for fam in families():
+    for fam in sorted(families(), key=lambda f: f.catch_all):   # specific claims first
         if fam.claims_dir(mi):
             problem, info = fam.inspect(path, mi)
             return problem, (dict(info, family=fam, index=mi) if problem is None else {})

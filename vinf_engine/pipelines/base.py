@@ -76,6 +76,8 @@ class PipelineFamily(ABC):
     defaults = {}                         # steps, guidance_scale, video_fps
     schedulers = {}                       # --scheduler name -> (diffusers class, overrides)
     components = ()                       # for the digest: modules that define the video
+    cuda_dtype = torch.float16            # the denoiser's dtype on CUDA unless --dtype says
+    catch_all = False                     # claims any folder no other family claims
     # What a loaded pipeline must hold to be claimed: (attribute, model class name, the stock
     # pipelines that hold one), for the drop-in's refusal of anything else.
     takes = ("?", "?", "?")
@@ -154,7 +156,9 @@ class PipelineFamily(ABC):
         return out
 
     # ---------------------------------------------------------------- shared behaviour
-    def make_scheduler(self, pipe, name: str | None):
+    def make_scheduler(self, pipe, name: str | None, plan: VideoPlan | None = None):
+        """A fresh scheduler (``name``: one of ``schedulers``; None: the pipeline's own);
+        ``plan``: the run's video, for families whose schedule depends on it."""
         import diffusers
         if name is None:
             cls, overrides = type(pipe.scheduler), {}

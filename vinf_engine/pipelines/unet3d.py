@@ -41,11 +41,12 @@ class UNet3DPipelines(PipelineFamily):
              "ModelScope, Zeroscope; VideoCrafter2's UNet")
 
     # ---------------------------------------------------------------- folders
+    catch_all = True
+
     def claims_dir(self, index: dict) -> bool:
-        # Every folder the Wan and CogVideoX families do not claim: a UNet2D pipeline is
+        # Every folder the other families do not claim (asked last): a UNet2D pipeline is
         # then refused with what it holds, not as an unknown folder.
-        return "unet" in index or not str(index.get("_class_name", "")).startswith(
-            ("Wan", "CogVideoX"))
+        return "unet" in index or not str(index.get("_class_name", "")).startswith("Wan")
 
     def inspect(self, path: str, mi: dict) -> tuple:
         from ..models.videocrafter2 import is_videocrafter2_unet_dir

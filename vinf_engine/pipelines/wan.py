@@ -45,6 +45,7 @@ class WanPipelines(PipelineFamily):
         "dpm++sde": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
     }
     components = ("transformer", "transformer_2", "vae", "text_encoder")
+    cuda_dtype = torch.bfloat16
     takes = ("transformer", "WanTransformer3DModel", "WanPipeline, WanImageToVideoPipeline, "
              "WanVideoToVideoPipeline, with Wan 2.2's transformer_2 too")
 
