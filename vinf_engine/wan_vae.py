@@ -615,6 +615,46 @@ def _encode_tiles(vae, height: int, width: int) -> bool:
                                or height > vae.tile_sample_min_height)
 
 
+def _encode_args(vae, x, start, history) -> tuple:
+    """``encode_clip``'s checks: ``(history as a tensor, frames of it needed)``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"x must be a 5-D tensor (B, C, n, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    patch = vae.config.patch_size or 1
+    if x.shape[1] * patch * patch != vae.config.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels, the VAE encodes "
+                         f"{vae.config.in_channels // (patch * patch)}")
+    b, c, n, H, W = x.shape
+    if start == 0 and n % _ENCODE_CALL != 1:
+        raise ValueError(f"a clip from latent frame 0 has 1 + 4k video frames, got {n}")
+    if start > 0 and n % _ENCODE_CALL:
+        raise ValueError(f"a clip from latent frame {start} > 0 has 4k video frames, got {n}")
+    if _encode_tiles(vae, H, W):
+        raise ValueError(f"vae.use_tiling is on and {H}x{W} frames exceed the "
+                         f"{vae.tile_sample_min_height}x{vae.tile_sample_min_width} tile: "
+                         "encode_clip does not mirror tiled_encode; call vae.disable_tiling()")
+    first = video_frames_of(start, start, _ENCODE_CALL).start
+    full = encoder_history(vae)
+    need = min(first, full)
+    if history is None:
+        history = x[:, :, :0]
+    if not isinstance(history, torch.Tensor) or history.dim() != 5:
+        raise ValueError("history must be None or a 5-D tensor (B, C, k, H, W)")
+    if (history.shape[0], history.shape[1], history.shape[3], history.shape[4]) != (b, c, H, W):
+        raise ValueError(f"history {tuple(history.shape)} does not match x {tuple(x.shape)} "
+                         f"outside the frame axis")
+    k = history.shape[2]
+    if k > first:
+        raise ValueError(f"history has {k} frames but the clip starts at video frame {first}: "
+                         f"there are only {first} frames before it")
+    if k < need:
+        raise ValueError(f"a clip starting at latent frame {start} needs {need} history frames "
+                         f"(min(4*start - 3, encoder_history={full})), got {k}")
+    return history, need
+
+
 def encode_clip(vae, x: torch.Tensor, *, start: int,
                 history: torch.Tensor | None = None) -> torch.Tensor:
     """Encode one clip of a long video, exactly as the whole-video encode would.
@@ -660,41 +700,9 @@ def encode_clip(vae, x: torch.Tensor, *, start: int,
     against an fp64 encode). The warm-up costs ``min(start, K)`` extra latent frames of
     encoding, ``K = (encoder_history(vae) + 3) / 4`` (28 for the released VAEs).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        raise ValueError(f"x must be a 5-D tensor (B, C, n, H, W), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be an int >= 0, got {start!r}")
-    patch = vae.config.patch_size or 1
-    if x.shape[1] * patch * patch != vae.config.in_channels:
-        raise ValueError(f"x has {x.shape[1]} channels, the VAE encodes "
-                         f"{vae.config.in_channels // (patch * patch)}")
+    history, need = _encode_args(vae, x, start, history)
     b, c, n, H, W = x.shape
-    if start == 0 and n % _ENCODE_CALL != 1:
-        raise ValueError(f"a clip from latent frame 0 has 1 + 4k video frames, got {n}")
-    if start > 0 and n % _ENCODE_CALL:
-        raise ValueError(f"a clip from latent frame {start} > 0 has 4k video frames, got {n}")
-    if _encode_tiles(vae, H, W):
-        raise ValueError(f"vae.use_tiling is on and {H}x{W} frames exceed the "
-                         f"{vae.tile_sample_min_height}x{vae.tile_sample_min_width} tile: "
-                         "encode_clip does not mirror tiled_encode; call vae.disable_tiling()")
-    first = video_frames_of(start, start, _ENCODE_CALL).start
-    full = encoder_history(vae)
-    need = min(first, full)
-    if history is None:
-        history = x[:, :, :0]
-    if not isinstance(history, torch.Tensor) or history.dim() != 5:
-        raise ValueError("history must be None or a 5-D tensor (B, C, k, H, W)")
-    if (history.shape[0], history.shape[1], history.shape[3], history.shape[4]) != (b, c, H, W):
-        raise ValueError(f"history {tuple(history.shape)} does not match x {tuple(x.shape)} "
-                         f"outside the frame axis")
     k = history.shape[2]
-    if k > first:
-        raise ValueError(f"history has {k} frames but the clip starts at video frame {first}: "
-                         f"there are only {first} frames before it")
-    if k < need:
-        raise ValueError(f"a clip starting at latent frame {start} needs {need} history frames "
-                         f"(min(4*start - 3, encoder_history={full})), got {k}")
     if n == 0:
         r = vae.config.scale_factor_spatial
         return x.new_zeros(b, 2 * vae.config.z_dim, 0, H // r, W // r)
