@@ -13,10 +13,17 @@ CFG = dict(window=2, num_global=2, phase_t=500, phase_bias=1.0)
 TINY_BUDGET = 1e-3          # MiB: ~1 KiB per chunk, so every chunked layer splits
 
 
+def _cast(value, dtype):
+    """A tensor, or a tuple of them (LTX's text and its mask), in ``dtype``."""
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value.to(dtype)
+
+
 def _outputs(name, rank, world, chunk_mib, dtype=torch.float32):
     spec = FAMILIES[name]
     model = spec.model().to(dtype)
-    x, extra = (t.to(dtype) for t in spec.inputs(11))
+    x, extra = (_cast(t, dtype) for t in spec.inputs(11))
     vinf.parallelize(model, vinf.DualScopeConfig(**CFG), chunk_mib=chunk_mib)
     calls = []
     for m in model.modules():
