@@ -1,0 +1,111 @@
+"""Tiny random HunyuanVideo (1.0) models and pipelines for tests, built offline.
+
+The transformer has one dual-stream and one single-stream block, a 3-D RoPE split (4, 6, 6)
+over 16-channel heads, and patch 2 (4 x 6 latents -> 2 x 3 tokens a frame). Its text inputs
+carry a prompt mask whose second row pads, so the masked keys matter. Parameters diffusers
+initialises to zero are filled with small noise.
+"""
+from __future__ import annotations
+
+import torch
+
+TEXT_DIM = 8
+TEXT_LEN = 5
+POOLED_DIM = 8
+
+
+def tiny_hunyuan_transformer(seed: int = 0, **overrides):
+    """A tiny random ``HunyuanVideoTransformer3DModel`` (the same on every rank)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    from helpers import fill_zeros
+    cfg = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+               num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+               patch_size=2, patch_size_t=1, text_embed_dim=TEXT_DIM,
+               pooled_projection_dim=POOLED_DIM, rope_axes_dim=(4, 6, 6), guidance_embeds=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = HunyuanVideoTransformer3DModel(**{**cfg, **overrides}).eval()
+    return fill_zeros(m, seed + 1)
+
+
+class HunyuanText(tuple):
+    """(text, mask, pooled): the conditioning of one call (a tuple, so the suite's helpers
+    may pass it around as one value)."""
+
+
+def hunyuan_inputs(frames: int, seed: int = 1, batch: int = 2, hw=(4, 6), valid=(TEXT_LEN, 3)):
+    """Latents (B, 4, frames, h, w) and the text conditioning: embeddings (B, TEXT_LEN,
+    TEXT_DIM), a prompt mask keeping ``valid[b]`` leading tokens of row b, pooled (B,
+    POOLED_DIM)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, frames, *hw, generator=g)
+    text = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g)
+    mask = torch.zeros(batch, TEXT_LEN, dtype=torch.long)
+    for b in range(batch):
+        mask[b, :valid[b % len(valid)]] = 1
+    pooled = torch.randn(batch, POOLED_DIM, generator=g)
+    return x, HunyuanText((text, mask, pooled))
+
+
+def hunyuan_call(model, clip, t, cond):
+    """The stock signature on a clip (B, C, F, h, w); the output (B, C, F, h, w)."""
+    text, mask, pooled = cond
+    B = clip.shape[0]
+    return model(hidden_states=clip, timestep=torch.full((B,), float(t)),
+                 encoder_hidden_states=text, encoder_attention_mask=mask,
+                 pooled_projections=pooled, guidance=torch.full((B,), 6000.0)).sample
+
+
+FRAMES = 7
+DUAL = dict(window=2, num_global=2, phase_t=500, phase_bias=2.0)
+# The exact config (every frame in every window), the dual scope, and the two global-position
+# policies with a trained range of 3 frames, which a 7-frame video passes.
+CONFIGS = {
+    "exact": dict(window=1000, num_global=0, phase_bias=0.0),
+    "dual": DUAL,
+    "clamp": dict(DUAL, window=1, trained_frames=3),
+    "true_positions": dict(DUAL, window=1, trained_frames=3, global_positions="true"),
+}
+
+
+def text_streams(model):
+    """Hooks that record every block's text output (the dual- and single-stream blocks return
+    ``(video, text)``); returns the list they fill and a function that removes them."""
+    seen, handles = [], []
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        handles.append(block.register_forward_hook(lambda m, a, o: seen.append(o[1].clone())))
+    return seen, lambda: [h.remove() for h in handles]
+
+
+def hunyuan_rank(rank, world, sizes, timesteps=(900, 100)):
+    """This rank's outputs and text streams per (config, timestep) on the 7-frame video."""
+    import vinf_engine as vinf
+    model = tiny_hunyuan_transformer()
+    x, cond = hunyuan_inputs(FRAMES)
+    start = sum(sizes[:rank])
+    clip = x[:, :, start:start + sizes[rank]]
+    out = {}
+    for name, cfg in CONFIGS.items():
+        vinf.parallelize(model, vinf.DualScopeConfig(**cfg))
+        for t in timesteps:
+            seen, remove = text_streams(model)
+            with torch.no_grad():
+                out[name, t] = hunyuan_call(model, clip, t, cond)
+            remove()
+            out["text", name, t] = seen
+        vinf.unparallelize(model)
+    return out
+
+
+def stock_hunyuan(timesteps=(900, 100)):
+    """The unpatched model on the whole video: outputs and text streams per timestep."""
+    model = tiny_hunyuan_transformer()
+    x, cond = hunyuan_inputs(FRAMES)
+    out = {}
+    for t in timesteps:
+        seen, remove = text_streams(model)
+        with torch.no_grad():
+            out[t] = hunyuan_call(model, x, t, cond)
+        remove()
+        out["text", t] = seen
+    return out
