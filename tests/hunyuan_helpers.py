@@ -109,3 +109,31 @@ def stock_hunyuan(timesteps=(900, 100)):
         remove()
         out["text", t] = seen
     return out
+
+
+# -- the VAE ---------------------------------------------------------------------------------
+
+VAE = dict(latent_channels=4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+           norm_num_groups=2)
+
+
+def tiny_hunyuan_vae(seed: int = 0):
+    """A tiny random ``AutoencoderKLHunyuanVideo``: 8x spatial, 4x temporal compression,
+    the released layout (four causal up blocks, a mid block with frame-causal attention)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLHunyuanVideo(**VAE).eval()
+
+
+def split_decode(vae, z, sizes):
+    """Every rank's ``hunyuan_vae.decode_clip`` of ``z``'s frames, each from only the latent
+    frames ``needed_range`` names, concatenated in rank order."""
+    from vinf_engine.hunyuan_vae import decode_clip, needed_range
+    F, out, start = z.shape[2], [], 0
+    for n in sizes:
+        need = needed_range(vae, start, start + n, F)
+        out += list(decode_clip(vae, z[:, :, need.start:need.stop], offset=need.start,
+                                frames=range(start, start + n), num_frames=F))
+        start += n
+    return torch.cat(out, dim=2)
