@@ -137,3 +137,129 @@ def split_decode(vae, z, sizes):
                                 frames=range(start, start + n), num_frames=F))
         start += n
     return torch.cat(out, dim=2)
+
+
+# -- a whole HunyuanVideoPipeline, for vinf.generate -----------------------------------------
+
+PIPE_HW = (32, 48)      # pixels: the tiny VAE's 8x -> latents 4 x 6 -> 2 x 3 tokens a frame
+LLAMA_DIM = 8
+# HunyuanVideo's scheduler_config.json: flow-matching Euler with shift 7
+SCHEDULER = dict(num_train_timesteps=1000, shift=7.0)
+
+
+def _llama_tokenizer(unmerged: int | None = None):
+    """A Llama BPE tokenizer made in code: single characters, plus a merge chain for the
+    space-separated pieces of the pipeline's prompt template (all but its first ``unmerged``)
+    and a few prompt words. By default as many pieces stay spelled out as make the template's
+    part before the prompt at least the 95 tokens the pipeline crops (``crop_start``), so the
+    prompt survives the crop as it does with the released tokenizer. Right padding: the valid
+    text tokens lead, as the transformer's mask assumes."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import LlamaTokenizerFast
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    if unmerged is None:
+        prefix = template[:template.index("{}")]
+        unmerged = next(i for i in range(len(template.split(" ")) + 1)
+                        if len(_llama_tokenizer(i)(prefix).input_ids) >= 95)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "\u2581": 4}
+    for c in sorted(set(template.replace(" ", "") + "abcdefghijklmnopqrstuvwxyz")):
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    pieces = template.split(" ")[unmerged:] + "the cat dog a red blue running".split()
+    for piece in pieces:
+        s = "\u2581"
+        for c in piece:
+            if (s, c) not in merges:
+                merges.append((s, c))
+            s += c
+            vocab.setdefault(s, len(vocab))
+    tok = LlamaTokenizerFast(vocab=vocab, merges=merges, padding_side="right")
+    tok.pad_token = "<pad>"
+    return tok
+
+
+def _clip_tokenizer():
+    import tempfile
+    from gen_helpers import _tokenizer
+    with tempfile.TemporaryDirectory() as d:
+        tok = _tokenizer(d)
+        tok.model_max_length = 77
+        return tok
+
+
+def tiny_hunyuan_pipeline(seed: int = 0):
+    """A ``HunyuanVideoPipeline`` of tiny random modules (not saved): a 2-layer Llama and its
+    tokenizer, a 1-layer CLIP and its tokenizer, the tiny transformer and VAE above."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from helpers import fill_zeros
+    tok, tok2 = _llama_tokenizer(), _clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 100)
+        llama = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=LLAMA_DIM,
+                                       intermediate_size=16, num_hidden_layers=3,
+                                       num_attention_heads=2, num_key_value_heads=2,
+                                       max_position_embeddings=512, pad_token_id=3)).eval()
+        torch.manual_seed(seed + 200)
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok2), hidden_size=POOLED_DIM, intermediate_size=16,
+            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+            bos_token_id=len(tok2) - 2, eos_token_id=len(tok2) - 1,
+            pad_token_id=len(tok2) - 1)).eval()
+    tr = tiny_hunyuan_transformer(seed, text_embed_dim=LLAMA_DIM)
+    return HunyuanVideoPipeline(text_encoder=fill_zeros(llama, seed + 101), tokenizer=tok,
+                                transformer=tr, vae=tiny_hunyuan_vae(seed + 300),
+                                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+                                text_encoder_2=fill_zeros(clip, seed + 201), tokenizer_2=tok2)
+
+
+def save_tiny_hunyuan_pipeline(folder: str, seed: int = 0) -> str:
+    """Saves ``tiny_hunyuan_pipeline(seed)`` under ``folder/model``; its path."""
+    import os
+    path = os.path.join(folder, "model")
+    tiny_hunyuan_pipeline(seed).save_pretrained(path)
+    return path
+
+
+def fixed_latents():
+    """(1, 4, 8, 4, 6): temporal tiles [0,5) [3,8) [6,8); on 2 ranks (4, 4) rank 1's first
+    frames lie in tile 1, whose blend reads tile 0, all latent frames of rank 0."""
+    return torch.randn(1, 4, 8, 4, 6, generator=torch.Generator().manual_seed(9))
+
+
+def dropin_latents(pipe, seed: int = 0):
+    """The stock ``pipe(...)`` call of the drop-in check: 9 frames (3 latent), 2 steps."""
+    return pipe("the cat", num_frames=9, num_inference_steps=2, height=PIPE_HW[0],
+                width=PIPE_HW[1], output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).frames
+
+
+def hunyuan_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases):
+    """On ``world`` ranks: ``vinf.generate`` of ``kwargs`` (this rank's latents), this rank's
+    share of the family's decode of fixed latents, the drop-in's latents in exact config,
+    and each bad-input case's error."""
+    import os
+    import vinf_engine as vinf
+    from vinf_engine.pipelines import load_pipeline
+    from vinf_engine.pipelines.hunyuan_video import HunyuanVideoPipelines
+    res = {}
+    rep = vinf.generate(model_dir, out=os.path.join(out_dir, f"r{world}.mp4"), progress=False,
+                        **kwargs)
+    res["latents"] = rep["latents"]
+    pipe = load_pipeline(model_dir)
+    z = fixed_latents()
+    layout = vinf.ClipLayout(z.shape[2], world)
+    comm = vinf.ClipComm()
+    mine = z[:, :, layout.start(rank):layout.end(rank)]
+    res["decoded"] = list(HunyuanVideoPipelines().decode(pipe, mine, layout, rank, comm, 2))
+    res["decode_bytes"] = comm.counters.bytes_received
+    res["dropin"] = dropin_latents(vinf.parallelize_pipe(
+        tiny_hunyuan_pipeline(), vinf.DualScopeConfig(window=100, num_global=0,
+                                                      phase_bias=0.0)))
+    for name, kw in bad_cases:
+        try:
+            vinf.generate(model_dir, progress=False, out=None, **kw)
+            res["bad", name] = None
+        except vinf.GenerationError as e:
+            res["bad", name] = str(e)
+    return res

@@ -6,6 +6,7 @@
                WanImageToVideoPipeline (image conditioning: wan_image.py)
     cogvideox.py  CogVideoXPipeline (CogVideoX 2b, 5b)
     ltx.py     LTXPipeline and LTXImageToVideoPipeline (LTX-Video 0.9.x)
+    hunyuan_video.py  HunyuanVideoPipeline (HunyuanVideo 1.0 text-to-video)
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ _FAMILIES: list = []
 def families() -> list:
     if not _FAMILIES:
         from .cogvideox import CogVideoXPipelines
+        from .hunyuan_video import HunyuanVideoPipelines
         from .unet3d import UNet3DPipelines
         from .ltx import LTXPipelines
         from .wan import WanPipelines
         _FAMILIES.extend([UNet3DPipelines(), WanPipelines(), CogVideoXPipelines(),
-                          LTXPipelines()])
+                          LTXPipelines(), HunyuanVideoPipelines()])
     return _FAMILIES
 
 

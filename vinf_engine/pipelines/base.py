@@ -270,20 +270,22 @@ def load_component(name: str, load, path: str):
     return model.eval()
 
 
-def load_transformers(index: dict, path: str, dtype) -> dict:
-    """The text encoder and tokenizer of a pipeline folder (transformers classes)."""
+def load_transformers(index: dict, path: str, dtype,
+                      names: tuple = ("text_encoder", "tokenizer")) -> dict:
+    """The text encoder and tokenizer of a pipeline folder (transformers classes); ``names``:
+    other components of that kind (HunyuanVideo's ``text_encoder_2``, ``tokenizer_2``)."""
     import transformers
     loaded = {}
-    for name in ("text_encoder", "tokenizer"):
+    for name in names:
         cls = getattr(transformers, index[name][1], None)
         if cls is None:
             raise GenerationError(f"{name} class {index[name][1]!r} is not in transformers")
-        kw = dict(dtype=dtype) if name == "text_encoder" else {}
+        kw = dict(dtype=dtype) if name.startswith("text_encoder") else {}
         try:
             obj = cls.from_pretrained(os.path.join(path, name), local_files_only=True, **kw)
         except Exception as e:  # noqa: BLE001
             raise GenerationError(f"cannot load {name} from {path!r}: {load_error(e)}") from None
-        loaded[name] = obj.eval() if name == "text_encoder" else obj
+        loaded[name] = obj.eval() if name.startswith("text_encoder") else obj
     return loaded
 
 
