@@ -11,6 +11,7 @@ import torch
 import vinf_engine as vinf
 from cogvideox_helpers import cog_call, cog_inputs, tiny_cogvideox_transformer
 from helpers import tiny_unet, unet_inputs
+from hunyuan_helpers import hunyuan_call, hunyuan_inputs, tiny_hunyuan_transformer
 from ltx_helpers import ltx_call, ltx_inputs, tiny_ltx_transformer
 from wan_helpers import tiny_wan_transformer, wan_inputs
 
@@ -144,8 +145,30 @@ class LTX:
 
 
 
+class HunyuanVideo:
+    """HunyuanVideo 1.0: (B, C, F, H, W) like Wan, text joined to every attention (one dual-
+    and one single-stream block) with a prompt mask that pads the second row."""
+    modes = ("overlap",)
+    configs = Wan.configs
+    resolution_cut = 2
+
+    @staticmethod
+    def model():
+        return tiny_hunyuan_transformer()
+
+    shallow_model = model
+
+    @staticmethod
+    def inputs(frames):
+        return hunyuan_inputs(frames)
+
+    @staticmethod
+    def call(model, clip, t, cond):
+        return hunyuan_call(model, clip, t, cond)
+
+
 FAMILIES = {"unet3d": UNet3D, "wan": Wan, "cogvideox": CogVideoX, "cogvideox_2b": CogVideoX2b,
-            "cogvideox15": CogVideoX15, "ltx": LTX}
+            "cogvideox15": CogVideoX15, "ltx": LTX, "hunyuan": HunyuanVideo}
 
 
 def modes_at(spec, world):
