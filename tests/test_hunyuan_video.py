@@ -135,3 +135,85 @@ def test_default_config_and_the_trained_range():
     with pytest.warns(UserWarning, match="reaches past the trained range"), torch.no_grad():
         hunyuan_call(model, x, 900, cond)
     vinf.unparallelize(model)
+
+
+def _oracle(attn, x, ctx, valid, rope, F, window, glob, M):
+    """One block's joint attention in fp64, written from the definition: video query frame a
+    sees frames |b - a| <= window at their positions, global frame g's keys at position
+    a - clamp(a - g, -M, M) (M None: g), and its row's valid text keys; a text query every
+    video key at its position and the valid text keys. RoPE rows from the stock table."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    cos, sin = rope
+    T = x.shape[1] // F
+    def qkv(t, proj, norms):
+        return [n(p(t).unflatten(2, (attn.heads, -1))) for p, n in zip(proj, norms)]
+    same = lambda t: t                                              # noqa: E731
+    q, k, v = qkv(x, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k, same))
+    if attn.add_q_proj is None:
+        tq, tk, tv = qkv(ctx, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k, same))
+    else:
+        tq, tk, tv = qkv(ctx, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                         (attn.norm_added_q, attn.norm_added_k, same))
+
+    def rot(t, p):                           # one frame's tokens t, rotated at position p
+        return apply_rotary_emb(t, (cos[p * T:(p + 1) * T], sin[p * T:(p + 1) * T]),
+                                sequence_dim=1)
+    tok = lambda t, f: t[:, f * T:(f + 1) * T]                      # noqa: E731
+    scale = q.shape[-1] ** -0.5
+
+    def attend(qq, ks, vs):                  # qq (L, H, D); ks, vs lists of (n, H, D)
+        s = torch.einsum("lhd,nhd->hln", qq, torch.cat(ks)) * scale
+        return torch.einsum("hln,nhd->lhd", s.softmax(-1), torch.cat(vs))
+    video, text = torch.empty_like(q), torch.empty_like(tq)
+    for b in range(x.shape[0]):
+        n = valid[b]
+        for a in range(F):
+            ks = [rot(tok(k, f), f)[b] for f in range(F) if abs(f - a) <= window]
+            vs = [tok(v, f)[b] for f in range(F) if abs(f - a) <= window]
+            for g in glob:
+                p = g if M is None else a - max(-M, min(M, a - g))
+                ks.append(rot(tok(k, g), p)[b])
+                vs.append(tok(v, g)[b])
+            qa = rot(tok(q, a), a)[b]
+            video[b, a * T:(a + 1) * T] = attend(qa, ks + [tk[b, :n]], vs + [tv[b, :n]])
+        keys = torch.cat([rot(tok(k, f), f)[b] for f in range(F)])
+        text[b] = attend(tq[b], [keys, tk[b, :n]], [v[b], tv[b, :n]])
+    video, text = video.flatten(2), text.flatten(2)
+    if getattr(attn, "to_out", None) is not None:
+        video = attn.to_out[1](attn.to_out[0](video))
+    if getattr(attn, "to_add_out", None) is not None:
+        text = attn.to_add_out(text)
+    return video, text
+
+
+@pytest.mark.parametrize("positions", ["true", "clamp"])
+def test_each_attention_against_a_dense_oracle(positions):
+    """Both block kinds' attention in fp64 on one rank, as the model calls it (its RMS norms,
+    the prompt mask from the forward, RoPE at global and clamped positions)."""
+    from vinf_engine.layout import global_frames
+    model = tiny_hunyuan_transformer().double()
+    x, (text, mask, pooled) = hunyuan_inputs(FRAMES)
+    cond = HunyuanText((text.double(), mask, pooled.double()))
+    M = 2
+    cfg = dict(window=1, num_global=3, phase_bias=0.0, trained_frames=M + 1,
+               global_positions=positions)
+    seen = []
+    attns = [model.transformer_blocks[0].attn, model.single_transformer_blocks[0].attn]
+    hooks = [a.register_forward_hook(lambda m, args, kw, out: seen.append((m, kw, out)),
+                                     with_kwargs=True) for a in attns]
+    vinf.parallelize(model, vinf.DualScopeConfig(**cfg))
+    with torch.no_grad():
+        hunyuan_call(model, x.double(), 900, cond)
+        vinf.unparallelize(model)
+        rope = model.rope(torch.zeros(1, 4, FRAMES, 4, 6))
+        for h in hooks:
+            h.remove()
+        assert len(seen) == 2
+        glob = global_frames(FRAMES, 3)
+        for attn, kw, (video, txt) in seen:
+            ref_v, ref_t = _oracle(attn, kw["hidden_states"], kw["encoder_hidden_states"], (5, 3),
+                                   tuple(r.double() for r in rope), FRAMES, 1, glob,
+                                   M if positions == "clamp" else None)
+            # fp64 throughout; the engine's partial log-sum-exps are fp32 (as the ops return them)
+            assert rel_err(video, ref_v) <= 1e-6, rel_err(video, ref_v)
+            assert rel_err(txt, ref_t) <= 1e-6, rel_err(txt, ref_t)
