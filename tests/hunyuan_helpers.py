@@ -235,7 +235,8 @@ def dropin_latents(pipe, seed: int = 0):
 
 
 def hunyuan_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases):
-    """On ``world`` ranks: ``vinf.generate`` of ``kwargs`` (this rank's latents), this rank's
+    """On ``world`` ranks: ``vinf.generate`` of ``kwargs`` (this rank's latents; again in the
+    stale comm mode), this rank's
     share of the family's decode of fixed latents, the drop-in's latents in exact config,
     and each bad-input case's error."""
     import os
@@ -246,6 +247,8 @@ def hunyuan_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases):
     rep = vinf.generate(model_dir, out=os.path.join(out_dir, f"r{world}.mp4"), progress=False,
                         **kwargs)
     res["latents"] = rep["latents"]
+    res["stale"] = vinf.generate(model_dir, out=None, progress=False, comm_mode="stale",
+                                 **{k: v for k, v in kwargs.items() if k != "crf"})["latents"]
     pipe = load_pipeline(model_dir)
     z = fixed_latents()
     layout = vinf.ClipLayout(z.shape[2], world)

@@ -81,6 +81,9 @@ def test_same_video_on_1_and_2_ranks(model, tmp_path):
     assert [r["latents"].shape[2] for r in res] == [3, 3]
     # other clip shapes than one process's: fp32 rounding (SPEC: 1e-5)
     assert rel_err(two, one["latents"]) <= 1e-5
+    # stale: the halos and global frames of the step before (the text partials stay live)
+    stale = torch.cat([r["stale"] for r in res], dim=2)
+    assert 1e-7 < rel_err(stale, one["latents"]) < 0.5, rel_err(stale, one["latents"])
     pipe = load_pipeline(model)
     f1, f2 = decoded(pipe, one["latents"]), decoded(pipe, two)
     assert f1.shape == (21, *PIPE_HW, 3) and np.abs(f2.astype(int) - f1).max() <= 1
