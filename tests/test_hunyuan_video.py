@@ -94,7 +94,16 @@ def test_the_prompt_mask_hides_padding_and_nothing_else():
         ref = hunyuan_call(model, x, 900, HunyuanText((text, mask, pooled)))
         padded = hunyuan_call(model, x, 900, HunyuanText((other, mask, pooled)))
         full = hunyuan_call(model, x, 900, HunyuanText((text, torch.ones_like(mask), pooled)))
+        hunyuan_call(model, x, 900, HunyuanText((text, mask, pooled)))
+        mask[1, 3] = 1              # changed in place after a call: the next call reads it again
+        more = hunyuan_call(model, x, 900, HunyuanText((text, mask, pooled)))
     vinf.unparallelize(model)
+    vinf.parallelize(model, vinf.DualScopeConfig(**CONFIGS["dual"]))
+    with torch.no_grad():
+        fresh = hunyuan_call(model, x, 900, HunyuanText((text, mask, pooled)))
+    vinf.unparallelize(model)
+    # bitwise: the same operations on the same shapes, if the lengths were read again
+    assert torch.equal(more, fresh) and rel_err(more[1], ref[1]) > 1e-4
     assert rel_err(padded, ref) <= 1e-6
     assert rel_err(full[1], ref[1]) > 1e-4
     assert rel_err(full[0], ref[0]) <= 1e-6                  # row 0 had no padding

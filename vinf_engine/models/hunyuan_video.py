@@ -313,12 +313,22 @@ def _begin(model, engine, rope: _Rope, L: int):
     trained range."""
     p = model.config.patch_size
     warned = set()
+    last = [None, -1, None]                  # the last mask read: tensor, version, lengths
+
+    def lengths(mask):
+        # One host read per prompt mask, not per step: a pipeline passes the same tensor
+        # every step (its version counter tells an in-place change).
+        if mask is None or torch.compiler.is_compiling():
+            return text_lengths(mask)
+        if mask is not last[0] or mask._version != last[1]:
+            last[:] = [mask, mask._version, text_lengths(mask)]
+        return last[2]
 
     def begin(args, kwargs):
         hs, t, mask = _call_values(args, kwargs)
         layout = engine.begin_step(hs, t)
         rope.set(hs.shape[3] // p, hs.shape[4] // p, layout.start(engine.rank), hs.device)
-        rope.valid = text_lengths(mask)
+        rope.valid = lengths(mask)
         w = min(engine.config.window, layout.num_frames - 1)
         if w > L - 1 and not torch.compiler.is_compiling() and layout.num_frames not in warned:
             warned.add(layout.num_frames)
