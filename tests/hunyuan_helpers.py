@@ -256,9 +256,19 @@ def hunyuan_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases):
     mine = z[:, :, layout.start(rank):layout.end(rank)]
     res["decoded"] = list(HunyuanVideoPipelines().decode(pipe, mine, layout, rank, comm, 2))
     res["decode_bytes"] = comm.counters.bytes_received
-    res["dropin"] = dropin_latents(vinf.parallelize_pipe(
-        tiny_hunyuan_pipeline(), vinf.DualScopeConfig(window=100, num_global=0,
-                                                      phase_bias=0.0)))
+    dropin = vinf.parallelize_pipe(tiny_hunyuan_pipeline(), vinf.DualScopeConfig(
+        window=100, num_global=0, phase_bias=0.0))
+    res["dropin"] = dropin_latents(dropin)
+    # the drop-in's vae.decode: this rank's tiles only, the frames gathered
+    import vinf_engine.hunyuan_vae as hv
+    real, clips = hv.decode_clip, []
+    hv.decode_clip = lambda *a, **k: (clips.append(k["frames"]), real(*a, **k))[1]
+    try:
+        with torch.no_grad():
+            res["dropin_decode"] = dropin.vae.decode(z / dropin.vae.config.scaling_factor).sample
+    finally:
+        hv.decode_clip = real
+    res["dropin_clips"] = clips
     for name, kw in bad_cases:
         try:
             vinf.generate(model_dir, progress=False, out=None, **kw)

@@ -106,6 +106,11 @@ def test_same_video_on_1_and_2_ranks(model, tmp_path):
     ref = dropin_latents(tiny_hunyuan_pipeline())
     for r in res:
         assert rel_err(r["dropin"], ref) <= 1e-5
+    # Its vae.decode of a video: each rank decodes its half's tiles and gathers the frames,
+    # bitwise the stock decode (the same tile calls on the same shapes).
+    assert [r["dropin_clips"] for r in res] == [[range(0, 4)], [range(4, 8)]]
+    for r in res:
+        assert torch.equal(r["dropin_decode"], stock)
 
     expected = {"not 4k+1": "frames must be 4k+1 for HunyuanVideo",
                 "negative prompt": "true classifier-free guidance with a negative prompt",

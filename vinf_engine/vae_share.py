@@ -13,6 +13,9 @@ still returns the whole result and does about ``1/R`` of the frames:
   frames of decoding for the released VAEs) is about equal: rank 0, with none, takes more.
 * ``AutoencoderKL`` (UNet3D pipelines): a 2-D VAE fed ``(B*F, C, h, w)`` rows, split along the
   rows; each rank runs the stock call on its rows.
+* ``AutoencoderKLHunyuanVideo`` (decode only): each rank decodes its clip's frames as the
+  stock decode's own temporal tiles (``hunyuan_vae.decode_clip``, bitwise the stock decode);
+  a video of one tile, or with framewise decoding off, is one call and runs stock.
 
 Every call starts with one agreement on the control plane (shape, dtype, VAE settings and a
 checksum of the input): a call the split does not understand on any rank (a Wan image batch,
@@ -187,6 +190,44 @@ class _WanSplit:
         return DecoderOutput(sample=video) if return_dict else (video,)
 
 
+class _HunyuanSplit:
+    """``AutoencoderKLHunyuanVideo``: a video's latents (B, C, F, h, w) decoded along latent
+    frames (every rank holds them all); encoding runs stock."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def settings(self) -> tuple:
+        v = self.vae
+        return (v.use_slicing, v.use_tiling, v.use_framewise_decoding,
+                v.tile_sample_min_num_frames, v.tile_sample_stride_num_frames,
+                v.tile_sample_min_height, v.tile_sample_min_width)
+
+    def encode_splits(self, x, ranks: int) -> bool:
+        return False
+
+    def decode_splits(self, z, ranks: int) -> bool:
+        from .hunyuan_vae import whole_video
+        return (isinstance(z, torch.Tensor) and z.dim() == 5 and z.shape[2] >= max(ranks, 2)
+                and z.shape[1] == self.vae.config.latent_channels
+                and not whole_video(self.vae, z.shape[2]))
+
+    def decode(self, comm, z, return_dict: bool):
+        """``vae.decode(z)``, this rank's clip of latent frames only."""
+        from diffusers.models.autoencoders.vae import DecoderOutput
+        from .hunyuan_vae import decode_clip
+        from .hunyuan_vae import video_frames_of as frames_of
+        F, R = z.shape[2], self.vae.temporal_compression_ratio
+        sizes = clip_sizes(F, comm.world_size, 0)
+        starts = [sum(sizes[:r]) for r in range(len(sizes) + 1)]
+        _fire_offload_hook(self.vae)
+        mine = torch.cat(list(decode_clip(self.vae, z, offset=0, num_frames=F, frames=range(
+            starts[comm.rank], starts[comm.rank + 1]))), dim=2)
+        frames = tuple(len(frames_of(range(a, b), R)) for a, b in zip(starts, starts[1:]))
+        video = _gather(comm, mine, 2, frames, "VAE decode gather")
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+
 class _RowSplit:
     """``AutoencoderKL`` (2-D): a batch of images (N, C, h, w), split along the rows, each
     rank's rows through the stock call (its slicing, tiling and offload hook included)."""
@@ -266,11 +307,14 @@ def share_vae(pipe, comm_of: Callable, patcher) -> bool:
     ``patcher.replace_method`` (undone with the rest of the pipeline; a wrapper added since,
     such as accelerate's or a compiled method, keeps working as a pass-through). ``comm_of()``
     gives the ``ClipComm`` to talk on at call time. Returns whether the VAE was a kind this
-    module splits (``AutoencoderKLWan``, ``AutoencoderKL``); any other is left alone."""
-    from diffusers import AutoencoderKL, AutoencoderKLWan
+    module splits (``AutoencoderKLWan``, ``AutoencoderKL``, ``AutoencoderKLHunyuanVideo``); any
+    other is left alone."""
+    from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLWan
     vae = getattr(pipe, "vae", None)
     if isinstance(vae, AutoencoderKLWan):
         split = _WanSplit(vae)
+    elif isinstance(vae, AutoencoderKLHunyuanVideo):
+        split = _HunyuanSplit(vae)
     elif isinstance(vae, AutoencoderKL):
         split = _RowSplit(vae)
     else:
