@@ -68,6 +68,7 @@ class _Rope:
         self.dims, self.theta = tuple(rope.rope_dim), rope.theta
         self.ph = self.pw = 0
         self.start = 0
+        self.device = None
         self.valid = None
         self._cache: dict = {}
 
