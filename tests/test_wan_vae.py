@@ -59,6 +59,17 @@ CONFIGS = {
 _VAES: dict = {}
 
 
+def cases(*names):
+    """Each config in fp64 and in fp32, one at 1 intra-op thread and the other at 2, the pairing
+    alternating from config to config: every dtype meets every thread count across the configs
+    (a kernel picked by shape and thread count shows up), at half the cost of every product."""
+    rows = []
+    for i, name in enumerate(names):
+        rows += [(name, torch.float64, 1 + i % 2), (name, torch.float32, 2 - i % 2)]
+    ids = [f"{n}-{'fp64' if d == torch.float64 else 'fp32'}-{t}" for n, d, t in rows]
+    return pytest.mark.parametrize("name,dtype,threads", rows, ids=ids, indirect=["threads"])
+
+
 def vae_of(name: str, dtype=torch.float64) -> AutoencoderKLWan:
     key = (name, dtype)
     if key not in _VAES:
@@ -127,9 +138,7 @@ def test_receptive_field_is_exactly_causal_history(name):
 
 # -- exactness -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("name", ["base3", "deep", "ti2v"])
+@cases("base3", "deep", "ti2v")
 def test_split_decode_is_bitwise(name, dtype, threads):
     vae = vae_of(name, dtype)
     H = causal_history(vae)
@@ -163,9 +172,7 @@ def test_whole_decode_is_diffusers_decode(name, threads):
     assert our_err <= 2 * stock_err + 2 ** -23, (our_err, stock_err)
 
 
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("name", ["base4", "deep"])
+@cases("base4", "deep")
 def test_less_warm_up_is_not_exact(name, dtype, threads):
     vae = vae_of(name, dtype)
     H = causal_history(vae)
@@ -394,9 +401,7 @@ def test_encoder_receptive_field_is_exactly_encoder_history(name):
     assert (dep[:4 * (i - K)] == 0).all()
 
 
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("name", ["base3", "deep", "ti2v"])
+@cases("base3", "deep", "ti2v")
 def test_split_encode_is_bitwise(name, dtype, threads):
     vae = vae_of(name, dtype)
     K = warmup_of(vae)
@@ -432,9 +437,7 @@ def test_whole_encode_is_diffusers_encode(name, threads):
     assert our_err <= 2 * stock_err + 2 ** -23 * ref64.abs().max().item(), (our_err, stock_err)
 
 
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("name", ["base4", "deep"])
+@cases("base4", "deep")
 def test_less_encode_history_is_not_exact(name, dtype, threads):
     vae = vae_of(name, dtype)
     K = warmup_of(vae)
