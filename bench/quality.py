@@ -206,7 +206,7 @@ def run_model(kind: str, args, stale_jobs: list) -> dict:
     from vinf_engine.pipelines import load_pipeline
     pipe = load_pipeline(qm.MODEL_DIRS[kind])
     run = dict(steps=args.steps, guidance=args.guidance or GUIDANCE[kind],
-               model_dir=qm.MODEL_DIRS[kind])
+               model_dir=qm.MODEL_DIRS[kind], samples=args.samples)
     ms = [m for m in modes(kind) if m.quick or not args.quick]
     res = dict(kind=kind, run=run, rows=[], videos={}, checks={})
     t0 = time.perf_counter()
@@ -253,14 +253,16 @@ def finish_stale(results: dict, jobs: list):
         return
     t0 = time.perf_counter()
     lats = stale_all([j for j, _ in jobs])
-    each = round((time.perf_counter() - t0) / len(jobs), 1)
+    # One 2-rank launch runs every job: no time per video, only their mean (printed).
+    print(f"stale (2 ranks): {len(jobs)} videos in one launch, "
+          f"{(time.perf_counter() - t0) / len(jobs):.1f} s per video on average", flush=True)
     longest = {k: max(r["length"] for r in res["rows"]) for k, res in results.items()}
     for (job, meta), lat in zip(jobs, lats):
         res = results[meta["kind"]]
         video = decode(res["pipe"], lat)
         prompt = job[1]
         res["rows"].append(dict(length=meta["length"], mode=meta["mode"], sample=meta["sample"],
-                                seconds=each, **figures(video, prompt)))
+                                seconds=None, **figures(video, prompt)))
         if meta["length"] == longest[meta["kind"]] and meta["sample"] == 0:
             res["videos"][meta["mode"]] = video
 
@@ -274,8 +276,9 @@ def table(res: dict) -> list:
         for name in order:
             rows = [r for r in res["rows"] if r["length"] == L and r["mode"] == name]
             if rows:
+                secs = [r["seconds"] for r in rows]
                 out.append((str(L), name, mean_figures(rows), len(rows),
-                            round(sum(r["seconds"] for r in rows) / len(rows), 1)))
+                            None if None in secs else round(sum(secs) / len(secs), 1)))
     return out
 
 
@@ -295,7 +298,8 @@ def markdown(res: dict) -> str:
     """The model's table in Markdown."""
     run = res["run"]
     lines = [f"**{res['kind']}** ({run['steps']} steps, guidance {run['guidance']:g}, "
-             f"{len(PROMPTS)} prompts max; reference rows over {res['reference'][0][2]} clips)",
+             f"{run.get('samples', 1)} sample(s) per row; reference rows over "
+             f"{res['reference'][0][2]} clips)",
              "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     for L, name, figs, n, secs in table(res):
         cells = [L, name] + [_cell(k, figs.get(k)) for k in FIGS] + [_cell("s", secs)]
