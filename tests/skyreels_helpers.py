@@ -80,5 +80,21 @@ def skyreels_ranks_job(rank, world, frames, t, exact, dual, model_dir, gen):
         res[2] = skyreels_model_rank(rank, 2, (6, 5), frames, t, exact, dual, group=pair)
         res["gen"] = vinf.generate(model_dir, out=None, save_latents=None, process_group=pair,
                                    progress=False, **gen)["latents"]
+        res["pipe"] = drop_in_latents(model_dir, dual, group=pair)
     dist.barrier()
     return res
+
+
+def drop_in_latents(model_dir, config, group=None):
+    """The unchanged ``SkyReelsV2Pipeline`` call's latents (17 frames: 5 latent frames, from
+    fixed noise), the pipeline under ``vinf.parallelize_pipe`` with ``config`` (None: the
+    pipeline unpatched)."""
+    import vinf_engine as vinf
+    from vinf_engine.pipelines import load_pipeline
+    pipe = load_pipeline(model_dir)
+    if config is not None:
+        vinf.parallelize_pipe(pipe, vinf.DualScopeConfig(**config), process_group=group)
+    noise = vinf.initial_noise(4, (1, 16, 5, SKY_HW[0] // 8, SKY_HW[1] // 8))
+    return pipe("the cat", negative_prompt="a dog", num_frames=17, num_inference_steps=1,
+                guidance_scale=4.0, height=SKY_HW[0], width=SKY_HW[1], latents=noise,
+                output_type="latent").frames

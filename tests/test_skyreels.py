@@ -11,9 +11,9 @@ import torch
 
 import vinf_engine as vinf
 from helpers import rel_err, run_ranks
-from skyreels_helpers import (SKY_HW, save_tiny_skyreels_pipeline, skyreels_inputs,
-                              skyreels_model_rank, skyreels_ranks_job, tiny_skyreels_pipeline,
-                              tiny_skyreels_transformer)
+from skyreels_helpers import (SKY_HW, drop_in_latents, save_tiny_skyreels_pipeline,
+                              skyreels_inputs, skyreels_model_rank, skyreels_ranks_job,
+                              tiny_skyreels_pipeline, tiny_skyreels_transformer)
 from vinf_engine.pipelines import inspect_model_dir, load_pipeline
 
 FRAMES = 11
@@ -58,9 +58,14 @@ def test_exact_mode_equals_the_stock_model(fps):
     assert torch.equal(_stock(model, x, text, 900.0, **kw), ref)
 
 
-def test_same_output_on_1_2_and_3_ranks(one_rank, folder):
-    res = run_ranks(skyreels_ranks_job, 3, FRAMES, 900.0, EXACT, DUAL, folder, GEN,
-                    timeout=300)
+@pytest.fixture(scope="module")
+def spawned(folder):
+    return run_ranks(skyreels_ranks_job, 3, FRAMES, 900.0, EXACT, DUAL, folder, GEN,
+                     timeout=300)
+
+
+def test_same_output_on_1_2_and_3_ranks(one_rank, folder, spawned):
+    res = spawned
     for world in (2, 3):
         for name in ("exact", "dual"):
             out = torch.cat([r[world][name] for r in res[:world]], dim=2)
@@ -71,6 +76,17 @@ def test_same_output_on_1_2_and_3_ranks(one_rank, folder):
     assert [r["gen"].shape[2] for r in res[:2]] == [3, 2]
     assert rel_err(gen_two, gen_one["latents"]) <= 1e-5
     assert rel_err(gen_one["latents"], vinf.initial_noise(3, gen_one["latents"].shape)) > 0.1
+
+
+def test_the_drop_in_on_1_and_2_ranks(folder, spawned):
+    # parallelize_pipe: in exact config the unpatched pipeline; in a dual-scope config every
+    # rank of two returns the whole video, the same as one process.
+    stock = drop_in_latents(folder, None)
+    assert rel_err(drop_in_latents(folder, EXACT), stock) <= 1e-5
+    one = drop_in_latents(folder, DUAL)
+    assert rel_err(one, stock) > 1e-3                                 # dual scope is not it
+    for r in spawned[:2]:
+        assert r["pipe"].shape == one.shape and rel_err(r["pipe"], one) <= 1e-5
 
 
 def test_generate_matches_the_skyreels_pipeline(folder):
@@ -133,6 +149,10 @@ def test_the_diffusion_forcing_and_i2v_pipelines_are_refused(tmp_path):
     with pytest.raises(vinf.GenerationError, match="SkyReelsV2DiffusionForcingPipeline is "
                                                    "diffusion forcing"):
         vinf.generate(df, "the cat", num_frames=9, steps=1, out=None, progress=False, **HW)
+    # Under the drop-in, its transformer refuses the per-frame timesteps at the first call.
+    vinf.parallelize_pipe(df, vinf.DualScopeConfig(**EXACT))
+    with pytest.raises(ValueError, match="called with diffusion forcing"):
+        df("the cat", num_frames=9, num_inference_steps=1, output_type="latent", **HW)
     # The I2V folder (its index is all the refusal reads).
     i2v = tmp_path / "i2v"
     i2v.mkdir()
