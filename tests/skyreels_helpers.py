@@ -66,10 +66,11 @@ def skyreels_model_rank(rank, world, sizes, frames, t, exact, dual, group=None):
     return out
 
 
-def skyreels_ranks_job(rank, world, frames, t, exact, dual, model_dir, gen):
+def skyreels_ranks_job(rank, world, frames, t, exact, dual, model_dir, gen, i2v):
     """On 3 ranks: the transformer's output split (1, 6, 4); then on ranks {0, 1} alone (a
-    subgroup, as ``gen_helpers.invariance_rank`` makes one): split (6, 5), and
-    ``vinf.generate``'s latents of this rank's clip."""
+    subgroup, as ``gen_helpers.invariance_rank`` makes one): split (6, 5), and the latents of
+    this rank's clip from ``vinf.generate`` (text-to-video; ``i2v``: (folder, arguments) of
+    image-to-video) and from the drop-in."""
     import datetime
     import torch.distributed as dist
     import vinf_engine as vinf
@@ -81,6 +82,8 @@ def skyreels_ranks_job(rank, world, frames, t, exact, dual, model_dir, gen):
         res["gen"] = vinf.generate(model_dir, out=None, save_latents=None, process_group=pair,
                                    progress=False, **gen)["latents"]
         res["pipe"] = drop_in_latents(model_dir, dual, group=pair)
+        res["i2v"] = vinf.generate(i2v[0], out=None, save_latents=None, process_group=pair,
+                                   progress=False, **i2v[1])["latents"]
     dist.barrier()
     return res
 
@@ -98,3 +101,27 @@ def drop_in_latents(model_dir, config, group=None):
     return pipe("the cat", negative_prompt="a dog", num_frames=17, num_inference_steps=1,
                 guidance_scale=4.0, height=SKY_HW[0], width=SKY_HW[1], latents=noise,
                 output_type="latent").frames
+
+
+def tiny_skyreels_i2v_pipeline(seed: int = 0):
+    """A ``SkyReelsV2ImageToVideoPipeline`` of tiny random modules (not saved): a transformer
+    taking the latents, four mask channels and the condition latents (``2 * 16 + 4``
+    channels) and CLIP image tokens (``CLIPVisionModelWithProjection``, whose penultimate
+    hidden states the pipeline reads)."""
+    from diffusers import SkyReelsV2ImageToVideoPipeline, UniPCMultistepScheduler
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=16,
+                           projection_dim=16)
+    tok = _tokenizer()
+    return SkyReelsV2ImageToVideoPipeline(
+        tokenizer=tok, text_encoder=_seeded(lambda: _text_encoder(len(tok)), seed + 100),
+        image_encoder=_seeded(lambda: CLIPVisionModelWithProjection(cfg), seed + 500),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                           crop_size={"height": 32, "width": 32}),
+        transformer=tiny_skyreels_transformer(seed + 200, in_channels=36, image_dim=16,
+                                              added_kv_proj_dim=48),
+        vae=_seeded(lambda: _vae(False), seed + 400),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                          flow_shift=3.0, num_train_timesteps=1000))

@@ -1,9 +1,8 @@
 """SkyReels-V2 on Wan's family: the transformer in exact mode equals the stock model, the same
 output on 1, 2 and 3 real gloo ranks (uneven clips), ``vinf.generate`` from a saved
-SkyReelsV2Pipeline folder equals the stock pipeline and is the same on 1 and 2 ranks, and
-what the engine cannot run (the causal block mask, diffusion forcing, the I2V pipeline) is
-refused with its reason."""
-import json
+SkyReelsV2Pipeline or SkyReelsV2ImageToVideoPipeline folder equals the stock pipeline and is
+the same on 1 and 2 ranks, and what the engine cannot run (the causal block mask, diffusion
+forcing, images on text-to-video) is refused with its reason."""
 import os
 
 import pytest
@@ -11,10 +10,11 @@ import torch
 
 import vinf_engine as vinf
 from helpers import rel_err, run_ranks
+from wan_helpers import wan_image
 from skyreels_helpers import (SKY_HW, drop_in_latents, save_tiny_skyreels_pipeline,
                               skyreels_inputs, skyreels_model_rank, skyreels_ranks_job,
                               tiny_skyreels_pipeline, tiny_skyreels_transformer)
-from vinf_engine.pipelines import inspect_model_dir, load_pipeline
+from vinf_engine.pipelines import load_pipeline
 
 FRAMES = 11
 EXACT = dict(window=1000, num_global=0, phase_bias=0.0)
@@ -22,11 +22,20 @@ DUAL = dict(window=2, num_global=2, phase_t=500, phase_bias=2.0)
 HW = dict(height=SKY_HW[0], width=SKY_HW[1])
 GEN = dict(prompts="the cat", negative_prompt="a dog", num_frames=17, steps=2, seed=3,
            guidance_scale=4.0, config=DUAL, **HW)
+GEN_I2V = dict(GEN, images=[(0, wan_image(5, SKY_HW)), (12, wan_image(6, SKY_HW))])
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return save_tiny_skyreels_pipeline(str(tmp_path_factory.mktemp("sky")))
+
+
+@pytest.fixture(scope="module")
+def i2v_folder(tmp_path_factory):
+    from skyreels_helpers import tiny_skyreels_i2v_pipeline
+    path = str(tmp_path_factory.mktemp("sky_i2v") / "model")
+    tiny_skyreels_i2v_pipeline().save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +68,12 @@ def test_exact_mode_equals_the_stock_model(fps):
 
 
 @pytest.fixture(scope="module")
-def spawned(folder):
+def spawned(folder, i2v_folder):
     return run_ranks(skyreels_ranks_job, 3, FRAMES, 900.0, EXACT, DUAL, folder, GEN,
-                     timeout=300)
+                     (i2v_folder, GEN_I2V), timeout=300)
 
 
-def test_same_output_on_1_2_and_3_ranks(one_rank, folder, spawned):
+def test_same_output_on_1_2_and_3_ranks(one_rank, folder, i2v_folder, spawned):
     res = spawned
     for world in (2, 3):
         for name in ("exact", "dual"):
@@ -76,6 +85,10 @@ def test_same_output_on_1_2_and_3_ranks(one_rank, folder, spawned):
     assert [r["gen"].shape[2] for r in res[:2]] == [3, 2]
     assert rel_err(gen_two, gen_one["latents"]) <= 1e-5
     assert rel_err(gen_one["latents"], vinf.initial_noise(3, gen_one["latents"].shape)) > 0.1
+    # Image-to-video, an image at frame 0 and one at frame 12 (latent frame 3: rank 1's first).
+    i2v_one = vinf.generate(i2v_folder, out=None, save_latents=None, progress=False, **GEN_I2V)
+    i2v_two = torch.cat([r["i2v"] for r in res[:2]], dim=2)
+    assert rel_err(i2v_two, i2v_one["latents"]) <= 1e-5
 
 
 def test_the_drop_in_on_1_and_2_ranks(folder, spawned):
@@ -137,7 +150,7 @@ def test_diffusion_forcing_timesteps_are_refused():
             model(x, torch.full((2, 4), 900.0), text, enable_diffusion_forcing=True)
 
 
-def test_the_diffusion_forcing_and_i2v_pipelines_are_refused(tmp_path):
+def test_the_diffusion_forcing_pipeline_is_refused(tmp_path):
     from diffusers import SkyReelsV2DiffusionForcingPipeline
     stock = tiny_skyreels_pipeline()
     df = SkyReelsV2DiffusionForcingPipeline(**stock.components)
@@ -153,17 +166,32 @@ def test_the_diffusion_forcing_and_i2v_pipelines_are_refused(tmp_path):
     vinf.parallelize_pipe(df, vinf.DualScopeConfig(**EXACT))
     with pytest.raises(ValueError, match="called with diffusion forcing"):
         df("the cat", num_frames=9, num_inference_steps=1, output_type="latent", **HW)
-    # The I2V folder (its index is all the refusal reads).
-    i2v = tmp_path / "i2v"
-    i2v.mkdir()
-    (i2v / "model_index.json").write_text(json.dumps(
-        {"_class_name": "SkyReelsV2ImageToVideoPipeline"}))
-    problem, _ = inspect_model_dir(str(i2v))
-    assert "SkyReelsV2ImageToVideoPipeline is not supported yet" in problem
 
 
 def test_an_image_is_refused_on_text_to_video(folder):
-    from wan_helpers import wan_image
     with pytest.raises(vinf.GenerationError, match="SkyReels-V2 text-to-video takes no image"):
         vinf.generate(folder, "the cat", images=wan_image(), num_frames=9, steps=1, out=None,
                       progress=False, **HW)
+
+
+def test_image_to_video_equals_the_skyreels_pipeline(i2v_folder):
+    # Exact config on one rank, from a saved folder: SkyReelsV2ImageToVideoPipeline from the
+    # same initial noise (mask and condition channels, CLIP tokens of the image).
+    from PIL import Image
+    from wan_helpers import wan_image
+    pipe = load_pipeline(i2v_folder)
+    assert type(pipe).__name__ == "SkyReelsV2ImageToVideoPipeline"
+    img = wan_image(5, SKY_HW)
+    kw = dict(num_frames=9, guidance_scale=4.0, negative_prompt="a dog", **HW)
+    rep = vinf.generate(pipe, "the cat", config=EXACT, images=img, out=None, steps=2, seed=2,
+                        progress=False, **kw)
+    assert rep["model_kind"] == "skyreels-v2-i2v"
+    noise = vinf.initial_noise(2, (1, *rep["latents"].shape[1:]))
+    ref = pipe(image=img, prompt="the cat", num_inference_steps=2, latents=noise,
+               output_type="latent", **kw).frames
+    assert rel_err(rep["latents"], ref) <= 1e-5
+    other = vinf.generate(pipe, "the cat", config=EXACT, out=None, steps=2, seed=2,
+                          progress=False, images=img.transpose(Image.FLIP_LEFT_RIGHT), **kw)
+    assert rel_err(other["latents"], ref) > 1e-3                    # the image conditions it
+    with pytest.raises(vinf.GenerationError, match="needs an image"):
+        vinf.generate(pipe, "the cat", out=None, steps=1, progress=False, **kw)
