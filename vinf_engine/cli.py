@@ -70,8 +70,8 @@ def _model_flags(g):
                    help="local diffusers pipeline folder (ModelScope / Zeroscope "
                         "TextToVideoSDPipeline, VideoCrafter2 in diffusers layout, a "
                         "WanPipeline: Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B, a "
-                        "WanImageToVideoPipeline, or a SkyReelsV2Pipeline); nothing is "
-                        "downloaded")
+                        "WanImageToVideoPipeline, or a SkyReels-V2 T2V / I2V pipeline); "
+                        "nothing is downloaded")
     m.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="the prompt; repeat it for several scenes splitting the video evenly")
     m.add_argument("--prompt-file", metavar="FILE",

@@ -7,7 +7,7 @@
     cogvideox.py  CogVideoXPipeline (CogVideoX 2b, 5b)
     ltx.py     LTXPipeline and LTXImageToVideoPipeline (LTX-Video 0.9.x)
     hunyuan_video.py  HunyuanVideoPipeline (HunyuanVideo 1.0 text-to-video)
-    skyreels_v2.py  SkyReelsV2Pipeline (SkyReels-V2 text-to-video, on Wan's family)
+    skyreels_v2.py  SkyReelsV2Pipeline and SkyReelsV2ImageToVideoPipeline (on Wan's family)
 """
 from __future__ import annotations
 
