@@ -13,6 +13,7 @@ from cogvideox_helpers import cog_call, cog_inputs, tiny_cogvideox_transformer
 from helpers import tiny_unet, unet_inputs
 from hunyuan_helpers import hunyuan_call, hunyuan_inputs, tiny_hunyuan_transformer
 from ltx_helpers import ltx_call, ltx_inputs, tiny_ltx_transformer
+from skyreels_helpers import skyreels_inputs, tiny_skyreels_transformer
 from wan_helpers import tiny_wan_transformer, wan_inputs
 
 FRAMES = 11
@@ -79,6 +80,20 @@ class Wan:
     def call(model, clip, t, text):
         t = torch.full((clip.shape[0],), float(t))
         return model(hidden_states=clip, timestep=t, encoder_hidden_states=text).sample
+
+
+class SkyReelsV2(Wan):
+    """SkyReels-V2's transformer: Wan's architecture in its own classes, Wan's configs."""
+
+    @staticmethod
+    def model():
+        return tiny_skyreels_transformer()
+
+    shallow_model = model
+
+    @staticmethod
+    def inputs(frames):
+        return skyreels_inputs(frames)
 
 
 class CogVideoX:
@@ -168,7 +183,8 @@ class HunyuanVideo:
 
 
 FAMILIES = {"unet3d": UNet3D, "wan": Wan, "cogvideox": CogVideoX, "cogvideox_2b": CogVideoX2b,
-            "cogvideox15": CogVideoX15, "ltx": LTX, "hunyuan": HunyuanVideo}
+            "cogvideox15": CogVideoX15, "ltx": LTX, "hunyuan": HunyuanVideo,
+            "skyreels": SkyReelsV2}
 
 
 def modes_at(spec, world):

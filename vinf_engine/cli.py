@@ -69,8 +69,9 @@ def _model_flags(g):
     m.add_argument("--model", required=True, metavar="DIR",
                    help="local diffusers pipeline folder (ModelScope / Zeroscope "
                         "TextToVideoSDPipeline, VideoCrafter2 in diffusers layout, a "
-                        "WanPipeline: Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B, or a "
-                        "WanImageToVideoPipeline); nothing is downloaded")
+                        "WanPipeline: Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B, a "
+                        "WanImageToVideoPipeline, or a SkyReels-V2 T2V / I2V pipeline); "
+                        "nothing is downloaded")
     m.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="the prompt; repeat it for several scenes splitting the video evenly")
     m.add_argument("--prompt-file", metavar="FILE",
@@ -146,7 +147,8 @@ def _parallel_flags(g):
                    help="Wan: clamp (default: no logit sees a temporal distance past the trained "
                         "range) or true")
     c.add_argument("--trained-frames", metavar="N", type=INT, default=None,
-                   help="Wan: latent frames the model was trained on (default 21; TI2V-5B 31)")
+                   help="Wan: latent frames the model was trained on (default 21; TI2V-5B 31; "
+                        "SkyReels-V2 25)")
     c.add_argument("--per-clip-groupnorm", action="store_true",
                    help="GroupNorm statistics per clip (the published prototype; ablation only)")
     c.add_argument("--cache", metavar="fbc:T[,...]", default=None,

@@ -71,7 +71,8 @@ class EngineProcessor:
 # processor (which computes that attention, dual-scoped) stays.
 PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor",
                     "SlicedAttnProcessor", "FusedAttnProcessor2_0", "AttnProcessorNPU",
-                    "XLAFlashAttnProcessor2_0", "WanAttnProcessor", "WanAttnProcessor2_0")
+                    "XLAFlashAttnProcessor2_0", "WanAttnProcessor", "WanAttnProcessor2_0",
+                    "SkyReelsV2AttnProcessor")
 
 
 def processor_problem(processor) -> str | None:

@@ -348,14 +348,21 @@ class WanAdapter(AdapterBase):
     def model_classes(cls) -> tuple:
         return (WanTransformer3DModel,)
 
-    @staticmethod
-    def check(model) -> str | None:
+    # The diffusers classes the checks and the patch expect: a family built on Wan's
+    # architecture in classes of its own (SkyReels-V2) names its own.
+    rope_class, clip_rope_class = WanRotaryPosEmbed, ClipWanRotaryPosEmbed
+    attention_class, processor_class = WanAttention, WanAttnProcessor
+    trained_frames = staticmethod(trained_frames)
+
+    @classmethod
+    def check(cls, model) -> str | None:
         p_t = model.config.patch_size[0]
         if p_t != 1:
             return (f"temporal patch size {p_t}: tokens would span {p_t} latent frames; the "
                     "engine splits Wan's frame-major tokens by latent frame (patch 1)")
-        if type(model.rope) is not WanRotaryPosEmbed:
-            return f"rope is {type(model.rope).__name__}, expected diffusers' WanRotaryPosEmbed"
+        if type(model.rope) is not cls.rope_class:
+            return (f"rope is {type(model.rope).__name__}, expected diffusers' "
+                    f"{cls.rope_class.__name__}")
         rope = model.rope
         rows = min(rope.max_seq_len, 3)
         cos, _ = ClipWanRotaryPosEmbed.rotations(rope, torch.arange(rows, dtype=torch.float64),
@@ -368,16 +375,22 @@ class WanAdapter(AdapterBase):
         for i, block in enumerate(model.blocks):
             attn = getattr(block, "attn1", None)
             where = f"blocks.{i}.attn1"
-            if not isinstance(attn, WanAttention) or attn.is_cross_attention:
-                return f"{where} is {type(attn).__name__}, expected WanAttention self-attention"
+            if not isinstance(attn, cls.attention_class) or attn.is_cross_attention:
+                return (f"{where} is {type(attn).__name__}, expected "
+                        f"{cls.attention_class.__name__} self-attention")
             if attn.add_k_proj is not None:
                 return f"{where} has added image keys; not supported in self-attention"
-            if type(attn.processor) is not WanAttnProcessor:
+            if type(attn.processor) is not cls.processor_class:
                 return (f"{where} runs {type(attn.processor).__name__}; the engine replaces "
-                        "diffusers' WanAttnProcessor only")
+                        f"diffusers' {cls.processor_class.__name__} only")
             if getattr(attn.processor, "_parallel_config", None) is not None:
                 return (f"{where} is set up for diffusers' own context parallelism; use one "
                         "of the two, not both")
+        return None
+
+    @staticmethod
+    def step_problem(model, args, kwargs) -> str | None:
+        """Why this forward call cannot run clip-parallel, or None (told to every rank)."""
         return None
 
     @staticmethod
@@ -395,10 +408,10 @@ class WanAdapter(AdapterBase):
 
     def patch(self, model, engine, patcher: Patcher):
         config = engine.config
-        L = trained_frames(model, config)
+        L = self.trained_frames(model, config)
         M = L - 1 if config.global_positions == "clamp" else None
         grid = _Grid(model.rope)
-        patcher.swap_class(model.rope, ClipWanRotaryPosEmbed, _vinf=engine, _vinf_grid=grid)
+        patcher.swap_class(model.rope, self.clip_rope_class, _vinf=engine, _vinf_grid=grid)
         for block in model.blocks:
             patcher.set_processor(block.attn1, WanDualScopeProcessor(engine, grid, M))
             if engine.chunk_bytes and type(block) is WanTransformerBlock:
@@ -410,7 +423,8 @@ class WanAdapter(AdapterBase):
         warned = set()
 
         def begin(args, kwargs):
-            layout = engine.begin_step(*step_arguments(args, kwargs, self.inputs))
+            layout = engine.begin_step(*step_arguments(args, kwargs, self.inputs),
+                                       problem=self.step_problem(model, args, kwargs))
             w = min(config.window, layout.num_frames - 1)
             # (not under torch.compile: the set of warned lengths is state across calls, whose
             # guard would recompile the step once it has warned)
@@ -428,10 +442,12 @@ class WanAdapter(AdapterBase):
             cache_blocks(patcher, list(model.blocks), engine.cache)
 
 
-def window_problem(model, config: DualScopeConfig, num_frames: int) -> str | None:
+def window_problem(model, config: DualScopeConfig, num_frames: int,
+                   frames_of=trained_frames) -> str | None:
     """Why ``config``'s local window reaches past ``model``'s trained range on a video of
-    ``num_frames`` latent frames, or None (the generation pipeline refuses it)."""
-    L = trained_frames(model, config)
+    ``num_frames`` latent frames, or None (the generation pipeline refuses it); ``frames_of``:
+    the family's ``trained_frames``."""
+    L = frames_of(model, config)
     w = min(config.window, num_frames - 1)
     if w > L - 1:
         return (f"window {w} reaches past the trained range: the model was trained on {L} "

@@ -7,6 +7,7 @@
     cogvideox.py  CogVideoXPipeline (CogVideoX 2b, 5b)
     ltx.py     LTXPipeline and LTXImageToVideoPipeline (LTX-Video 0.9.x)
     hunyuan_video.py  HunyuanVideoPipeline (HunyuanVideo 1.0 text-to-video)
+    skyreels_v2.py  SkyReelsV2Pipeline and SkyReelsV2ImageToVideoPipeline (on Wan's family)
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ def families() -> list:
         from .hunyuan_video import HunyuanVideoPipelines
         from .unet3d import UNet3DPipelines
         from .ltx import LTXPipelines
+        from .skyreels_v2 import SkyReelsV2Pipelines
         from .wan import WanPipelines
         _FAMILIES.extend([UNet3DPipelines(), WanPipelines(), CogVideoXPipelines(),
-                          LTXPipelines(), HunyuanVideoPipelines()])
+                          LTXPipelines(), HunyuanVideoPipelines(), SkyReelsV2Pipelines()])
     return _FAMILIES
 
 

@@ -46,6 +46,7 @@ class WanPipelines(PipelineFamily):
     }
     components = ("transformer", "transformer_2", "vae", "text_encoder")
     cuda_dtype = torch.bfloat16
+    size = (480, 832)              # WanPipeline's default (height, width)
     takes = ("transformer", "WanTransformer3DModel", "WanPipeline, WanImageToVideoPipeline, "
              "WanVideoToVideoPipeline, with Wan 2.2's transformer_2 too")
 
@@ -129,9 +130,13 @@ class WanPipelines(PipelineFamily):
     def denoisers(self, pipe) -> list:
         return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
 
-    def default_config(self, pipe) -> DualScopeConfig:
+    def adapter(self):
+        """The model adapter of the family's transformers."""
         from ..models.wan import WanAdapter
-        return WanAdapter.default_config(pipe.transformer)
+        return WanAdapter
+
+    def default_config(self, pipe) -> DualScopeConfig:
+        return self.adapter().default_config(pipe.transformer)
 
     def check(self, s, pipe) -> list[str]:
         from ..models.wan import window_problem
@@ -150,7 +155,7 @@ class WanPipelines(PipelineFamily):
             p.append(f"frames must be {kt}k+1 for Wan (its VAE makes {kt} video frames of each "
                      f"latent frame after the first), got {n} (try {lo} or {lo + kt})")
         step = ks * tr.config.patch_size[1]
-        for name, v in (("height", s.height or 480), ("width", s.width or 832)):
+        for name, v in (("height", s.height or self.size[0]), ("width", s.width or self.size[1])):
             if v % step:
                 p.append(f"{name} {v} is not a multiple of {step}: the VAE downsamples by {ks} "
                          f"and the transformer patches by {tr.config.patch_size[1]} more (try "
@@ -162,8 +167,9 @@ class WanPipelines(PipelineFamily):
         if s.guidance_scale_2 is not None and len(experts) == 1:
             p.append("guidance scale 2 is for Wan 2.2's second expert; this pipeline has one "
                      "transformer")
-        if pipe.config.boundary_ratio is not None and len(experts) == 1:
-            p.append(f"the pipeline names a boundary_ratio ({pipe.config.boundary_ratio}) but has "
+        ratio = pipe.config.get("boundary_ratio")
+        if ratio is not None and len(experts) == 1:
+            p.append(f"the pipeline names a boundary_ratio ({ratio}) but has "
                      "no transformer_2")
         if len(experts) == 2:
             for key in ("in_channels", "out_channels", "patch_size", "num_attention_heads",
@@ -192,7 +198,7 @@ class WanPipelines(PipelineFamily):
                          "each; start scenes at least that far apart")
             try:
                 w = window_problem(tr, s.resolved_config(self.default_config(pipe)),
-                                   (n - 1) // kt + 1)
+                                   (n - 1) // kt + 1, self.adapter().trained_frames)
             except (TypeError, ValueError):
                 w = None                     # a bad config is reported by the settings' check
             if w:
@@ -201,7 +207,7 @@ class WanPipelines(PipelineFamily):
 
     def plan(self, s, pipe) -> VideoPlan:
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        H, W = s.height or 480, s.width or 832
+        H, W = s.height or self.size[0], s.width or self.size[1]
         n = s.video_frames
         L = (n - 1) // kt + 1
         shape = (1, pipe.vae.config.z_dim, L, H // ks, W // ks)
@@ -279,10 +285,10 @@ class _Conditioning(Conditioning):
         self.cfg = s.guidance_scale > 1.0
         self.guidance = (s.guidance_scale, s.guidance_scale if s.guidance_scale_2 is None
                          else s.guidance_scale_2)
-        ratio = pipe.config.boundary_ratio
+        ratio = pipe.config.get("boundary_ratio")
         self.boundary = (None if ratio is None or len(self.experts) == 1
                          else ratio * pipe.scheduler.config.num_train_timesteps)
-        self.expand = bool(pipe.config.expand_timesteps)
+        self.expand = bool(pipe.config.get("expand_timesteps", False))
         p = pipe.transformer.config.patch_size
         self.tokens = len(frames) * (plan.shape[3] // p[1]) * (plan.shape[4] // p[2])
         dtype = pipe.transformer.dtype
