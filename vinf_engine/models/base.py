@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -268,3 +269,30 @@ def config_fingerprint(model) -> tuple:
                      sort_keys=True, default=str)
     params = sum(p.numel() for p in model.parameters())
     return type(model).__name__, cfg, params, str(next(model.parameters()).dtype)
+
+
+# -- the trained range: one wording for every family ---------------------------------------------
+def window_past_trained_range(window: int, num_frames: int, trained: int,
+                              unit: str = "latent") -> str | None:
+    """Why a local ``window`` on a video of ``num_frames`` ``unit`` frames reaches past a model
+    trained on ``trained`` of them, or None: what the generation pipeline refuses."""
+    w = min(window, num_frames - 1)
+    if w > trained - 1:
+        return (f"window {w} reaches past the trained range: the model was trained on {trained} "
+                f"{unit} frames (relative distances up to {trained - 1}); use a window <= "
+                f"{trained - 1}, or give trained_frames if it was trained longer")
+    return None
+
+
+def warn_past_trained_range(model, window: int, num_frames: int, trained: int, warned: set,
+                            unit: str = "latent"):
+    """Warn once per video length that the window reaches past the trained range (what a
+    direct ``parallelize`` user gets instead of the pipeline's refusal). Not under
+    torch.compile: ``warned`` is state across calls, whose guard would recompile the step
+    once it has warned."""
+    w = min(window, num_frames - 1)
+    if w > trained - 1 and not torch.compiler.is_compiling() and num_frames not in warned:
+        warned.add(num_frames)
+        warnings.warn(f"dual-scope window {w} reaches past the trained range: "
+                      f"{type(model).__name__} was trained on {trained} {unit} frames "
+                      f"(relative distances up to {trained - 1})", stacklevel=4)

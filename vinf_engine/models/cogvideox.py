@@ -25,7 +25,6 @@ embedding has no relative form to clamp: its frames sit at their true global pos
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
@@ -39,7 +38,8 @@ from diffusers.models.embeddings import (CogVideoXPatchEmbed, apply_rotary_emb,
 from ..config import DualScopeConfig
 from ..layers.joint_attention import ClampedGlobalScope, JointText, joint_attention
 from . import register
-from .base import AdapterBase, EngineProcessor, Patcher
+from .base import (AdapterBase, EngineProcessor, Patcher, warn_past_trained_range,
+                   window_past_trained_range)
 
 __all__ = ["CogVideoXAdapter", "CogVideoXJointProcessor", "ClipCogVideoXPatchEmbed",
            "trained_frames", "frame_unit", "window_problem"]
@@ -321,22 +321,13 @@ class CogVideoXAdapter(AdapterBase):
                 raise ValueError("clip-parallel step refused: " + view)
             layout = engine.begin_step(view, t)
             rope.set(table, (hs.shape[3] // p) * (hs.shape[4] // p), layout.start(engine.rank))
-            w = min(engine.config.window, layout.num_frames - 1)
-            if w > L - 1 and not torch.compiler.is_compiling() and layout.num_frames not in warned:
-                warned.add(layout.num_frames)
-                warnings.warn(f"dual-scope window {w} reaches past the trained range: "
-                              f"{type(model).__name__} was trained on {L} token frames "
-                              f"(relative distances up to {L - 1})", stacklevel=3)
+            warn_past_trained_range(model, engine.config.window, layout.num_frames, L, warned,
+                                    unit="token")
         return begin
 
 
 def window_problem(model, config: DualScopeConfig, num_frames: int) -> str | None:
     """Why ``config``'s local window reaches past ``model``'s trained range on a video of
     ``num_frames`` token frames, or None (the generation pipeline refuses it)."""
-    L = trained_frames(model, config)
-    w = min(config.window, num_frames - 1)
-    if w > L - 1:
-        return (f"window {w} reaches past the trained range: the model was trained on {L} "
-                f"token frames (relative distances up to {L - 1}); use a window <= {L - 1}, "
-                "or give trained_frames if it was trained longer")
-    return None
+    return window_past_trained_range(config.window, num_frames, trained_frames(model, config),
+                                     unit="token")

@@ -27,7 +27,6 @@ frame position, so the global scope's keys may sit at clamped relative offsets
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
@@ -41,7 +40,8 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 from ..config import DualScopeConfig
 from ..layers.joint_attention import ClampedGlobalScope, JointText, joint_attention
 from . import register
-from .base import AdapterBase, EngineProcessor, Patcher
+from .base import (AdapterBase, EngineProcessor, Patcher, warn_past_trained_range,
+                   window_past_trained_range)
 
 __all__ = ["HunyuanVideoAdapter", "HunyuanJointProcessor", "ClipHunyuanRotaryPosEmbed",
            "trained_frames", "window_problem", "TRAINED_LATENT_FRAMES"]
@@ -330,22 +330,11 @@ def _begin(model, engine, rope: _Rope, L: int):
         layout = engine.begin_step(hs, t)
         rope.set(hs.shape[3] // p, hs.shape[4] // p, layout.start(engine.rank), hs.device)
         rope.valid = lengths(mask)
-        w = min(engine.config.window, layout.num_frames - 1)
-        if w > L - 1 and not torch.compiler.is_compiling() and layout.num_frames not in warned:
-            warned.add(layout.num_frames)
-            warnings.warn(f"dual-scope window {w} reaches past the trained range: "
-                          f"{type(model).__name__} was trained on {L} latent frames "
-                          f"(relative distances up to {L - 1})", stacklevel=3)
+        warn_past_trained_range(model, engine.config.window, layout.num_frames, L, warned)
     return begin
 
 
 def window_problem(model, config: DualScopeConfig, num_frames: int) -> str | None:
     """Why ``config``'s local window reaches past ``model``'s trained range on a video of
     ``num_frames`` latent frames, or None (the generation pipeline refuses it)."""
-    L = trained_frames(model, config)
-    w = min(config.window, num_frames - 1)
-    if w > L - 1:
-        return (f"window {w} reaches past the trained range: the model was trained on {L} "
-                f"latent frames (relative distances up to {L - 1}); use a window <= {L - 1}, "
-                "or give trained_frames if it was trained longer")
-    return None
+    return window_past_trained_range(config.window, num_frames, trained_frames(model, config))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 
 import torch
 from diffusers import LTXVideoTransformer3DModel
@@ -38,7 +37,8 @@ from ..config import DualScopeConfig
 from ..layers import clip_attention
 from ..layers.attention import clip_attention_in_chunks, global_attention
 from . import register
-from .base import AdapterBase, EngineProcessor, Patcher
+from .base import (AdapterBase, EngineProcessor, Patcher, warn_past_trained_range,
+                   window_past_trained_range)
 
 __all__ = ["LTXAdapter", "LTXDualScopeProcessor", "ClipLTXRotaryPosEmbed", "trained_frames",
            "TRAINED_FRAMES", "window_problem"]
@@ -481,23 +481,11 @@ def _begin(model, engine, L: int):
             problem = ("video_coords (LTXConditionPipeline's sequence conditioning) is not "
                        "supported under clip parallelism: give num_frames, height and width")
         layout = engine.begin_step(view, v.get("timestep"), problem)
-        w = min(engine.config.window, layout.num_frames - 1)
-        if (w > L - 1 and not torch.compiler.is_compiling()
-                and layout.num_frames not in warned):
-            warned.add(layout.num_frames)
-            warnings.warn(f"dual-scope window {w} reaches past the trained range: "
-                          f"{type(model).__name__} was trained on {L} latent frames "
-                          f"(relative distances up to {L - 1})", stacklevel=3)
+        warn_past_trained_range(model, engine.config.window, layout.num_frames, L, warned)
     return begin
 
 
 def window_problem(model, config: DualScopeConfig, num_frames: int) -> str | None:
     """Why ``config``'s local window reaches past ``model``'s trained range on a video of
     ``num_frames`` latent frames, or None (the generation pipeline refuses it)."""
-    L = trained_frames(model, config)
-    w = min(config.window, num_frames - 1)
-    if w > L - 1:
-        return (f"window {w} reaches past the trained range: the model was trained on {L} "
-                f"latent frames (relative distances up to {L - 1}); use a window <= {L - 1}, "
-                "or give trained_frames if it was trained longer")
-    return None
+    return window_past_trained_range(config.window, num_frames, trained_frames(model, config))

@@ -20,7 +20,6 @@ trained range, which needs the global scope scored per query frame (``_ClampedGl
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -34,7 +33,8 @@ from ..layers import clip_attention
 from ..layers.attention import clip_attention_in_chunks
 from ..layers.attention import global_attention
 from . import register
-from .base import AdapterBase, EngineProcessor, Patcher, step_arguments
+from .base import (AdapterBase, EngineProcessor, Patcher, step_arguments,
+                   warn_past_trained_range, window_past_trained_range)
 
 __all__ = ["WanAdapter", "WanDualScopeProcessor", "ClipWanRotaryPosEmbed", "trained_frames"]
 
@@ -425,15 +425,7 @@ class WanAdapter(AdapterBase):
         def begin(args, kwargs):
             layout = engine.begin_step(*step_arguments(args, kwargs, self.inputs),
                                        problem=self.step_problem(model, args, kwargs))
-            w = min(config.window, layout.num_frames - 1)
-            # (not under torch.compile: the set of warned lengths is state across calls, whose
-            # guard would recompile the step once it has warned)
-            if (w > L - 1 and not torch.compiler.is_compiling()
-                    and layout.num_frames not in warned):
-                warned.add(layout.num_frames)
-                warnings.warn(f"dual-scope window {w} reaches past the trained range: "
-                              f"{type(model).__name__} was trained on {L} latent frames "
-                              f"(relative distances up to {L - 1})", stacklevel=3)
+            warn_past_trained_range(model, config.window, layout.num_frames, L, warned)
         patcher.before_forward(model, begin)
         patcher.flush_after([*model.blocks, model])
         if engine.cache_config is not None:
@@ -447,11 +439,5 @@ def window_problem(model, config: DualScopeConfig, num_frames: int,
     """Why ``config``'s local window reaches past ``model``'s trained range on a video of
     ``num_frames`` latent frames, or None (the generation pipeline refuses it); ``frames_of``:
     the family's ``trained_frames``."""
-    L = frames_of(model, config)
-    w = min(config.window, num_frames - 1)
-    if w > L - 1:
-        return (f"window {w} reaches past the trained range: the model was trained on {L} "
-                f"latent frames (relative distances up to {L - 1}); use a window <= {L - 1}, "
-                "or give trained_frames if it was trained longer")
-    return None
+    return window_past_trained_range(config.window, num_frames, frames_of(model, config))
 
