@@ -49,18 +49,21 @@ FIGS = ("seam_2", "seam_4", "seam_8", "seam_16f", "objects_ok", "obj_seam_ok", "
         "rule_err_seam", "motion")
 PROMPTS = (("red square and blue disc", 1), ("green triangle and yellow disc", 2))
 GUIDANCE = {"unet3d": 6.0, "wan": 3.0}
+CACHE = "fbc:0.08"          # the step cache's mode: the threshold the README's example uses
 
 
 @dataclass(frozen=True)
 class Mode:
     """One way to make the long video: ``how`` is "engine" (``vinf.generate`` on one process),
-    "stale" (2 gloo ranks) or "independent"; ``config`` overrides the family's default."""
+    "stale" (2 gloo ranks) or "independent"; ``config`` overrides the family's default;
+    ``cache``: the step cache's spec (``generate(cache=...)``), None for none."""
 
     name: str
     how: str
     config: dict = field(default_factory=dict)
     quick: bool = False                  # run under --quick
     sweep: bool = False                  # run at the --sweep-lengths only
+    cache: str | None = None
 
 
 def modes(kind: str) -> list:
@@ -79,6 +82,7 @@ def modes(kind: str) -> list:
     for s in sweep:
         out.append(Mode(" ".join(f"{k}={v:g}" for k, v in s.items()), "engine", dict(base, **s),
                         sweep=True))
+    out.append(Mode(f"default, cache {CACHE}", "engine", dict(base), cache=CACHE))
     out.append(Mode("exact (full attention)", "engine",
                     dict(num_global=0, phase_bias=0.0, global_positions="true"), quick=True))
     out.append(Mode("stale (2 ranks)", "stale", dict(base), quick=True))
@@ -104,6 +108,9 @@ def engine_latents(pipe, prompt: str, frames: int, seed: int, run: dict, config:
     rep = vinf.generate(pipe, prompt, num_frames=frames, height=q.SIZE, width=q.SIZE,
                         steps=run["steps"], guidance_scale=run["guidance"], seed=seed,
                         config=config, out=None, progress=False, **kw)
+    for c in rep.get("cache") or []:          # one per denoiser (Wan 2.2: per expert)
+        print(f"  cache {kw.get('cache')}: {c['skipped']} of {c['skipped'] + c['computed']} "
+              f"steps skipped, {frames} frames", file=sys.stderr, flush=True)
     return rep["latents"]
 
 
@@ -232,7 +239,8 @@ def run_model(kind: str, args, stale_jobs: list) -> dict:
                 t1 = time.perf_counter()
                 lat[m.name] = (independent_latents(pipe, prompt, L, seed, run)
                                if m.how == "independent" else
-                               engine_latents(pipe, prompt, L, seed, run, _config(kind, m, L)))
+                               engine_latents(pipe, prompt, L, seed, run, _config(kind, m, L),
+                                              cache=m.cache))
                 video = decode(pipe, lat[m.name])
                 secs = round(time.perf_counter() - t1, 1)
                 res["rows"].append(dict(length=L, mode=m.name, sample=si, seconds=secs,
