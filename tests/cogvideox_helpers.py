@@ -101,7 +101,8 @@ SCHEDULER = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.000
 def tiny_cogvideox_pipeline(variant: str = "5b", seed: int = 0):
     """A ``CogVideoXPipeline`` of tiny random modules (not saved): T5 text encoder and
     tokenizer (226 tokens, as the pipeline pads), the transformer of ``variant`` ("2b" or
-    "5b"; trained on 9 video frames, 3 latent frames, at 16 x 24), a 3-level VAE."""
+    "5b": trained on 9 video frames, 3 latent frames; "1.5": on 25, 7 latent frames, 4 pairs
+    after the pipeline's pad; at 16 x 24), a 3-level VAE."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
     from transformers import T5Config, T5EncoderModel
     from helpers import fill_zeros
@@ -115,7 +116,8 @@ def tiny_cogvideox_pipeline(variant: str = "5b", seed: int = 0):
         torch.manual_seed(seed + 200)
         vae = AutoencoderKLCogVideoX(**VAE).eval()
     tr = tiny_cogvideox_transformer(variant, seed, max_text_seq_length=226, sample_height=4,
-                                    sample_width=6)
+                                    sample_width=6, **(dict(sample_frames=25) if variant == "1.5"
+                                                       else {}))
     return CogVideoXPipeline(tokenizer=tok, text_encoder=fill_zeros(te, seed + 101), vae=vae,
                              transformer=tr, scheduler=CogVideoXDDIMScheduler(**SCHEDULER))
 
@@ -128,14 +130,17 @@ def save_tiny_cogvideox_pipeline(folder: str, variant: str = "5b", seed: int = 0
     return path
 
 
-def cogvideox_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases):
-    """On ``world`` ranks: the invariance runs of ``gen_helpers.invariance_rank``, this rank's
-    share of a distributed VAE decode of fixed latents, and each bad-input case's error."""
+def cogvideox_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, v15):
+    """On ``world`` ranks: the invariance runs of ``gen_helpers.invariance_rank`` (under
+    ``"1.5"`` too, of ``v15``: ``(model_dir, out_dir, kwargs)``), this rank's share of a
+    distributed VAE decode of fixed latents, the drop-in of 5b and 1.5, and each bad-input
+    case's error (a case's ``model`` overrides ``model_dir``)."""
     from gen_helpers import invariance_rank
     import vinf_engine as vinf
     from vinf_engine.pipelines import load_pipeline
     from vinf_engine.pipelines.cogvideox import CogVideoXPipelines
     res = invariance_rank(rank, world, model_dir, out_dir, kwargs)
+    res["1.5"] = invariance_rank(rank, world, *v15)
     pipe = load_pipeline(model_dir)
     z = fixed_latents()
     layout = vinf.ClipLayout(z.shape[2], world)
@@ -143,12 +148,13 @@ def cogvideox_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases
     mine = z[:, :, layout.start(rank):layout.end(rank)]
     res["decoded"] = list(CogVideoXPipelines().decode(pipe, mine, layout, rank, comm, chunk=2))
     res["decode_bytes"] = comm.counters.bytes_received
-    res["dropin"] = dropin_latents(vinf.parallelize_pipe(
-        tiny_cogvideox_pipeline("5b"), vinf.DualScopeConfig(window=100, num_global=0,
-                                                            phase_bias=0.0)))
+    exact = vinf.DualScopeConfig(window=100, num_global=0, phase_bias=0.0)
+    res["dropin"] = dropin_latents(vinf.parallelize_pipe(tiny_cogvideox_pipeline("5b"), exact))
+    res["dropin", "1.5"] = dropin_latents(vinf.parallelize_pipe(
+        tiny_cogvideox_pipeline("1.5"), exact), num_frames=DROPIN_FRAMES_15)
     for name, kw in bad_cases:
         try:
-            vinf.generate(model_dir, progress=False, **kw)
+            vinf.generate(**{"model": model_dir, **kw}, progress=False)
             res["bad", name] = None
         except vinf.GenerationError as e:
             res["bad", name] = str(e)
@@ -162,8 +168,14 @@ def fixed_latents():
     return torch.randn(1, 4, 11, 4, 6, generator=torch.Generator().manual_seed(9))
 
 
-def dropin_latents(pipe):
-    """The stock ``pipe(...)`` call of the drop-in check: 3 latent frames, 2 steps."""
-    return pipe("the cat", num_frames=9, num_inference_steps=2, height=PIPE_HW[0],
+# 1.5's drop-in: 7 latent frames, padded in front to 4 pairs by the pipeline: (2, 1, 1) pairs
+# on 3 ranks.
+DROPIN_FRAMES_15 = 25
+
+
+def dropin_latents(pipe, num_frames: int = 9):
+    """The stock ``pipe(...)`` call of the drop-in check: 9 frames (3 latent frames), 2
+    steps."""
+    return pipe("the cat", num_frames=num_frames, num_inference_steps=2, height=PIPE_HW[0],
                 width=PIPE_HW[1], output_type="latent",
                 generator=torch.Generator().manual_seed(0)).frames

@@ -500,8 +500,10 @@ def _model_problems(family, s: GenerateSettings, pipe, world: int, visual) -> li
     if not p:
         plan_ = family.plan(s, pipe)
         if plan_.latent_frames < world:
-            p.append(f"{plan_.frames} frames make {plan_.latent_frames} latent frames, fewer than "
-                     f"ranks ({world}): every rank needs at least one latent frame")
+            what = ("latent frames" if plan_.unit == 1 else
+                    f"token frames ({plan_.unit} latent frames each)")
+            p.append(f"{plan_.frames} frames make {plan_.latent_frames} {what}, fewer than "
+                     f"ranks ({world}): every rank needs at least one")
     return p
 
 

@@ -53,6 +53,7 @@ class VideoPlan:
     width: int
     scene_starts: tuple         # first latent frame of each scene
     temporal: int = 1           # video frames per latent frame (after latent frame 0)
+    unit: int = 1               # latent frames per layout frame (CogVideoX 1.5: pairs)
 
     def video_frames(self, latent: range) -> range:
         """The video frames that latent frames ``latent`` decode to (latent frame 0 is video
