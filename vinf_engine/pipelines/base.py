@@ -120,10 +120,11 @@ class PipelineFamily(ABC):
             return [f"{self.name} pipelines take no images or video to extend"]
         return []
 
-    @abstractmethod
     def prefix_frames(self, pipe, visual, plan):
         """The extended video's frames at the run's size, (P, H, W, 3) uint8, as the model
-        sees them (the family's own resize), written before the new ones."""
+        sees them (the family's own resize), written before the new ones. A family that
+        takes no video to extend never gets here: ``check_visual`` refused it."""
+        raise NotImplementedError(f"{self.name} pipelines take no images or video to extend")
 
     def text_limit(self, pipe) -> int:
         """Tokens of the text encoder's input; longer prompts are cut to it."""

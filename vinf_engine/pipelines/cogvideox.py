@@ -156,9 +156,6 @@ class CogVideoXPipelines(PipelineFamily):
         return VideoPlan(frames=n, latent_frames=N, shape=shape, height=H, width=W,
                          scene_starts=(0,), temporal=u * kt, unit=u)
 
-    def prefix_frames(self, pipe, visual, plan):
-        raise NotImplementedError("CogVideoX pipelines take no images or video to extend")
-
     def encode(self, pipe, s, plan, frames: range, device, visual=None):
         return _Conditioning(pipe, s, plan, frames, device)
 

@@ -191,9 +191,6 @@ class HunyuanVideoPipelines(PipelineFamily):
         return VideoPlan(frames=n, latent_frames=L, shape=shape, height=H, width=W,
                          scene_starts=(0,), temporal=kt)
 
-    def prefix_frames(self, pipe, visual, plan):
-        raise NotImplementedError("HunyuanVideo pipelines take no images or video to extend")
-
     def encode(self, pipe, s, plan, frames: range, device, visual=None):
         return _Conditioning(pipe, s, device)
 
