@@ -11,7 +11,7 @@ import importlib
 
 from .base import ModelAdapter, Patcher
 
-__all__ = ["ModelAdapter", "Patcher", "register", "adapter_for", "families"]
+__all__ = ["ModelAdapter", "Patcher", "register", "adapter_for", "adapter_class", "families"]
 
 # Imported on first use: each module imports its diffusers classes and calls ``register``.
 _FAMILY_MODULES = ("vinf_engine.models.unet3d", "vinf_engine.models.wan",
@@ -50,14 +50,23 @@ def families() -> dict:
     return out
 
 
-def adapter_for(model):
-    """The adapter that can parallelize ``model``, or a string saying why none can."""
+def adapter_class(model):
+    """The adapter class registered for ``model``'s class (the nearest in its MRO), or None;
+    unchecked (``adapter_for`` checks)."""
     _load()
     for cls in type(model).__mro__:
         adapter_cls = _REGISTRY.get(cls)
         if adapter_cls is not None:
-            adapter = adapter_cls()
-            return adapter.check(model) or adapter
+            return adapter_cls
+    return None
+
+
+def adapter_for(model):
+    """The adapter that can parallelize ``model``, or a string saying why none can."""
+    adapter_cls = adapter_class(model)
+    if adapter_cls is not None:
+        adapter = adapter_cls()
+        return adapter.check(model) or adapter
     known = "; ".join(f"{name} ({', '.join(classes)})" for name, classes in families().items())
     return (f"vinf_engine.parallelize has no model family for {type(model).__name__}; "
             f"registered families: {known}")

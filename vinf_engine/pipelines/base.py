@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import DualScopeConfig
 from ..errors import GenerationError
 
 __all__ = ["PipelineFamily", "VideoPlan", "Conditioning", "read_json", "component_dirs_problem",
@@ -101,8 +102,16 @@ class PipelineFamily(ABC):
     @abstractmethod
     def plan(self, settings, pipe) -> VideoPlan: ...
 
-    @abstractmethod
-    def denoisers(self, pipe) -> list: ...
+    def denoisers(self, pipe) -> list:
+        """The models to parallelize: the pipeline's ``transformer`` unless said."""
+        return [pipe.transformer]
+
+    def default_config(self, pipe) -> DualScopeConfig:
+        """The run's config before the settings' overrides: the one ``parallelize`` takes for
+        the first denoiser when given none, its adapter's default."""
+        from ..models import adapter_class
+        model = self.denoisers(pipe)[0]
+        return adapter_class(model)().default_config(model)
 
     @abstractmethod
     def encode(self, pipe, settings, plan, frames: range, device): ...

@@ -23,7 +23,6 @@ import os
 
 import torch
 
-from ..config import DualScopeConfig
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
 
@@ -96,13 +95,6 @@ class CogVideoXPipelines(PipelineFamily):
 
     def text_limit(self, pipe) -> int:
         return TEXT_LEN
-
-    def denoisers(self, pipe) -> list:
-        return [pipe.transformer]
-
-    def default_config(self, pipe) -> DualScopeConfig:
-        from ..models.cogvideox import CogVideoXAdapter
-        return CogVideoXAdapter.default_config(pipe.transformer)
 
     def check(self, s, pipe) -> list[str]:
         tr = pipe.transformer

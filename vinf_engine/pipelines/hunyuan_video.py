@@ -22,7 +22,6 @@ import os
 import numpy as np
 import torch
 
-from ..config import DualScopeConfig
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
 
@@ -127,13 +126,6 @@ class HunyuanVideoPipelines(PipelineFamily):
 
     def text_limit(self, pipe) -> int:
         return TEXT_LEN
-
-    def denoisers(self, pipe) -> list:
-        return [pipe.transformer]
-
-    def default_config(self, pipe) -> DualScopeConfig:
-        from ..models.hunyuan_video import HunyuanVideoAdapter
-        return HunyuanVideoAdapter.default_config(pipe.transformer)
 
     def scheduler_problem(self, name: str | None) -> str | None:
         if name is not None:

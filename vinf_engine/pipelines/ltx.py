@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DualScopeConfig
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
 from .wan import latent_frame_of
@@ -137,13 +136,6 @@ class LTXPipelines(PipelineFamily):
 
     def text_limit(self, pipe) -> int:
         return TEXT_LEN
-
-    def denoisers(self, pipe) -> list:
-        return [pipe.transformer]
-
-    def default_config(self, pipe) -> DualScopeConfig:
-        from ..models.ltx import LTXAdapter
-        return LTXAdapter.default_config(pipe.transformer)
 
     def scheduler_problem(self, name: str | None) -> str | None:
         if name is not None:

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DualScopeConfig
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json, rows)
 
@@ -138,9 +137,6 @@ class UNet3DPipelines(PipelineFamily):
             p.append(f"the text encoder's width {te_dim} does not match the UNet's "
                      f"cross-attention width {unet.config.cross_attention_dim}")
         return p
-
-    def default_config(self, pipe) -> DualScopeConfig:
-        return DualScopeConfig()
 
     def plan(self, s, pipe) -> VideoPlan:
         unet, vae = pipe.unet, pipe.vae

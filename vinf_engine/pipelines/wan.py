@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DualScopeConfig
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
 from .wan_image import image_tokens, load_clip, mask_and_condition, takes_mask
@@ -134,9 +133,6 @@ class WanPipelines(PipelineFamily):
         """The model adapter of the family's transformers."""
         from ..models.wan import WanAdapter
         return WanAdapter
-
-    def default_config(self, pipe) -> DualScopeConfig:
-        return self.adapter().default_config(pipe.transformer)
 
     def check(self, s, pipe) -> list[str]:
         from ..models.wan import window_problem
