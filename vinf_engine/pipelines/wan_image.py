@@ -118,10 +118,3 @@ def _condition_latents(pipe, plan, frames: range, visual, device) -> torch.Tenso
     moments = encode_clip(vae, video[:, :, len(history):], start=frames.start,
                           history=video[:, :, :len(history)])
     return moments[:, :vae.config.z_dim]                   # the mean: the mode
-
-
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
-    cond = ((z - mean) * inv_std).float()
-    mask = _mask(kt, visual.frames, plan.frames, frames, h, w, device)
-    return torch.cat([mask, cond], dim=1)
