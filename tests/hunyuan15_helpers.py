@@ -121,8 +121,8 @@ def tiny_hunyuan15_pipeline(seed: int = 0):
         qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
             vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=16,
             num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
-            max_position_embeddings=2048,
-            rope_scaling=dict(type="mrope", mrope_section=[1, 1, 0]))).eval()
+            max_position_embeddings=2048, bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1,
+            pad_token_id=len(tok) - 3, rope_scaling=dict(type="mrope", mrope_section=[1, 1, 0]))).eval()
         torch.manual_seed(seed + 200)
         t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=TEXT_2_DIM, d_kv=4, d_ff=16,
                                      num_layers=1, num_heads=2)).eval()
@@ -140,3 +140,47 @@ def save_tiny_hunyuan15_pipeline(folder: str, seed: int = 0) -> str:
     path = os.path.join(folder, "model")
     tiny_hunyuan15_pipeline(seed).save_pretrained(path)
     return path
+
+
+def fixed_latents():
+    """(1, 4, 5, 2, 3): a whole video's latents for the decode checks."""
+    return torch.randn(1, LATENT, 5, 2, 3, generator=torch.Generator().manual_seed(9))
+
+
+def dropin_latents(pipe, seed: int = 0):
+    """The stock ``pipe(...)`` call of the drop-in check: 17 frames (5 latent), 2 steps."""
+    return pipe('a sign saying "hi"', num_frames=17, num_inference_steps=2, height=PIPE_HW[0],
+                width=PIPE_HW[1], output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).frames
+
+
+def hunyuan15_generation_rank(rank, world, model_dir, out_dir, argv, bad_cases):
+    """On ``world`` ranks: the CLI's ``generate`` of ``argv`` (exit code; it saves the
+    latents), this rank's share of the family's decode of fixed latents, the drop-in's
+    latents in exact config and its VAE decode, and each bad-input case's error."""
+    import os
+    import vinf_engine as vinf
+    from vinf_engine.cli import main
+    from vinf_engine.pipelines import load_pipeline
+    from vinf_engine.pipelines.hunyuan_video15 import HunyuanVideo15Pipelines
+    res = {"cli": main(["generate", "--model", model_dir, *argv,
+                        "--out", os.path.join(out_dir, f"r{world}.mp4"),
+                        "--save-latents", os.path.join(out_dir, f"r{world}.pt")])}
+    pipe = load_pipeline(model_dir)
+    z = fixed_latents()
+    layout = vinf.ClipLayout(z.shape[2], world)
+    comm = vinf.ClipComm()
+    mine = z[:, :, layout.start(rank):layout.end(rank)]
+    res["decoded"] = list(HunyuanVideo15Pipelines().decode(pipe, mine, layout, rank, comm, 2))
+    dropin = vinf.parallelize_pipe(tiny_hunyuan15_pipeline(), vinf.DualScopeConfig(
+        window=100, num_global=0, phase_bias=0.0))
+    res["dropin"] = dropin_latents(dropin)
+    with torch.no_grad():
+        res["dropin_decode"] = dropin.vae.decode(z / dropin.vae.config.scaling_factor).sample
+    for name, kw in bad_cases:
+        try:
+            vinf.generate(model_dir, progress=False, out=None, **kw)
+            res["bad", name] = None
+        except vinf.GenerationError as e:
+            res["bad", name] = str(e)
+    return res

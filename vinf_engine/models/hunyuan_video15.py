@@ -33,11 +33,10 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 
 from ..config import DualScopeConfig
 from . import register
-from .base import window_past_trained_range
 from .hunyuan_video import ClipHunyuanRotaryPosEmbed, HunyuanJointProcessor, HunyuanVideoAdapter
 
 __all__ = ["HunyuanVideo15Adapter", "Hunyuan15JointProcessor", "ClipHunyuan15RotaryPosEmbed",
-           "trained_frames", "window_problem", "TRAINED_LATENT_FRAMES"]
+           "trained_frames", "TRAINED_LATENT_FRAMES"]
 
 # HunyuanVideo 1.5 makes 121 video frames (its pipeline's default, 5 s at 24 fps): 31 latent.
 TRAINED_LATENT_FRAMES = 31
@@ -91,8 +90,3 @@ class HunyuanVideo15Adapter(HunyuanVideoAdapter):
                     "its extra inputs are not supported")
         return cls.check_layout(model)
 
-
-def window_problem(model, config: DualScopeConfig, num_frames: int) -> str | None:
-    """Why ``config``'s local window reaches past ``model``'s trained range on a video of
-    ``num_frames`` latent frames, or None (the generation pipeline refuses it)."""
-    return window_past_trained_range(config.window, num_frames, trained_frames(model, config))

@@ -12,8 +12,9 @@ prompt with ``true_cfg_scale > 1``) is not run here and is refused. The VAE deco
 rank's frames as ``vae.decode``'s own temporal tiles (``vinf_engine.hunyuan_vae``), bitwise
 the stock decode.
 
-Not run: image-to-video (``HunyuanVideoImageToVideoPipeline``, SkyReels), Framepack and
-HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``: another transformer and VAE).
+Not run: image-to-video (``HunyuanVideoImageToVideoPipeline``, SkyReels) and Framepack.
+HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``) is its own family, on this one:
+``hunyuan_video15.py``.
 """
 from __future__ import annotations
 
@@ -34,9 +35,6 @@ _NOT_RUN = {
     "HunyuanVideoImageToVideoPipeline": "image-to-video is not run under clip parallelism",
     "HunyuanSkyreelsImageToVideoPipeline": "image-to-video is not run under clip parallelism",
     "HunyuanVideoFramepackPipeline": "Framepack's history tokens are not frames of the video",
-    "HunyuanVideo15Pipeline": "HunyuanVideo 1.5 (another transformer and VAE) is not a "
-                              "family of vinf_engine yet",
-    "HunyuanVideo15ImageToVideoPipeline": "HunyuanVideo 1.5 image-to-video is not run",
 }
 _SCHEDULE_CLASSES: dict = {}
 
@@ -72,7 +70,9 @@ class HunyuanVideoPipelines(PipelineFamily):
 
     # ---------------------------------------------------------------- folders
     def claims_dir(self, index: dict) -> bool:
-        return str(index.get("_class_name", "")).startswith(("HunyuanVideo", "HunyuanSkyreels"))
+        name = str(index.get("_class_name", ""))
+        return (name.startswith(("HunyuanVideo", "HunyuanSkyreels"))
+                and not name.startswith("HunyuanVideo15"))
 
     def inspect(self, path: str, mi: dict) -> tuple:
         pipe_cls = mi.get("_class_name", "?")
@@ -132,8 +132,7 @@ class HunyuanVideoPipelines(PipelineFamily):
         return [pipe.transformer]
 
     def default_config(self, pipe) -> DualScopeConfig:
-        from ..models.hunyuan_video import HunyuanVideoAdapter
-        return HunyuanVideoAdapter.default_config(pipe.transformer)
+        return self.adapter().default_config(pipe.transformer)
 
     def scheduler_problem(self, name: str | None) -> str | None:
         if name is not None:
@@ -145,12 +144,12 @@ class HunyuanVideoPipelines(PipelineFamily):
         return _with_schedule(super().make_scheduler(pipe, name))
 
     def check(self, s, pipe) -> list[str]:
+        p = self.model_problems(pipe) + self.guidance_problems(s)
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        p = _model_problems(pipe)
         n = s.video_frames
         if (n - 1) % kt:
             lo = (n - 1) // kt * kt + 1
-            p.append(f"frames must be {kt}k+1 for HunyuanVideo (its VAE makes {kt} video frames "
+            p.append(f"frames must be {kt}k+1 for {self.name} (its VAE makes {kt} video frames "
                      f"of each latent frame after the first), got {n} (try {lo} or {lo + kt})")
         step = ks * pipe.transformer.config.patch_size
         for name, v in (("height", s.height), ("width", s.width)):
@@ -158,29 +157,41 @@ class HunyuanVideoPipelines(PipelineFamily):
                 p.append(f"{name} {v} is not a multiple of {step}: the VAE downsamples by {ks} "
                          f"and the transformer patches by {pipe.transformer.config.patch_size} "
                          f"more (try {max(step, v // step * step)})")
-        if s.negative_prompt is not None:
-            p.append("HunyuanVideo 1.0 is guidance-distilled: guidance_scale feeds its guidance "
-                     "embedding; true classifier-free guidance with a negative prompt "
-                     "(HunyuanVideoPipeline's true_cfg_scale) is not supported")
         if s.fps is not None:
-            p.append("--fps conditions VideoCrafter2 and LTX-Video only; HunyuanVideo has no fps "
+            p.append(f"--fps conditions VideoCrafter2 and LTX-Video only; {self.name} has no fps "
                      "input (use --video-fps for the mp4's frame rate)")
         if s.guidance_scale_2 is not None:
-            p.append("guidance scale 2 is for Wan 2.2's second expert; HunyuanVideo has one "
+            p.append(f"guidance scale 2 is for Wan 2.2's second expert; {self.name} has one "
                      "transformer")
         if len(s.scenes) > 1:
-            p.append("HunyuanVideo takes one prompt per video: its text tokens share every "
+            p.append(f"{self.name} takes one prompt per video: its text tokens share every "
                      "frame's attention, so they cannot change from scene to scene")
         if not p:
-            from ..models.hunyuan_video import window_problem
+            from ..models.base import window_past_trained_range
+            adapter = self.adapter()
             try:
-                w = window_problem(pipe.transformer, s.resolved_config(self.default_config(pipe)),
-                                   (n - 1) // kt + 1)
+                config = s.resolved_config(self.default_config(pipe))
+                w = window_past_trained_range(config.window, (n - 1) // kt + 1,
+                                              adapter.trained_frames(pipe.transformer, config))
             except (TypeError, ValueError):
                 w = None                     # a bad config is reported by the settings' check
             if w:
                 p.append(w)
         return p
+
+    def adapter(self):
+        from ..models.hunyuan_video import HunyuanVideoAdapter
+        return HunyuanVideoAdapter
+
+    def model_problems(self, pipe) -> list[str]:
+        return _model_problems(pipe)
+
+    def guidance_problems(self, s) -> list[str]:
+        if s.negative_prompt is not None:
+            return ["HunyuanVideo 1.0 is guidance-distilled: guidance_scale feeds its guidance "
+                    "embedding; true classifier-free guidance with a negative prompt "
+                    "(HunyuanVideoPipeline's true_cfg_scale) is not supported"]
+        return []
 
     def plan(self, s, pipe) -> VideoPlan:
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
