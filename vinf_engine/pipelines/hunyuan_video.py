@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import DualScopeConfig
+from ..errors import GenerationError
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
 
@@ -74,13 +75,20 @@ class HunyuanVideoPipelines(PipelineFamily):
         return (name.startswith(("HunyuanVideo", "HunyuanSkyreels"))
                 and not name.startswith("HunyuanVideo15"))
 
+    # What a folder of the family holds (a variant names its own).
+    pipeline_class = "HunyuanVideoPipeline"
+    transformer_class = "HunyuanVideoTransformer3DModel"
+    vae_class = "AutoencoderKLHunyuanVideo"
+    diffusers_parts = ()                 # further diffusers components: (name, class name)
+    not_run = _NOT_RUN
+
     def inspect(self, path: str, mi: dict) -> tuple:
         pipe_cls = mi.get("_class_name", "?")
-        if pipe_cls != "HunyuanVideoPipeline":
-            why = _NOT_RUN.get(pipe_cls, "not a pipeline vinf_engine knows")
+        if pipe_cls != self.pipeline_class:
+            why = self.not_run.get(pipe_cls, "not a pipeline vinf_engine knows")
             return (f"{path!r} holds a {pipe_cls} ({why}); vinf_engine runs {self.runs}"), {}
         need = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                "tokenizer_2", "scheduler")
+                "tokenizer_2", "scheduler", *(n for n, _ in self.diffusers_parts))
         problem = component_dirs_problem(path, mi, need, pipe_cls, self.runs)
         if problem:
             return problem, {}
@@ -89,31 +97,39 @@ class HunyuanVideoPipelines(PipelineFamily):
             cls = read_json(cfg_path).get("_class_name")
         except (OSError, ValueError) as e:
             return f"{cfg_path} is unreadable: {e}", {}
-        if cls != "HunyuanVideoTransformer3DModel":
-            return f"{path!r}: transformer is {cls}; expected HunyuanVideoTransformer3DModel", {}
-        if mi["vae"][1] != "AutoencoderKLHunyuanVideo":
-            return f"{path!r}: vae is {mi['vae'][1]}; expected AutoencoderKLHunyuanVideo", {}
+        if cls != self.transformer_class:
+            return (f"{path!r}: transformer is {cls}; {self.name} needs "
+                    f"{self.transformer_class}"), {}
+        for name, want in (("vae", self.vae_class), *self.diffusers_parts):
+            if mi[name][1] != want:
+                return f"{path!r}: {name} is {mi[name][1]}; expected {want}", {}
         for c in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             if mi[c][0] != "transformers":
                 return f"{path!r}: {c} comes from {mi[c][0]!r}; expected a transformers class", {}
-        return None, dict(kind="hunyuanvideo", pipeline=pipe_cls)
+        return None, dict(kind=self.kind(None), pipeline=pipe_cls)
 
     def load(self, path: str, info: dict, dtype, device):
-        from diffusers import (AutoencoderKLHunyuanVideo, HunyuanVideoPipeline,
-                               HunyuanVideoTransformer3DModel)
+        import diffusers
         kw = dict(dtype=dtype, output_loading_info=True, local_files_only=True)
+        tr_cls, vae_cls = (getattr(diffusers, c) for c in (self.transformer_class,
+                                                           self.vae_class))
         parts = dict(transformer=load_component("transformer", lambda: (
-            HunyuanVideoTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw)),
-            path))
+            tr_cls.from_pretrained(path, subfolder="transformer", **kw)), path))
         # The VAE stays fp32 whatever the transformer's dtype: decoding is a small share of
         # the run and low precision costs it quality.
-        parts["vae"] = load_component("vae", lambda: AutoencoderKLHunyuanVideo.from_pretrained(
+        parts["vae"] = load_component("vae", lambda: vae_cls.from_pretrained(
             path, subfolder="vae", **dict(kw, dtype=torch.float32)), path)
         parts.update(load_transformers(info["index"], path, dtype))
         parts.update(load_transformers(info["index"], path, dtype,
                                        ("text_encoder_2", "tokenizer_2")))
         parts["scheduler"] = load_scheduler(path)
-        pipe = HunyuanVideoPipeline(**parts)
+        for name, cls in self.diffusers_parts:
+            try:
+                parts[name] = getattr(diffusers, cls).from_pretrained(
+                    path, subfolder=name, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise GenerationError(f"cannot load {name} from {path!r}: {e}") from None
+        pipe = getattr(diffusers, self.pipeline_class)(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 

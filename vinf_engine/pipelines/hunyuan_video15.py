@@ -29,13 +29,10 @@ first frame's latents as a condition) and the super-resolution (meanflow) pipeli
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from ..errors import GenerationError
-from .base import (Conditioning, VideoPlan, component_dirs_problem, load_component,
-                   load_scheduler, load_transformers, read_json)
+from .base import Conditioning, VideoPlan
 from .hunyuan_video import HunyuanVideoPipelines
 
 __all__ = ["HunyuanVideo15Pipelines"]
@@ -55,59 +52,14 @@ class HunyuanVideo15Pipelines(HunyuanVideoPipelines):
     takes = ("transformer", "HunyuanVideo15Transformer3DModel", "HunyuanVideo15Pipeline")
 
     # ---------------------------------------------------------------- folders
+    pipeline_class = "HunyuanVideo15Pipeline"
+    transformer_class = "HunyuanVideo15Transformer3DModel"
+    vae_class = "AutoencoderKLHunyuanVideo15"
+    diffusers_parts = (("guider", "ClassifierFreeGuidance"),)
+    not_run = _NOT_RUN
+
     def claims_dir(self, index: dict) -> bool:
         return str(index.get("_class_name", "")).startswith("HunyuanVideo15")
-
-    def inspect(self, path: str, mi: dict) -> tuple:
-        pipe_cls = mi.get("_class_name", "?")
-        if pipe_cls != "HunyuanVideo15Pipeline":
-            why = _NOT_RUN.get(pipe_cls, "not a pipeline vinf_engine knows")
-            return (f"{path!r} holds a {pipe_cls} ({why}); vinf_engine runs {self.runs}"), {}
-        need = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                "tokenizer_2", "scheduler", "guider")
-        problem = component_dirs_problem(path, mi, need, pipe_cls, self.runs)
-        if problem:
-            return problem, {}
-        cfg_path = os.path.join(path, "transformer", "config.json")
-        try:
-            cls = read_json(cfg_path).get("_class_name")
-        except (OSError, ValueError) as e:
-            return f"{cfg_path} is unreadable: {e}", {}
-        if cls != "HunyuanVideo15Transformer3DModel":
-            return (f"{path!r}: transformer is {cls}; HunyuanVideo 1.5 needs "
-                    "HunyuanVideo15Transformer3DModel"), {}
-        if mi["vae"][1] != "AutoencoderKLHunyuanVideo15":
-            return f"{path!r}: vae is {mi['vae'][1]}; expected AutoencoderKLHunyuanVideo15", {}
-        for c in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-            if mi[c][0] != "transformers":
-                return f"{path!r}: {c} comes from {mi[c][0]!r}; expected a transformers class", {}
-        if mi["guider"][1] != "ClassifierFreeGuidance":
-            return (f"{path!r}: guider is {mi['guider'][1]}; vinf_engine runs "
-                    "ClassifierFreeGuidance"), {}
-        return None, dict(kind="hunyuanvideo15", pipeline=pipe_cls)
-
-    def load(self, path: str, info: dict, dtype, device):
-        from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance,
-                               HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
-        kw = dict(dtype=dtype, output_loading_info=True, local_files_only=True)
-        parts = dict(transformer=load_component("transformer", lambda: (
-            HunyuanVideo15Transformer3DModel.from_pretrained(path, subfolder="transformer",
-                                                             **kw)), path))
-        # The VAE stays fp32 whatever the transformer's dtype, as 1.0's.
-        parts["vae"] = load_component("vae", lambda: AutoencoderKLHunyuanVideo15.from_pretrained(
-            path, subfolder="vae", **dict(kw, dtype=torch.float32)), path)
-        parts.update(load_transformers(info["index"], path, dtype))
-        parts.update(load_transformers(info["index"], path, dtype,
-                                       ("text_encoder_2", "tokenizer_2")))
-        parts["scheduler"] = load_scheduler(path)
-        try:
-            parts["guider"] = ClassifierFreeGuidance.from_pretrained(
-                path, subfolder="guider", local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise GenerationError(f"cannot load guider from {path!r}: {e}") from None
-        pipe = HunyuanVideo15Pipeline(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
 
     # ---------------------------------------------------------------- a loaded pipeline
     def claims(self, pipe) -> bool:
