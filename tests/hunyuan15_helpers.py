@@ -58,10 +58,11 @@ def hunyuan15_inputs(frames: int, seed: int = 1, batch: int = 2, hw=(2, 3), vali
 
 
 def hunyuan15_call(model, clip, t, cond):
-    """The stock signature on a clip (B, 9, F, h, w); the output (B, 4, F, h, w)."""
+    """The stock signature on a clip (B, 9, F, h, w); the output (B, 4, F, h, w). The
+    timestep in the clip's dtype, as the pipeline passes it (the time embedding casts to it)."""
     text, mask, text_2, mask_2, image = cond
     B = clip.shape[0]
-    return model(hidden_states=clip, timestep=torch.full((B,), float(t)),
+    return model(hidden_states=clip, timestep=torch.full((B,), float(t), dtype=clip.dtype),
                  encoder_hidden_states=text, encoder_attention_mask=mask,
                  encoder_hidden_states_2=text_2, encoder_attention_mask_2=mask_2,
                  image_embeds=image).sample
