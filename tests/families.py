@@ -11,6 +11,7 @@ import torch
 import vinf_engine as vinf
 from cogvideox_helpers import cog_call, cog_inputs, tiny_cogvideox_transformer
 from helpers import tiny_unet, unet_inputs
+from hunyuan15_helpers import hunyuan15_call, hunyuan15_inputs, tiny_hunyuan15_transformer
 from hunyuan_helpers import hunyuan_call, hunyuan_inputs, tiny_hunyuan_transformer
 from ltx_helpers import ltx_call, ltx_inputs, tiny_ltx_transformer
 from skyreels_helpers import skyreels_inputs, tiny_skyreels_transformer
@@ -182,9 +183,28 @@ class HunyuanVideo:
         return hunyuan_call(model, clip, t, cond)
 
 
+class HunyuanVideo15(HunyuanVideo):
+    """HunyuanVideo 1.5: two dual-stream blocks, three text streams (Qwen, ByT5, image slots)
+    whose masks pad differently per row, the condition channels beside the latents."""
+
+    @staticmethod
+    def model():
+        return tiny_hunyuan15_transformer()
+
+    shallow_model = model
+
+    @staticmethod
+    def inputs(frames):
+        return hunyuan15_inputs(frames)
+
+    @staticmethod
+    def call(model, clip, t, cond):
+        return hunyuan15_call(model, clip, t, cond)
+
+
 FAMILIES = {"unet3d": UNet3D, "wan": Wan, "cogvideox": CogVideoX, "cogvideox_2b": CogVideoX2b,
             "cogvideox15": CogVideoX15, "ltx": LTX, "hunyuan": HunyuanVideo,
-            "skyreels": SkyReelsV2}
+            "hunyuan15": HunyuanVideo15, "skyreels": SkyReelsV2}
 
 
 def modes_at(spec, world):

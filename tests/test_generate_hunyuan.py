@@ -140,15 +140,15 @@ def test_other_hunyuan_pipelines_are_refused(model, tmp_path):
     import json
     import os
     import shutil
-    other = str(tmp_path / "v15")
+    other = str(tmp_path / "i2v")
     shutil.copytree(model, other)
     index = os.path.join(other, "model_index.json")
     with open(index) as f:
         mi = json.load(f)
-    mi["_class_name"] = "HunyuanVideo15Pipeline"
+    mi["_class_name"] = "HunyuanVideoImageToVideoPipeline"
     with open(index, "w") as f:
         json.dump(mi, f)
-    with pytest.raises(vinf.GenerationError, match="HunyuanVideo 1.5"):
+    with pytest.raises(vinf.GenerationError, match="image-to-video is not run"):
         vinf.generate(other, "the cat", num_frames=9, steps=1, out=None, progress=False, **HW)
     pipe = tiny_hunyuan_pipeline()
     pipe.transformer.register_to_config(image_condition_type="latent_concat")

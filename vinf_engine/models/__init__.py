@@ -16,7 +16,8 @@ __all__ = ["ModelAdapter", "Patcher", "register", "adapter_for", "adapter_class"
 # Imported on first use: each module imports its diffusers classes and calls ``register``.
 _FAMILY_MODULES = ("vinf_engine.models.unet3d", "vinf_engine.models.wan",
                   "vinf_engine.models.cogvideox", "vinf_engine.models.ltx",
-                  "vinf_engine.models.hunyuan_video", "vinf_engine.models.skyreels_v2")
+                  "vinf_engine.models.hunyuan_video", "vinf_engine.models.hunyuan_video15",
+                  "vinf_engine.models.skyreels_v2")
 
 _REGISTRY: dict = {}           # model class -> adapter class
 _LOADED = False

@@ -40,8 +40,8 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 from ..config import DualScopeConfig
 from ..layers.joint_attention import ClampedGlobalScope, JointText, joint_attention
 from . import register
-from .base import (AdapterBase, EngineProcessor, Patcher, warn_past_trained_range,
-                   window_past_trained_range)
+from .base import (AdapterBase, EngineProcessor, Patcher, step_arguments,
+                   warn_past_trained_range, window_past_trained_range)
 
 __all__ = ["HunyuanVideoAdapter", "HunyuanJointProcessor", "ClipHunyuanRotaryPosEmbed",
            "trained_frames", "window_problem", "TRAINED_LATENT_FRAMES"]
@@ -71,6 +71,7 @@ class _Rope:
         self.device = None
         self.valid = None
         self._cache: dict = {}
+        self._mask = [None, -1, None]           # the last mask read: tensor, version, lengths
 
     def set(self, ph: int, pw: int, start: int, device):
         self.ph, self.pw, self.start, self.device = ph, pw, start, device
@@ -80,6 +81,18 @@ class _Rope:
     @property
     def T(self) -> int:
         return self.ph * self.pw
+
+    def read_valid(self, mask):
+        """``valid``: the text lengths of the prompt mask ``mask`` (B, Lt). One host read per
+        mask, not per step or block: a pipeline passes the same tensor every step (its version
+        counter tells an in-place change), a forward the same one to every block."""
+        if mask is None or torch.compiler.is_compiling():
+            self.valid = text_lengths(mask)
+            return
+        last = self._mask
+        if mask is not last[0] or mask._version != last[1]:
+            last[:] = [mask, mask._version, text_lengths(mask)]
+        self.valid = last[2]
 
     def at(self, frames: tuple) -> tuple:
         """``(cos, sin)`` (n*T, head_dim) of the tokens of frames at positions ``frames``."""
@@ -202,15 +215,6 @@ class HunyuanJointProcessor(EngineProcessor):
         return video, text
 
 
-def _call_values(args: tuple, kwargs: dict) -> tuple:
-    """``(hidden_states, timestep, encoder_attention_mask)`` of a forward call, by its
-    signature ``(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-    ...)``."""
-    def get(i, name):
-        return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
-    return get(0, "hidden_states"), get(1, "timestep"), get(3, "encoder_attention_mask")
-
-
 def text_lengths(mask) -> tuple | None:
     """Per batch row, how many leading text tokens the stock model lets be keys (its
     ``encoder_attention_mask.sum()``), or None where every token is one."""
@@ -220,21 +224,20 @@ def text_lengths(mask) -> tuple | None:
     return None if all(x == mask.shape[1] for x in n) else tuple(n)
 
 
-def _check_blocks(model) -> str | None:
-    for kind, blocks, cls in (("transformer_blocks", model.transformer_blocks,
-                               HunyuanVideoTransformerBlock),
-                              ("single_transformer_blocks", model.single_transformer_blocks,
-                               HunyuanVideoSingleTransformerBlock)):
-        for i, block in enumerate(blocks):
+def _check_blocks(model, kinds: tuple, processor_cls: type) -> str | None:
+    """Why a block of ``kinds`` ((attribute, block class) pairs) is not what the adapter
+    patches, or None."""
+    for kind, cls in kinds:
+        for i, block in enumerate(getattr(model, kind)):
             where = f"{kind}.{i}"
             if type(block) is not cls:
                 return f"{where} is {type(block).__name__}, expected {cls.__name__}"
             attn = getattr(block, "attn", None)
             if not isinstance(attn, Attention):
                 return f"{where}.attn is {type(attn).__name__}, expected an Attention"
-            if type(attn.processor) is not HunyuanVideoAttnProcessor2_0:
+            if type(attn.processor) is not processor_cls:
                 return (f"{where}.attn runs {type(attn.processor).__name__}; the engine "
-                        "replaces diffusers' HunyuanVideoAttnProcessor2_0 only")
+                        f"replaces diffusers' {processor_cls.__name__} only")
             if getattr(attn.processor, "_parallel_config", None) is not None:
                 return (f"{where}.attn is set up for diffusers' own context parallelism; use "
                         "one of the two, not both")
@@ -243,18 +246,26 @@ def _check_blocks(model) -> str | None:
 
 @register
 class HunyuanVideoAdapter(AdapterBase):
-    """Patches a diffusers ``HunyuanVideoTransformer3DModel`` for clip parallelism."""
+    """Patches a diffusers ``HunyuanVideoTransformer3DModel`` for clip parallelism.
+
+    The class attributes name what a variant swaps (HunyuanVideo 1.5 subclasses this)."""
 
     name = "HunyuanVideo (1.0)"
     inputs = ("hidden_states", "timestep")   # the forward's clip and timestep parameters
     comm_modes = ("overlap", "stale", "loopback")
+    rope_class, clip_rope_class = HunyuanVideoRotaryPosEmbed, ClipHunyuanRotaryPosEmbed
+    processor_class, joint_processor_class = HunyuanVideoAttnProcessor2_0, HunyuanJointProcessor
+    block_kinds = (("transformer_blocks", HunyuanVideoTransformerBlock),
+                   ("single_transformer_blocks", HunyuanVideoSingleTransformerBlock))
+    mask_argument = 3          # the forward's prompt mask, whose lengths the step reads
+    trained_frames = staticmethod(trained_frames)
 
     @classmethod
     def model_classes(cls) -> tuple:
         return (HunyuanVideoTransformer3DModel,)
 
-    @staticmethod
-    def check(model) -> str | None:
+    @classmethod
+    def check(cls, model) -> str | None:
         c = model.config
         if type(model) is not HunyuanVideoTransformer3DModel:
             # Framepack and other subclasses add history tokens or other inputs.
@@ -263,25 +274,31 @@ class HunyuanVideoAdapter(AdapterBase):
         if c.image_condition_type is not None:
             return (f"image_condition_type {c.image_condition_type!r}: image-to-video "
                     "HunyuanVideo is not supported under clip parallelism (text-to-video only)")
+        return cls.check_layout(model)
+
+    @classmethod
+    def check_layout(cls, model) -> str | None:
+        """The patch size, rope and blocks the adapter relies on."""
+        c = model.config
         if c.patch_size_t != 1:
             return (f"temporal patch size {c.patch_size_t}: the engine splits HunyuanVideo's "
                     "frame-major tokens by latent frame (patch 1)")
-        if type(model.rope) is not HunyuanVideoRotaryPosEmbed:
+        if type(model.rope) is not cls.rope_class:
             return (f"rope is {type(model.rope).__name__}, expected diffusers' "
-                    "HunyuanVideoRotaryPosEmbed")
+                    f"{cls.rope_class.__name__}")
         if sum(c.rope_axes_dim) != c.attention_head_dim:
             return (f"rope_axes_dim {tuple(c.rope_axes_dim)} does not sum to attention_head_dim "
                     f"{c.attention_head_dim}")
-        if not len(model.transformer_blocks) + len(model.single_transformer_blocks):
+        if not sum(len(getattr(model, kind)) for kind, _ in cls.block_kinds):
             return "model has no transformer blocks"
-        return _check_blocks(model)
+        return _check_blocks(model, cls.block_kinds, cls.processor_class)
 
-    @staticmethod
-    def default_config(model) -> DualScopeConfig:
+    @classmethod
+    def default_config(cls, model) -> DualScopeConfig:
         # A local scope and global frames that together are the trained length (33 latent
         # frames: window 10 = 21 frames, 12 global), so each query sees about as many keys,
         # and at most the relative distances, it saw in training.
-        L = trained_frames(model)
+        L = cls.trained_frames(model)
         w = max(1, (L - 1) // 3)
         return DualScopeConfig(window=w, num_global=max(1, L - 2 * w - 1))
 
@@ -294,42 +311,36 @@ class HunyuanVideoAdapter(AdapterBase):
 
     def patch(self, model, engine, patcher: Patcher):
         config = engine.config
-        L = trained_frames(model, config)
+        L = self.trained_frames(model, config)
         M = L - 1 if config.global_positions == "clamp" else None
         rope = _Rope(model.rope)
-        patcher.swap_class(model.rope, ClipHunyuanRotaryPosEmbed, _vinf_rope=rope)
-        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+        patcher.swap_class(model.rope, self.clip_rope_class, _vinf_rope=rope)
+        blocks = [b for kind, _ in self.block_kinds for b in getattr(model, kind)]
         for block in blocks:
-            patcher.set_processor(block.attn, HunyuanJointProcessor(engine, rope, M))
+            patcher.set_processor(block.attn, self.joint_processor_class(engine, rope, M))
             if type(getattr(block, "ff", None)) is FeedForward:
                 # the video stream's feed-forward: a hidden layer 4x wide plus the GELU's
                 patcher.chunk(block.ff, ("hidden_states",), 1, 8)
-        patcher.before_forward(model, _begin(model, engine, rope, L))
+        patcher.before_forward(model, _begin(model, engine, rope, L, self.mask_argument))
         patcher.flush_after([*blocks, model])
 
 
-def _begin(model, engine, rope: _Rope, L: int):
+def _begin(model, engine, rope: _Rope, L: int, mask_argument: int | None):
     """The step's start inside the forward: the agreement, the grid at the clip's global
-    frames, the prompt mask's lengths, and a warning, once per length, for a window past the
-    trained range."""
+    frames, the prompt mask's lengths (the forward's argument ``mask_argument``; None: the
+    processors read them), and a warning, once per length, for a window past the trained
+    range."""
     p = model.config.patch_size
     warned = set()
-    last = [None, -1, None]                  # the last mask read: tensor, version, lengths
-
-    def lengths(mask):
-        # One host read per prompt mask, not per step: a pipeline passes the same tensor
-        # every step (its version counter tells an in-place change).
-        if mask is None or torch.compiler.is_compiling():
-            return text_lengths(mask)
-        if mask is not last[0] or mask._version != last[1]:
-            last[:] = [mask, mask._version, text_lengths(mask)]
-        return last[2]
 
     def begin(args, kwargs):
-        hs, t, mask = _call_values(args, kwargs)
+        hs, t = step_arguments(args, kwargs, ("hidden_states", "timestep"))
         layout = engine.begin_step(hs, t)
         rope.set(hs.shape[3] // p, hs.shape[4] // p, layout.start(engine.rank), hs.device)
-        rope.valid = lengths(mask)
+        if mask_argument is not None:
+            mask = kwargs.get("encoder_attention_mask",
+                              args[mask_argument] if len(args) > mask_argument else None)
+            rope.read_valid(mask)
         warn_past_trained_range(model, engine.config.window, layout.num_frames, L, warned)
     return begin
 

@@ -7,6 +7,7 @@
     cogvideox.py  CogVideoXPipeline (CogVideoX 2b, 5b)
     ltx.py     LTXPipeline and LTXImageToVideoPipeline (LTX-Video 0.9.x)
     hunyuan_video.py  HunyuanVideoPipeline (HunyuanVideo 1.0 text-to-video)
+    hunyuan_video15.py  HunyuanVideo15Pipeline (HunyuanVideo 1.5 text-to-video, on 1.0's family)
     skyreels_v2.py  SkyReelsV2Pipeline and SkyReelsV2ImageToVideoPipeline (on Wan's family)
 """
 from __future__ import annotations
@@ -26,12 +27,14 @@ def families() -> list:
     if not _FAMILIES:
         from .cogvideox import CogVideoXPipelines
         from .hunyuan_video import HunyuanVideoPipelines
+        from .hunyuan_video15 import HunyuanVideo15Pipelines
         from .unet3d import UNet3DPipelines
         from .ltx import LTXPipelines
         from .skyreels_v2 import SkyReelsV2Pipelines
         from .wan import WanPipelines
         _FAMILIES.extend([UNet3DPipelines(), WanPipelines(), CogVideoXPipelines(),
-                          LTXPipelines(), HunyuanVideoPipelines(), SkyReelsV2Pipelines()])
+                          LTXPipelines(), HunyuanVideoPipelines(), HunyuanVideo15Pipelines(),
+                          SkyReelsV2Pipelines()])
     return _FAMILIES
 
 

@@ -12,8 +12,9 @@ prompt with ``true_cfg_scale > 1``) is not run here and is refused. The VAE deco
 rank's frames as ``vae.decode``'s own temporal tiles (``vinf_engine.hunyuan_vae``), bitwise
 the stock decode.
 
-Not run: image-to-video (``HunyuanVideoImageToVideoPipeline``, SkyReels), Framepack and
-HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``: another transformer and VAE).
+Not run: image-to-video (``HunyuanVideoImageToVideoPipeline``, SkyReels) and Framepack.
+HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``) is its own family, on this one:
+``hunyuan_video15.py``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+from ..errors import GenerationError
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
 
@@ -33,9 +35,6 @@ _NOT_RUN = {
     "HunyuanVideoImageToVideoPipeline": "image-to-video is not run under clip parallelism",
     "HunyuanSkyreelsImageToVideoPipeline": "image-to-video is not run under clip parallelism",
     "HunyuanVideoFramepackPipeline": "Framepack's history tokens are not frames of the video",
-    "HunyuanVideo15Pipeline": "HunyuanVideo 1.5 (another transformer and VAE) is not a "
-                              "family of vinf_engine yet",
-    "HunyuanVideo15ImageToVideoPipeline": "HunyuanVideo 1.5 image-to-video is not run",
 }
 _SCHEDULE_CLASSES: dict = {}
 
@@ -71,15 +70,24 @@ class HunyuanVideoPipelines(PipelineFamily):
 
     # ---------------------------------------------------------------- folders
     def claims_dir(self, index: dict) -> bool:
-        return str(index.get("_class_name", "")).startswith(("HunyuanVideo", "HunyuanSkyreels"))
+        name = str(index.get("_class_name", ""))
+        return (name.startswith(("HunyuanVideo", "HunyuanSkyreels"))
+                and not name.startswith("HunyuanVideo15"))
+
+    # What a folder of the family holds (a variant names its own).
+    pipeline_class = "HunyuanVideoPipeline"
+    transformer_class = "HunyuanVideoTransformer3DModel"
+    vae_class = "AutoencoderKLHunyuanVideo"
+    diffusers_parts = ()                 # further diffusers components: (name, class name)
+    not_run = _NOT_RUN
 
     def inspect(self, path: str, mi: dict) -> tuple:
         pipe_cls = mi.get("_class_name", "?")
-        if pipe_cls != "HunyuanVideoPipeline":
-            why = _NOT_RUN.get(pipe_cls, "not a pipeline vinf_engine knows")
+        if pipe_cls != self.pipeline_class:
+            why = self.not_run.get(pipe_cls, "not a pipeline vinf_engine knows")
             return (f"{path!r} holds a {pipe_cls} ({why}); vinf_engine runs {self.runs}"), {}
         need = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                "tokenizer_2", "scheduler")
+                "tokenizer_2", "scheduler", *(n for n, _ in self.diffusers_parts))
         problem = component_dirs_problem(path, mi, need, pipe_cls, self.runs)
         if problem:
             return problem, {}
@@ -88,31 +96,39 @@ class HunyuanVideoPipelines(PipelineFamily):
             cls = read_json(cfg_path).get("_class_name")
         except (OSError, ValueError) as e:
             return f"{cfg_path} is unreadable: {e}", {}
-        if cls != "HunyuanVideoTransformer3DModel":
-            return f"{path!r}: transformer is {cls}; expected HunyuanVideoTransformer3DModel", {}
-        if mi["vae"][1] != "AutoencoderKLHunyuanVideo":
-            return f"{path!r}: vae is {mi['vae'][1]}; expected AutoencoderKLHunyuanVideo", {}
+        if cls != self.transformer_class:
+            return (f"{path!r}: transformer is {cls}; {self.name} needs "
+                    f"{self.transformer_class}"), {}
+        for name, want in (("vae", self.vae_class), *self.diffusers_parts):
+            if mi[name][1] != want:
+                return f"{path!r}: {name} is {mi[name][1]}; expected {want}", {}
         for c in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             if mi[c][0] != "transformers":
                 return f"{path!r}: {c} comes from {mi[c][0]!r}; expected a transformers class", {}
-        return None, dict(kind="hunyuanvideo", pipeline=pipe_cls)
+        return None, dict(kind=self.kind(None), pipeline=pipe_cls)
 
     def load(self, path: str, info: dict, dtype, device):
-        from diffusers import (AutoencoderKLHunyuanVideo, HunyuanVideoPipeline,
-                               HunyuanVideoTransformer3DModel)
+        import diffusers
         kw = dict(dtype=dtype, output_loading_info=True, local_files_only=True)
+        tr_cls, vae_cls = (getattr(diffusers, c) for c in (self.transformer_class,
+                                                           self.vae_class))
         parts = dict(transformer=load_component("transformer", lambda: (
-            HunyuanVideoTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw)),
-            path))
+            tr_cls.from_pretrained(path, subfolder="transformer", **kw)), path))
         # The VAE stays fp32 whatever the transformer's dtype: decoding is a small share of
         # the run and low precision costs it quality.
-        parts["vae"] = load_component("vae", lambda: AutoencoderKLHunyuanVideo.from_pretrained(
+        parts["vae"] = load_component("vae", lambda: vae_cls.from_pretrained(
             path, subfolder="vae", **dict(kw, dtype=torch.float32)), path)
         parts.update(load_transformers(info["index"], path, dtype))
         parts.update(load_transformers(info["index"], path, dtype,
                                        ("text_encoder_2", "tokenizer_2")))
         parts["scheduler"] = load_scheduler(path)
-        pipe = HunyuanVideoPipeline(**parts)
+        for name, cls in self.diffusers_parts:
+            try:
+                parts[name] = getattr(diffusers, cls).from_pretrained(
+                    path, subfolder=name, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise GenerationError(f"cannot load {name} from {path!r}: {e}") from None
+        pipe = getattr(diffusers, self.pipeline_class)(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
@@ -137,12 +153,12 @@ class HunyuanVideoPipelines(PipelineFamily):
         return _with_schedule(super().make_scheduler(pipe, name))
 
     def check(self, s, pipe) -> list[str]:
+        p = self.model_problems(pipe) + self.guidance_problems(s)
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        p = _model_problems(pipe)
         n = s.video_frames
         if (n - 1) % kt:
             lo = (n - 1) // kt * kt + 1
-            p.append(f"frames must be {kt}k+1 for HunyuanVideo (its VAE makes {kt} video frames "
+            p.append(f"frames must be {kt}k+1 for {self.name} (its VAE makes {kt} video frames "
                      f"of each latent frame after the first), got {n} (try {lo} or {lo + kt})")
         step = ks * pipe.transformer.config.patch_size
         for name, v in (("height", s.height), ("width", s.width)):
@@ -150,29 +166,41 @@ class HunyuanVideoPipelines(PipelineFamily):
                 p.append(f"{name} {v} is not a multiple of {step}: the VAE downsamples by {ks} "
                          f"and the transformer patches by {pipe.transformer.config.patch_size} "
                          f"more (try {max(step, v // step * step)})")
-        if s.negative_prompt is not None:
-            p.append("HunyuanVideo 1.0 is guidance-distilled: guidance_scale feeds its guidance "
-                     "embedding; true classifier-free guidance with a negative prompt "
-                     "(HunyuanVideoPipeline's true_cfg_scale) is not supported")
         if s.fps is not None:
-            p.append("--fps conditions VideoCrafter2 and LTX-Video only; HunyuanVideo has no fps "
+            p.append(f"--fps conditions VideoCrafter2 and LTX-Video only; {self.name} has no fps "
                      "input (use --video-fps for the mp4's frame rate)")
         if s.guidance_scale_2 is not None:
-            p.append("guidance scale 2 is for Wan 2.2's second expert; HunyuanVideo has one "
+            p.append(f"guidance scale 2 is for Wan 2.2's second expert; {self.name} has one "
                      "transformer")
         if len(s.scenes) > 1:
-            p.append("HunyuanVideo takes one prompt per video: its text tokens share every "
+            p.append(f"{self.name} takes one prompt per video: its text tokens share every "
                      "frame's attention, so they cannot change from scene to scene")
         if not p:
-            from ..models.hunyuan_video import window_problem
+            from ..models.base import window_past_trained_range
+            adapter = self.adapter()
             try:
-                w = window_problem(pipe.transformer, s.resolved_config(self.default_config(pipe)),
-                                   (n - 1) // kt + 1)
+                config = s.resolved_config(self.default_config(pipe))
+                w = window_past_trained_range(config.window, (n - 1) // kt + 1,
+                                              adapter.trained_frames(pipe.transformer, config))
             except (TypeError, ValueError):
                 w = None                     # a bad config is reported by the settings' check
             if w:
                 p.append(w)
         return p
+
+    def adapter(self):
+        from ..models.hunyuan_video import HunyuanVideoAdapter
+        return HunyuanVideoAdapter
+
+    def model_problems(self, pipe) -> list[str]:
+        return _model_problems(pipe)
+
+    def guidance_problems(self, s) -> list[str]:
+        if s.negative_prompt is not None:
+            return ["HunyuanVideo 1.0 is guidance-distilled: guidance_scale feeds its guidance "
+                    "embedding; true classifier-free guidance with a negative prompt "
+                    "(HunyuanVideoPipeline's true_cfg_scale) is not supported"]
+        return []
 
     def plan(self, s, pipe) -> VideoPlan:
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
