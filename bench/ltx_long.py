@@ -125,7 +125,7 @@ def _engine(pipe, opts, n_frames, steps, rank, world):
     import vinf_engine as vinf
     rep = vinf.generate(pipe, PROMPT, num_frames=n_frames, steps=steps, out=None,
                         progress=False, guidance_scale=opts["guidance"], seed=opts["seed"],
-                        height=opts["height"], width=opts["width"])
+                        height=opts["height"], width=opts["width"], config=opts["config"])
     mine = rep["per_rank"][rank]
     return rep["latents"], dict(denoise_s=rep["timings_s"].get("denoise"),
                                 bytes_received=mine["comm"]["bytes_received"],
@@ -290,6 +290,10 @@ def parser():
                     help="the peer's temporal_overlap, video frames (its default 24)")
     ap.add_argument("--guidance", type=float, default=3.0, help="CFG scale (LTXPipeline's 3)")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--window", type=int, default=None,
+                    help="engine: local window (default: LTX's, 8)")
+    ap.add_argument("--num-global", type=int, default=None,
+                    help="engine: global frames (default: LTX's, 8)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank")
     ap.add_argument("--seed", type=int, default=0)
@@ -331,7 +335,9 @@ def main(argv=None):
     tr = FAMILIES["ltx"].kwargs(a.preset)
     opts = dict(device=a.device, folder=folder, frames=a.frames, steps=a.steps, height=H,
                 width=W, tile=a.tile, overlap=a.overlap, guidance=a.guidance, seed=a.seed,
-                transformer=tr)
+                transformer=tr, config={k: v for k, v in (("window", a.window),
+                                                          ("num_global", a.num_global))
+                                        if v is not None} or None)
     rows = harness.Rows(out, dict(
         benchmark="ltx-long", **harness.environment(a.device, cpu_model=True),
         diffusers=diffusers.__version__, preset=a.preset, transformer=tr, video_frames=a.frames,

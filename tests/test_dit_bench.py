@@ -36,7 +36,8 @@ def test_ltx_long_peer_bench_counts_recomputed_frames(tmp_path):
     # 33 video frames = 5 latent; the peer's tiles of 3 latent frames overlapping by 1:
     # [0, 3) and [2, 5), the second also given the first's last frame: 7 frames per step
     rc = ltx_long.main(["--preset", "tiny", "--frames", "33", "--steps", "2", "--tile", "24",
-                        "--overlap", "8", "--out", str(out)])
+                        "--overlap", "8", "--window", "1", "--num-global", "1",
+                        "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     rows = {r["method"]: r for r in report["rows"]}
