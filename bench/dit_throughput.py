@@ -153,7 +153,8 @@ class Family:
 
 
 # Shapes every family's CPU presets share: "tiny" runs in seconds (use it with --frames 3,6,12
-# or so); "cpu" has 64 tokens per latent frame and 2 x 64-dim heads, so that attention matters
+# or so: 4 tokens per latent frame); "cpu" has 64 tokens per latent frame (latent 16x16 at
+# patch 2; LTX's patch 1: 8x8) and 2 x 64-dim heads, so that attention matters
 # (Wan: SDPA is 36% / 53% / 68% of a dense forward at 21 / 42 / 84 frames, one thread).
 _TINY = dict(latent_hw=(4, 4), text_len=4, steps=1, dtype="float32")
 _CPU = dict(latent_hw=(16, 16), text_len=16, steps=3, dtype="float32")
@@ -188,12 +189,15 @@ FAMILIES = {
         # 8 latent channels and 16-wide captions on CPU: the tiny VAE and T5 of the LTX
         # pipeline bench/ltx_long.py builds take these presets' transformers as they are.
         "LTXVideoTransformer3DModel", "ltx", "LTXAdapter", dict(patch_size=1, patch_size_t=1),
-        {"tiny": dict(_TINY, model=dict(in_channels=8, out_channels=8, num_attention_heads=2,
-                                        attention_head_dim=8, cross_attention_dim=16,
-                                        num_layers=1, caption_channels=16)),
-         "cpu": dict(_CPU, model=dict(in_channels=8, out_channels=8, num_attention_heads=2,
-                                      attention_head_dim=64, cross_attention_dim=128,
-                                      num_layers=2, caption_channels=16)),
+        # Patch 1: half the other families' latent size, for the same tokens per frame.
+        {"tiny": dict(_TINY, latent_hw=(2, 2),
+                      model=dict(in_channels=8, out_channels=8, num_attention_heads=2,
+                                 attention_head_dim=8, cross_attention_dim=16, num_layers=1,
+                                 caption_channels=16)),
+         "cpu": dict(_CPU, latent_hw=(8, 8),
+                     model=dict(in_channels=8, out_channels=8, num_attention_heads=2,
+                                attention_head_dim=64, cross_attention_dim=128, num_layers=2,
+                                caption_channels=16)),
          # diffusers' default config = LTX-Video 0.9's 2B; 512x704: latent 16x22
          "ltx-video-2b": dict(model={}, latent_hw=(16, 22), text_len=128, steps=2,
                               dtype="bfloat16")},
@@ -252,7 +256,7 @@ LABELS = {"engine": "engine {R} ranks", "engine1": "engine 1 rank", "dense": "di
           "ulysses": "diffusers Ulysses {R} ranks", "ring": "diffusers ring {R} ranks"}
 
 # What diffusers 0.42.1's context parallelism needs to run on CPU processes joined by gloo,
-# found by running it (bench/wan_throughput.py, method "ulysses"):
+# found by running it (this bench, method "ulysses", Wan and LTX):
 #  1. ModelMixin._resolve_parallel_config does
 #         device = torch.device(torch._C._get_accelerator().type, rank % torch.accelerator.device_count())
 #     On a CPU-only torch the accelerator is "cpu" but device_count() is 0: ZeroDivisionError.
@@ -266,9 +270,10 @@ LABELS = {"engine": "engine {R} ranks", "engine1": "engine 1 rank", "dense": "di
 #     Transformer2DModelOutput of return_dict=True (not CPU-specific; diffusers' pipelines pass
 #     return_dict=False).
 #  4. Every rank holds the whole video: the plan splits the token sequence after the patch
-#     embedding (blocks.0 input and the RoPE tables, dim 1) and all-gathers the output at
-#     proj_out. Plain Ulysses needs heads % R == 0 and tokens (frames x h' x w') % R == 0
-#     (EquipartitionSharder asserts); otherwise we set ulysses_anything=True.
+#     embedding (blocks.0 input and the RoPE tables, dim 1; LTX: the text and its mask too) and
+#     all-gathers the output at proj_out. Plain Ulysses needs heads % R == 0 and tokens
+#     (frames x h' x w', LTX: and text) % R == 0 (EquipartitionSharder asserts); otherwise we
+#     set ulysses_anything=True.
 # Checked by running ring on 2 gloo ranks: diffusers' native backend refuses (it returns no
 # LSE); its _native_flash and _native_cudnn backends (bf16) fail because aten has no CPU kernel
 # for _scaled_dot_product_flash_attention; their setup (set_attention_backend,

@@ -217,7 +217,6 @@ def _row(method, world, recs, opts) -> dict:
                peak_is_since_warmup=all(r["peak_reset"] for r in recs),
                transformer_calls_per_rank=[r["calls"] for r in recs],
                frames_per_call_per_rank=[r["frames_per_call"] for r in recs])
-    calls = r0["calls"]
     # per denoising step, over the whole video: every rank's (engine) or every tile's (peer)
     per_step = sum(r["frames_passed"] for r in recs) / steps
     row.update(frames_passed_per_step=per_step, frames_recomputed_per_step=per_step - F,
@@ -283,7 +282,7 @@ def parser():
     ap.add_argument("--steps", type=int, default=4, help="denoising steps (both methods)")
     ap.add_argument("--hw", default=None,
                     help="video HxW in pixels, multiples of 32 (default: the preset's latent "
-                         "x 32: tiny 128x128, cpu 512x512)")
+                         "x 32: tiny 64x64, cpu 256x256)")
     ap.add_argument("--tile", type=int, default=80,
                     help="the peer's temporal_tile_size, video frames (its default 80)")
     ap.add_argument("--overlap", type=int, default=24,

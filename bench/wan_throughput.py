@@ -9,8 +9,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dit_throughput import PRESETS, WAN21, build_wan, wan_kwargs  # noqa: E402,F401 (memory.py)
 import dit_throughput  # noqa: E402
+from dit_throughput import PRESETS, WAN21, build_wan, wan_kwargs  # noqa: E402
+
+__all__ = ["PRESETS", "WAN21", "build_wan", "wan_kwargs", "main"]   # bench/memory.py's imports
 
 
 def main(argv=None):
