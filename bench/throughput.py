@@ -4,6 +4,8 @@ same algorithm on one rank and with plain diffusers on the whole video, in one r
     python bench/throughput.py                      # CPU: tiny random UNet3D, 2 gloo ranks
     python bench/throughput.py --device cuda        # GPUs: 1.41B ModelScope/VideoCrafter2 shape,
                                                     # 320x512, bf16, one rank per GPU (NCCL)
+    python bench/throughput.py --model ltx          # a video DiT (wan, ltx, cogvideox, hunyuan,
+                                                    # skyreels): bench/dit_throughput.py
 
 Reports frame-steps per second, peak memory per rank, collectives and bytes per UNet step, and
 how far the R-rank output is from the 1-rank output (partition invariance). Writes JSON.
@@ -25,6 +27,10 @@ from vinf_engine.scheduler import MODES
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # already so when run as a script
 import harness  # noqa: E402  (bench/harness.py, beside this script)
 import projection  # noqa: E402
+
+# The DiT families of bench/dit_throughput.py (``--model <family>``), named here so that the
+# UNet run does not import it.
+DIT_FAMILIES = ("wan", "ltx", "cogvideox", "hunyuan", "skyreels")
 
 PRESETS = {
     # Four levels like the real model, narrow channels: every operator the engine replaces
@@ -200,9 +206,10 @@ class Plan:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("unet3d", "wan"), default="unet3d",
-                    help="unet3d: this benchmark; wan: Wan 2.1 DiT at 1x/2x/4x its trained length "
-                         "(bench/wan_throughput.py; --model wan --help for its options)")
+    ap.add_argument("--model", choices=("unet3d",) + DIT_FAMILIES, default="unet3d",
+                    help="unet3d: this benchmark; a DiT family (wan: Wan 2.1, ltx, cogvideox, "
+                         "hunyuan, skyreels) at 1x/2x/4x its trained length "
+                         "(bench/dit_throughput.py; --model wan --help for its options)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--preset", choices=tuple(PRESETS), default=None,
                     help="model shape (default: tiny on cpu, modelscope on cuda)")
@@ -387,11 +394,11 @@ def add_projection(plan: Plan, report: dict):
 
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", choices=("unet3d", "wan"), default="unet3d")
+    pre.add_argument("--model", choices=("unet3d",) + DIT_FAMILIES, default="unet3d")
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if known.model == "wan":                   # the Wan DiT mode: bench/wan_throughput.py
-        import wan_throughput
-        return wan_throughput.main(rest)
+    if known.model != "unet3d":                # a DiT family: bench/dit_throughput.py
+        import dit_throughput
+        return dit_throughput.main(["--family", known.model, *rest])
     plan = parse(argv)
     rows, latents = measure(plan)
     report = build_report(plan, rows, *compare(rows, latents, plan.ranks, plan.opts["steps"]))
