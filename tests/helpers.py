@@ -1,6 +1,8 @@
 """Shared test tools: tiny random diffusers models and real multi-process gloo runs."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 TINY_UNET = dict(
@@ -40,10 +42,29 @@ def unet_inputs(frames: int, seed: int = 1, batch: int = 2, hw: int = 8):
     return x, ctx
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 180.0) -> list:
-    """``fn(rank, world, *args)`` on ``world`` real processes joined by gloo, one thread each."""
-    from vinf_engine.launch import run_local
-    return run_local(fn, world, *args, timeout=timeout, threads=1)
+_POOLS: dict = {}     # world -> RankPool, most recently used last
+_MAX_POOLS = 3
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 180.0, fresh: bool = False) -> list:
+    """``fn(rank, world, *args)`` on ``world`` real processes joined by gloo, one thread each.
+
+    The ranks are kept between calls (``vinf_engine.launch.RankPool``, a few per test worker):
+    spawning pays for importing torch and diffusers on every rank, most of a small test's
+    time. Each call starts from a fresh rank's state (environment, seed, dtype, compile
+    cache); ``fresh=True`` (or ``VINF_TEST_FRESH_RANKS=1`` for the whole suite) spawns new
+    ranks for tests that break or time out their process group on purpose."""
+    from vinf_engine.launch import RankPool, run_local
+    if fresh or os.environ.get("VINF_TEST_FRESH_RANKS") == "1":
+        return run_local(fn, world, *args, timeout=timeout, threads=1)
+    pool = _POOLS.pop(world, None)
+    if pool is None or pool.closed:
+        while len(_POOLS) >= _MAX_POOLS:
+            _POOLS.pop(next(iter(_POOLS))).close()
+        pool = RankPool(world, timeout=600, threads=1)
+    results = pool.run(fn, *args, timeout=timeout)  # a failed call closes its pool
+    _POOLS[world] = pool
+    return results
 
 
 def dual_scope_inputs(case, dtype, *, poison=float("nan"), seed=0, device="cpu"):

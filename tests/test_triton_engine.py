@@ -56,17 +56,21 @@ def triton_forward_rank(rank, world, backend):
     and which kernels ran."""
     import os
     os.environ["VINF_BACKEND"] = backend
-    calls = []
+    calls, saved = [], {}
     if backend == "triton":
         for op in ("dual_scope_attention", "group_norm_partials", "group_norm_apply"):
-            impl = dispatch.implementations(op)["triton"]
+            impl = saved[op] = dispatch.implementations(op)["triton"]
             dispatch._IMPLS[op]["triton"] = dispatch.Impl(
                 lambda *a, _f=impl.fn, _op=op, **k: calls.append(_op) or _f(*a, **k), impl.supports)
-    model = tiny_unet().to(DEV)
-    x, ctx = (t.to(DEV) for t in unet_inputs(4, batch=1, hw=4))
-    vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2))
-    with torch.no_grad():
-        out = model(x[:, :, 2 * rank:2 * rank + 2], 900, encoder_hidden_states=ctx).sample
+    try:
+        model = tiny_unet().to(DEV)
+        x, ctx = (t.to(DEV) for t in unet_inputs(4, batch=1, hw=4))
+        vinf.parallelize(model, vinf.DualScopeConfig(window=2, num_global=2))
+        with torch.no_grad():
+            out = model(x[:, :, 2 * rank:2 * rank + 2], 900, encoder_hidden_states=ctx).sample
+    finally:                        # the rank outlives the call (a pool): leave no wrappers
+        for op, impl in saved.items():
+            dispatch._IMPLS[op]["triton"] = impl
     return out.cpu(), sorted(set(calls))
 
 
