@@ -304,7 +304,8 @@ def parser():
     return ap
 
 
-def main(argv=None):
+def _args(argv):
+    """The parsed arguments, the video's size and the methods to run; bad input refused."""
     ap = parser()
     a = ap.parse_args(argv)
     if a.steps < 2:
@@ -327,6 +328,63 @@ def main(argv=None):
         ap.error(f"--methods: choose from {METHODS}")
     if a.ranks == 1:
         methods = [m for m in methods if m != "engine"]
+    return a, H, W, methods
+
+
+NOTES = dict(
+    frames_passed_per_step=("latent frames given to the transformer per denoising step, "
+                            "over the whole video (engine: every rank's clip; peer: every "
+                            "tile, with the previous tile's tail); recomputed: that minus "
+                            "the video's latent frames"),
+    frames_received_per_layer_per_call=(
+        "engine: bytes received / (CFG batch x tokens per frame x width x 4 bytes) / layers "
+        "/ calls: the halo and global frames' attention inputs it projects keys and "
+        "values from, instead of running the blocks over them"),
+    wall=("the whole call after a 2-step warm-up: text encoding (the peer: once per tile), "
+          "denoising, the peer's fusion; no decode"))
+
+
+def _run_methods(a, methods, opts, rows) -> tuple[dict, bool]:
+    """Each method on its ranks, a row printed and saved as soon as it is measured."""
+    latents, failed = {}, False
+    backend = "nccl" if a.device == "cuda" else "gloo"
+    for m in methods:
+        world = a.ranks if m == "engine" else 1
+        threads = None if a.device == "cuda" else a.threads
+        res, error = harness.spawn(worker, world, dict(opts, method=m),
+                                   label=f"{m} on {world} rank(s)", backend=backend,
+                                   threads=threads, timeout=a.timeout)
+        if error is not None:
+            failed = True
+            row = dict(name=LABELS[m].format(R=world), method=m, ranks=world, error=error)
+        else:
+            row = _row(m, world, [r[0] for r in res], opts)
+            latents[m] = torch.cat([r[1] for r in res], dim=2) if m != "peer" else res[0][1]
+        rows.add(row)
+        print_row(row)
+    return latents, failed
+
+
+def _summary(a, rows, inv) -> None:
+    print()
+    harness.print_table(COLUMNS, [_cells(r) for r in rows.rows])
+    if inv is not None:
+        print(f"\npartition invariance: max |out(R={a.ranks}) - out(R=1)| / max |out(R=1)| = "
+              f"{inv:.2e}")
+    peer = next((r for r in rows.rows if r["method"] == "peer" and "error" not in r), None)
+    if peer is not None:
+        t = peer["peer_tiles"]
+        print(f"peer: {len(t['windows'])} tiles {t['windows']} (tile {t['tile_latent']}, overlap "
+              f"{t['overlap_latent']} latent frames) + each later tile's {t['overlap_latent']}"
+              f"-frame tail: predicted {t['frames_per_step']} frames per step, counted "
+              f"{peer['frames_passed_per_step']:.0f}")
+    print("model s: seconds inside the transformer's forward; frames/step: latent frames given "
+          "to the transformer per step (all ranks / all tiles); recv frames: the engine's "
+          "received attention-input frames per layer per call (largest rank)")
+
+
+def main(argv=None):
+    a, H, W, methods = _args(argv)
     out = a.out or harness.out_path(f"ltx-long-{a.device}.json")
     tmp = None if a.model_dir else tempfile.mkdtemp(prefix="ltx-long-")
     folder = save_model(a.model_dir or tmp, a.preset, a.seed)
@@ -351,56 +409,17 @@ def main(argv=None):
           f"frames = {latent_frames(a.frames)} latent of {H // SPATIAL}x{W // SPATIAL} at "
           f"{H}x{W}, {a.steps} steps, CFG {a.guidance}, {a.device}; the peer's tiles: "
           f"{a.tile} frames, overlap {a.overlap}", flush=True)
-    latents, failed = {}, False
-    backend = "nccl" if a.device == "cuda" else "gloo"
-    for m in methods:
-        world = a.ranks if m == "engine" else 1
-        threads = None if a.device == "cuda" else a.threads
-        res, error = harness.spawn(worker, world, dict(opts, method=m),
-                                   label=f"{m} on {world} rank(s)", backend=backend,
-                                   threads=threads, timeout=a.timeout)
-        if error is not None:
-            failed = True
-            row = dict(name=LABELS[m].format(R=world), method=m, ranks=world, error=error)
-        else:
-            row = _row(m, world, [r[0] for r in res], opts)
-            latents[m] = torch.cat([r[1] for r in res], dim=2) if m != "peer" else res[0][1]
-        rows.add(row)
-        print_row(row)
+    latents, failed = _run_methods(a, methods, opts, rows)
     inv = None
     if "engine" in latents and "engine1" in latents:
         inv = rel_diff(latents["engine"], latents["engine1"])
         rows.report["max_rel_diff_R_ranks_vs_1_rank"] = inv
         next(r for r in rows.rows if r["method"] == "engine")["max_rel_diff_vs_1_rank"] = inv
-    rows.report["notes"] = dict(
-        frames_passed_per_step=("latent frames given to the transformer per denoising step, "
-                                "over the whole video (engine: every rank's clip; peer: every "
-                                "tile, with the previous tile's tail); recomputed: that minus "
-                                "the video's latent frames"),
-        frames_received_per_layer_per_call=(
-            "engine: bytes received / (CFG batch x tokens per frame x width x 4 bytes) / layers "
-            "/ calls: the halo and global frames' attention inputs it projects keys and "
-            "values from, instead of running the blocks over them"),
-        peak_memory=("GPU max_memory_allocated since the warm-up" if a.device == "cuda" else
-                     "peak RSS of the rank's process since the warm-up (/proc/self/clear_refs)"),
-        wall=("the whole call after a 2-step warm-up: text encoding (the peer: once per tile), "
-              "denoising, the peer's fusion; no decode"))
+    rows.report["notes"] = dict(NOTES, peak_memory=(
+        "GPU max_memory_allocated since the warm-up" if a.device == "cuda" else
+        "peak RSS of the rank's process since the warm-up (/proc/self/clear_refs)"))
     rows.save()
-    print()
-    harness.print_table(COLUMNS, [_cells(r) for r in rows.rows])
-    if inv is not None:
-        print(f"\npartition invariance: max |out(R={a.ranks}) - out(R=1)| / max |out(R=1)| = "
-              f"{inv:.2e}")
-    peer = next((r for r in rows.rows if r["method"] == "peer" and "error" not in r), None)
-    if peer is not None:
-        t = peer["peer_tiles"]
-        print(f"peer: {len(t['windows'])} tiles {t['windows']} (tile {t['tile_latent']}, overlap "
-              f"{t['overlap_latent']} latent frames) + each later tile's {t['overlap_latent']}"
-              f"-frame tail: predicted {t['frames_per_step']} frames per step, counted "
-              f"{peer['frames_passed_per_step']:.0f}")
-    print("model s: seconds inside the transformer's forward; frames/step: latent frames given "
-          "to the transformer per step (all ranks / all tiles); recv frames: the engine's "
-          "received attention-input frames per layer per call (largest rank)")
+    _summary(a, rows, inv)
     print(f"wrote {out}")
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
