@@ -71,7 +71,13 @@ def _compiled_schedule(family, form, parallel, another_length=False):
     return graphs, more, outs, eager
 
 
-@pytest.mark.parametrize("family,form", [(f, x) for f in FORMS for x in FORMS[f]])
+# A Python float takes the int's path (the engine reads both as a Python number; only the
+# dtype of the timestep tensor UNet3D makes differs): the test runs the int, and
+# bench/compile_graphs.py counts every form, float included (RESULTS: the same 2 graphs).
+TESTED = [(f, x) for f in FORMS for x in FORMS[f] if x != "float"]
+
+
+@pytest.mark.parametrize("family,form", TESTED)
 def test_fullgraph_compile_makes_no_more_graphs_than_the_stock_model(family, form):
     """The parallelized model under torch.compile(fullgraph=True), across a schedule on both
     sides of phase_t, compiles no more graphs than the stock model beside it, for each way the
