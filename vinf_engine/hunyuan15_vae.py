@@ -29,8 +29,8 @@ size, where the decoder is cheapest. So a rank decoding latent frames ``[a, b)``
   frames the next one's exact frames read (``decode_plan``), and the frames a window's start
   spoils (replicated padding of a frame that is not the video's first, the first-frame rule of
   an upsampler applied to a window's first frame) are cut before the next operator. The
-  released VAE reads 17 latent frames back at the second mid resnet, 2 video frames back at
-  ``conv_out``.
+  released VAE reads 36 latent frames back at the second mid resnet, 42 video frames at the
+  third up block, 14 at the last, 2 at ``conv_out``.
 
 The ranks' frames concatenated equal ``vae.decode`` of the whole video *to rounding*: every
 output frame is the same operators on the same values, but on windows of other lengths (a

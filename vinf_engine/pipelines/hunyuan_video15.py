@@ -17,11 +17,9 @@ attention) and size checks. What differs:
 * the VAE is causal end to end (causal convolutions, per-position RMS norms, a mid-block
   attention over each frame and the frames before it, frame 0 upsampled on its own), and
   ``vae.decode`` is one decoder call over the whole video, with no temporal tiles to cut at.
-  Decoding the latent frames up to a clip's end gives that clip's video frames exactly as
-  the whole decode (to rounding: other shapes), so each rank gathers the frames before its
-  clip and decodes that prefix: exact, but not divided: the last rank decodes the whole
-  video. The mid block's attention is quadratic in the video's tokens (the stock VAE builds
-  a dense mask over them); ``vae.enable_tiling()`` bounds the tokens per frame.
+  ``hunyuan15_vae`` divides it exactly (to rounding): each rank runs the mid block's keys
+  over the latent prefix up to its clip's end (latent size, cheap) and everything after the
+  attention over its clip plus the warm-up its causal convolutions read.
 
 Not run: image-to-video (``HunyuanVideo15ImageToVideoPipeline``: SigLIP image tokens and the
 first frame's latents as a condition) and the super-resolution (meanflow) pipelines.
