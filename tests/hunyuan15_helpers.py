@@ -73,12 +73,40 @@ def hunyuan15_call(model, clip, t, cond):
 VAE = dict(latent_channels=LATENT, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
 
 
-def tiny_hunyuan15_vae(seed: int = 0):
+def tiny_hunyuan15_vae(seed: int = 0, dtype=torch.float32):
     """A tiny random ``AutoencoderKLHunyuanVideo15``: 16x spatial, 4x temporal compression."""
     from diffusers import AutoencoderKLHunyuanVideo15
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKLHunyuanVideo15(**VAE).eval()
+        return AutoencoderKLHunyuanVideo15(**VAE).eval().to(dtype)
+
+
+# The released layout's operators (causal convs, resnets, a frame-causal mid-block attention,
+# temporal then spatial-only upsamplers) with a short temporal reach: one resnet per up block,
+# three levels (4x spatial, 4x temporal), so that small videos put clips past every warm-up.
+SHORT_VAE = dict(latent_channels=LATENT, block_out_channels=(8, 8, 8), layers_per_block=0,
+                 spatial_compression_ratio=4, temporal_compression_ratio=4)
+
+
+def short_hunyuan15_vae(seed: int = 0, dtype=torch.float32):
+    """A tiny ``AutoencoderKLHunyuanVideo15`` of ``SHORT_VAE``."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLHunyuanVideo15(**SHORT_VAE).eval().to(dtype)
+
+
+def split_decode15(vae, z, sizes):
+    """Every rank's ``hunyuan15_vae.decode_clip`` of ``z``'s frames (B, C, L, h, w), each from
+    only the latent frames ``needed_range`` names, concatenated in rank order."""
+    from vinf_engine.hunyuan15_vae import decode_clip, needed_range
+    L, out, start = z.shape[2], [], 0
+    for n in sizes:
+        need = needed_range(vae, start, start + n)
+        out.append(decode_clip(vae, z[:, :, need.start:start + n], offset=need.start,
+                               frames=range(start, start + n), num_frames=L))
+        start += n
+    return torch.cat(out, dim=2)
 
 
 # -- a whole HunyuanVideo15Pipeline ----------------------------------------------------------

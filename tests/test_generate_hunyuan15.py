@@ -106,8 +106,8 @@ def test_the_cli_on_2_ranks_makes_one_video(model, tmp_path):
     assert v2.shape == (17, *PIPE_HW, 3)
     assert_lossless_videos_agree(v2, v1, decoded(pipe, two), decoded(pipe, one))
 
-    # The ranks' prefix decodes of fixed latents are vae.decode of the whole (rank 1 decodes
-    # 5 frames as the whole does; rank 0 its first 3: other shapes, so to rounding).
+    # The ranks' clip decodes of fixed latents are vae.decode of the whole (other shapes and
+    # the attention's per-frame sums: to rounding, tests/test_hunyuan15_vae.py).
     z = fixed_latents()
     with torch.no_grad():
         stock = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
@@ -115,7 +115,6 @@ def test_the_cli_on_2_ranks_makes_one_video(model, tmp_path):
     parts = np.concatenate([a for r in res for a in r["decoded"]])
     assert parts.shape == (1 + 4 * 4, *PIPE_HW, 3)
     assert np.abs(parts.astype(int) - whole).max() <= 1
-    assert np.array_equal(parts[9:], whole[9:])                # rank 1: the same call
 
     # The drop-in: the stock HunyuanVideo15Pipeline call on 2 ranks is the unpatched pipeline
     # in exact config (other shapes: fp32 rounding); its VAE decode runs stock on each rank.

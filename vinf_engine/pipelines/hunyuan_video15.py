@@ -17,11 +17,9 @@ attention) and size checks. What differs:
 * the VAE is causal end to end (causal convolutions, per-position RMS norms, a mid-block
   attention over each frame and the frames before it, frame 0 upsampled on its own), and
   ``vae.decode`` is one decoder call over the whole video, with no temporal tiles to cut at.
-  Decoding the latent frames up to a clip's end gives that clip's video frames exactly as
-  the whole decode (to rounding: other shapes), so each rank gathers the frames before its
-  clip and decodes that prefix: exact, but not divided: the last rank decodes the whole
-  video. The mid block's attention is quadratic in the video's tokens (the stock VAE builds
-  a dense mask over them); ``vae.enable_tiling()`` bounds the tokens per frame.
+  ``hunyuan15_vae`` divides it exactly (to rounding): each rank runs the mid block's keys
+  over the latent prefix up to its clip's end (latent size, cheap) and everything after the
+  attention over its clip plus the warm-up its causal convolutions read.
 
 Not run: image-to-video (``HunyuanVideo15ImageToVideoPipeline``: SigLIP image tokens and the
 first frame's latents as a condition) and the super-resolution (meanflow) pipelines.
@@ -125,21 +123,23 @@ class HunyuanVideo15Pipelines(HunyuanVideoPipelines):
         return _Conditioning(pipe, s, device)
 
     def decode(self, pipe, latents, layout, rank: int, comm, chunk: int):
-        """This rank's video frames, (n, H, W, 3) uint8 on the CPU, in one piece: the
-        latent frames before the clip come from the ranks that hold them (one exchange), the
-        VAE decodes the prefix up to the clip's end and the clip's frames are kept (the VAE is
-        causal: see the module's notes). ``chunk`` is not used."""
-        from ..hunyuan_vae import video_frames_of
+        """This rank's video frames, (n, H, W, 3) uint8 on the CPU, in one piece: the latent
+        frames before the clip that the decode reads (all of them, for the mid block's
+        attention) come from the ranks that hold them (one exchange), and
+        ``hunyuan15_vae.decode_clip`` decodes the clip (see the module's notes). ``chunk`` is
+        not used."""
+        from ..hunyuan15_vae import decode_clip, needed_range
         from ..video import frames_to_uint8
         vae = pipe.vae
-        wants = tuple(tuple(range(layout.start(r))) for r in range(layout.world_size))
+        needs = [needed_range(vae, layout.start(r), layout.end(r))
+                 for r in range(layout.world_size)]
+        wants = tuple(tuple(range(n.start, layout.start(r))) for r, n in enumerate(needs))
         got = comm.gather_frames(latents.contiguous(), 2, layout, wants)
         # HunyuanVideo15Pipeline: latents.to(vae.dtype) / scaling_factor, then vae.decode.
         z = torch.cat([got, latents], dim=2).to(vae.dtype) / vae.config.scaling_factor
-        with torch.no_grad():
-            video = vae.decode(z).sample
-        mine = video_frames_of(layout.frames(rank), vae.temporal_compression_ratio)
-        yield frames_to_uint8(video[0, :, mine.start:mine.stop].permute(1, 0, 2, 3))
+        video = decode_clip(vae, z, offset=needs[rank].start, frames=layout.frames(rank),
+                            num_frames=layout.num_frames)
+        yield frames_to_uint8(video[0].permute(1, 0, 2, 3))
 
 
 def _guider_problems(guider) -> list[str]:
