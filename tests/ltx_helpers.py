@@ -82,24 +82,27 @@ def _text_encoder(vocab_size: int):
                                    feed_forward_proj="gated-gelu", dropout_rate=0.0))
 
 
-def _scheduler():
+def _scheduler(dynamic: bool = True):
     from diffusers import FlowMatchEulerDiscreteScheduler
-    # LTX-Video's released scheduler config (diffusers' conversion script).
+    # LTX-Video's released scheduler config (diffusers' conversion script); LTXConditionPipeline
+    # passes its timesteps without a shift (mu), so its folders' scheduler has no dynamic one.
     return FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05,
-        num_train_timesteps=1000, shift=1.0, shift_terminal=0.1, use_dynamic_shifting=True)
+        num_train_timesteps=1000, shift=1.0, shift_terminal=0.1, use_dynamic_shifting=dynamic)
 
 
 def tiny_ltx_pipeline(seed: int = 0, image: bool = False, causal: bool = False,
-                      timestep_conditioning: bool = False):
-    """An ``LTXPipeline`` (``image``: ``LTXImageToVideoPipeline``) of tiny random modules."""
-    from diffusers import LTXImageToVideoPipeline, LTXPipeline
+                      timestep_conditioning: bool = False, condition: bool = False):
+    """An ``LTXPipeline`` (``image``: ``LTXImageToVideoPipeline``; ``condition``:
+    ``LTXConditionPipeline``) of tiny random modules."""
+    from diffusers import LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline
     tok = _tokenizer()
-    cls = LTXImageToVideoPipeline if image else LTXPipeline
+    cls = (LTXConditionPipeline if condition else
+           LTXImageToVideoPipeline if image else LTXPipeline)
     return cls(tokenizer=tok, text_encoder=_seeded(lambda: _text_encoder(len(tok)), seed + 100),
                transformer=tiny_ltx_transformer(seed + 200),
                vae=tiny_ltx_vae(seed + 400, causal, timestep_conditioning),
-               scheduler=_scheduler())
+               scheduler=_scheduler(dynamic=not condition))
 
 
 def save_tiny_ltx_pipeline(folder: str, seed: int = 0, **kw) -> str:
