@@ -191,12 +191,13 @@ def ltx_rank(rank, world):
 
 
 def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, lengths, dropin,
-                        image_run):
+                        image_runs, refused):
     """On ``world`` ranks, the module's one spawn: the invariance runs of
     ``gen_helpers.invariance_rank``, this rank's share of a distributed VAE decode of fixed
     latents, the denoiser's bytes received per rank at each of ``lengths`` (video frames),
-    each bad-input case's error, the drop-in's runs ``dropin`` (``stock_pipe_rank``'s), and
-    this rank's latents of ``image_run`` = ``(model folder, generate's kwargs)``."""
+    each bad-input case's error, the drop-in's runs ``dropin`` (``stock_pipe_rank``'s), this
+    rank's latents of each of ``image_runs`` = ``{name: (model folder, generate's kwargs)}``,
+    and the error of the drop-in's call ``refused`` = ``(pipeline class, folder, call)``."""
     from gen_helpers import generate_rank, invariance_rank, stock_pipe_rank
     import vinf_engine as vinf
     from vinf_engine.pipelines import load_pipeline
@@ -220,5 +221,18 @@ def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, leng
         except vinf.GenerationError as e:
             res["bad", name] = str(e)
     res["dropin"] = stock_pipe_rank(rank, world, dropin)
-    res["image"] = generate_rank(rank, world, *image_run)
+    for name, run in image_runs.items():
+        res[name] = generate_rank(rank, world, *run)
+    import diffusers
+    cls, folder, call = refused
+    pipe = getattr(diffusers, cls).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    vinf.parallelize_pipe(pipe)
+    try:
+        pipe(**call)
+        res["refused"] = None
+    except ValueError as e:
+        res["refused"] = str(e)
+    finally:
+        vinf.unparallelize_pipe(pipe)
     return res
