@@ -164,12 +164,7 @@ class ClipParallel:
                 "each rank must pass its own clip of the video, in rank order; to run an "
                 "unchanged diffusers pipeline on every rank with the whole video, use "
                 "vinf_engine.parallelize_pipe(pipe)")
-        t = rows[self.rank][6]
-        per_token = any(row[7] for row in rows)
-        if per_token:
-            # One timestep per token: a sample's phase is the noise level of its noisiest
-            # tokens in the whole video, which a clip of held frames alone does not hold.
-            t = tuple(max(ts) for ts in zip(*(row[6] for row in rows if row[6] is not None)))
+        t, per_token = _agreed_timestep(rows, self.rank)
         problems = []
         empty = [r for r, row in enumerate(rows) if row[0] < 1]
         if empty:
@@ -390,6 +385,15 @@ def _read_with_probe(timestep, sample: torch.Tensor) -> tuple:
         both = torch.cat([timestep.detach().reshape(-1).double(), probe]).cpu()
         return both[:-1].view(timestep.shape), float(both[-1])
     return timestep, float(probe)
+
+
+def _agreed_timestep(rows: list, rank: int) -> tuple:
+    """``(the step's timestep per sample, whether any rank's is one per token)`` from the
+    agreement's rows. One timestep per token: a sample's phase is the noise level of its
+    noisiest tokens in the whole video, which a clip of held frames alone does not hold."""
+    if not any(row[7] for row in rows):
+        return rows[rank][6], False
+    return tuple(max(ts) for ts in zip(*(row[6] for row in rows if row[6] is not None))), True
 
 
 def _per_token(timestep, batch: int) -> bool:
