@@ -82,24 +82,27 @@ def _text_encoder(vocab_size: int):
                                    feed_forward_proj="gated-gelu", dropout_rate=0.0))
 
 
-def _scheduler():
+def _scheduler(dynamic: bool = True):
     from diffusers import FlowMatchEulerDiscreteScheduler
-    # LTX-Video's released scheduler config (diffusers' conversion script).
+    # LTX-Video's released scheduler config (diffusers' conversion script); LTXConditionPipeline
+    # passes its timesteps without a shift (mu), so its folders' scheduler has no dynamic one.
     return FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05,
-        num_train_timesteps=1000, shift=1.0, shift_terminal=0.1, use_dynamic_shifting=True)
+        num_train_timesteps=1000, shift=1.0, shift_terminal=0.1, use_dynamic_shifting=dynamic)
 
 
 def tiny_ltx_pipeline(seed: int = 0, image: bool = False, causal: bool = False,
-                      timestep_conditioning: bool = False):
-    """An ``LTXPipeline`` (``image``: ``LTXImageToVideoPipeline``) of tiny random modules."""
-    from diffusers import LTXImageToVideoPipeline, LTXPipeline
+                      timestep_conditioning: bool = False, condition: bool = False):
+    """An ``LTXPipeline`` (``image``: ``LTXImageToVideoPipeline``; ``condition``:
+    ``LTXConditionPipeline``) of tiny random modules."""
+    from diffusers import LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline
     tok = _tokenizer()
-    cls = LTXImageToVideoPipeline if image else LTXPipeline
+    cls = (LTXConditionPipeline if condition else
+           LTXImageToVideoPipeline if image else LTXPipeline)
     return cls(tokenizer=tok, text_encoder=_seeded(lambda: _text_encoder(len(tok)), seed + 100),
                transformer=tiny_ltx_transformer(seed + 200),
                vae=tiny_ltx_vae(seed + 400, causal, timestep_conditioning),
-               scheduler=_scheduler())
+               scheduler=_scheduler(dynamic=not condition))
 
 
 def save_tiny_ltx_pipeline(folder: str, seed: int = 0, **kw) -> str:
@@ -188,12 +191,13 @@ def ltx_rank(rank, world):
 
 
 def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, lengths, dropin,
-                        image_run):
+                        image_runs, refused):
     """On ``world`` ranks, the module's one spawn: the invariance runs of
     ``gen_helpers.invariance_rank``, this rank's share of a distributed VAE decode of fixed
     latents, the denoiser's bytes received per rank at each of ``lengths`` (video frames),
-    each bad-input case's error, the drop-in's runs ``dropin`` (``stock_pipe_rank``'s), and
-    this rank's latents of ``image_run`` = ``(model folder, generate's kwargs)``."""
+    each bad-input case's error, the drop-in's runs ``dropin`` (``stock_pipe_rank``'s), this
+    rank's latents of each of ``image_runs`` = ``{name: (model folder, generate's kwargs)}``,
+    and the error of the drop-in's call ``refused`` = ``(pipeline class, folder, call)``."""
     from gen_helpers import generate_rank, invariance_rank, stock_pipe_rank
     import vinf_engine as vinf
     from vinf_engine.pipelines import load_pipeline
@@ -217,5 +221,18 @@ def ltx_generation_rank(rank, world, model_dir, out_dir, kwargs, bad_cases, leng
         except vinf.GenerationError as e:
             res["bad", name] = str(e)
     res["dropin"] = stock_pipe_rank(rank, world, dropin)
-    res["image"] = generate_rank(rank, world, *image_run)
+    for name, run in image_runs.items():
+        res[name] = generate_rank(rank, world, *run)
+    import diffusers
+    cls, folder, call = refused
+    pipe = getattr(diffusers, cls).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    vinf.parallelize_pipe(pipe)
+    try:
+        pipe(**call)
+        res["refused"] = None
+    except ValueError as e:
+        res["refused"] = str(e)
+    finally:
+        vinf.unparallelize_pipe(pipe)
     return res

@@ -1,5 +1,6 @@
 """vinf.generate, the CLI and the drop-in over tiny random LTX-Video pipelines saved to disk
-and loaded back: diffusers' LTXPipeline and LTXImageToVideoPipeline as the oracles, the same
+and loaded back: diffusers' LTXPipeline, LTXImageToVideoPipeline and LTXConditionPipeline
+(conditions at frame 0; later ones refused) as the oracles, the same
 video on 1, 2 and 3 real gloo ranks, the distributed VAE decode equal to the whole decode,
 per-rank traffic flat in the video's length, and bad input refused on every rank."""
 import numpy as np
@@ -26,7 +27,9 @@ def models(tmp_path_factory):
     # t2v: the released non-causal decoder; i2v: a causal one with timestep conditioning
     return dict(t2v=save_tiny_ltx_pipeline(str(root / "t2v")),
                 i2v=save_tiny_ltx_pipeline(str(root / "i2v"), image=True, causal=True,
-                                           timestep_conditioning=True))
+                                           timestep_conditioning=True),
+                cond=save_tiny_ltx_pipeline(str(root / "cond"), condition=True, causal=True,
+                                            timestep_conditioning=True))
 
 
 def _tokens(z):
@@ -99,6 +102,45 @@ def test_an_image_at_frame_0_matches_the_image_to_video_pipeline(models):
     assert torch.equal(rep["latents"][:, :, :1], clean)
 
 
+def test_the_condition_pipeline_is_matched_on_one_rank(models, monkeypatch):
+    # LTXConditionPipeline with an image at frame 0: its linear-quadratic
+    # timesteps stepped per token, causal video_coords, the held frame re-noised by
+    # 0.15 t^2 before each step. Given the engine's noise draws (the initial noise, then each
+    # step's) and the VAE's mode for the condition (the stock pipeline samples it), the
+    # stock pipeline makes our latents.
+    import diffusers
+    import diffusers.pipelines.ltx.pipeline_ltx_condition as stock_module
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*LTX_HW, 3), np.uint8))
+    rep = vinf.generate(models["cond"], "the cat", images=image,
+                        config=EXACT, num_frames=17, steps=3, guidance_scale=4.0, seed=3,
+                        out=None, progress=False, **HW)
+    assert rep["model_kind"] == "ltx-video-condition"
+    shape = (1, *rep["latents"].shape[1:])
+    draws = [vinf.initial_noise(3, shape)] + [_tokens(vinf.step_noise(3, i, shape))
+                                              for i in range(3)]
+
+    def engine_noise(shape, generator=None, device=None, dtype=None, layout=None):
+        x = draws.pop(0)
+        assert tuple(x.shape) == tuple(shape)
+        return x.to(device=device, dtype=dtype)
+    monkeypatch.setattr(stock_module, "randn_tensor", engine_noise)
+    monkeypatch.setattr(stock_module, "retrieve_latents",
+                        lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode())
+    stock = diffusers.LTXConditionPipeline.from_pretrained(models["cond"])
+    stock.set_progress_bar_config(disable=True)
+    ref = stock(prompt="the cat", conditions=[LTXVideoCondition(image=image, frame_index=0)],
+                num_frames=17, num_inference_steps=3, guidance_scale=4.0, output_type="latent",
+                **HW).frames
+    # exact config, other kernels (dual-scope attention merged by lse): fp32 rounding
+    assert rel_err(rep["latents"], ref) <= 1e-5
+    assert not draws and rel_err(rep["latents"], vinf.initial_noise(3, shape)) > 0.1
+    # an image after frame 0: refused, naming what runs
+    with pytest.raises(vinf.GenerationError, match="an image at frame 0"):
+        vinf.generate(models["cond"], "the cat", images=[(8, image)], num_frames=17, steps=2,
+                      out=None, progress=False, **HW)
+
+
 def test_extend_holds_the_context_by_its_clean_latents(models, tmp_path):
     # 9 context frames (8k+1: the causal encoder's first 2 latent frames depend on them
     # alone) and 16 new ones: 25 frames, 4 latent frames, the first 2 held at the context's
@@ -146,20 +188,45 @@ DROPIN_CALL = dict(prompt="the cat", negative_prompt="a dog", num_frames=33,
                    max_sequence_length=16, **HW)
 
 
-def _image_run(models):
+def _image_runs(models):
     # 33 frames = 5 latent frames on 3 ranks (2, 2, 1): the held frame 0 (timestep 0 on its
-    # tokens) on rank 0 only, the other ranks' timesteps one per sample.
+    # tokens) on rank 0 only, the other ranks' timesteps one per sample. The condition
+    # pipeline's folder the same way (its sampling, its video_coords).
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*LTX_HW, 3), np.uint8))
-    return models["i2v"], dict(prompts="the cat", images=image, num_frames=33, steps=2, seed=3,
-                               guidance_scale=4.0, config=DUAL, **HW)
+    kw = dict(prompts="the cat", images=image, num_frames=33, steps=2, seed=3,
+              guidance_scale=4.0, config=DUAL, **HW)
+    return {"image": (models["i2v"], kw), "cond_image": (models["cond"], kw)}
+
+
+def _conditions(frame_index=0):
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 255, (*LTX_HW, 3), np.uint8))
+    video = [Image.fromarray(f) for f in rng.integers(0, 255, (9, *LTX_HW, 3), np.uint8)]
+    return dict(image=[LTXVideoCondition(image=image, frame_index=frame_index)],
+                video=[LTXVideoCondition(video=video, frame_index=frame_index, strength=0.7)])
 
 
 def _dropin_runs(models):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (*LTX_HW, 3), np.uint8))
+    cond = _conditions()
+    # LTXConditionPipeline in exact config: an image at frame 0, and a video of 9 frames (2
+    # latent frames, all of rank 0's clip) at frame 0 with strength 0.7 (per-token
+    # timesteps min(t, 300) there, stepped once t falls below 300)
     return {"t2v": ("LTXPipeline", models["t2v"], DUAL, DROPIN_CALL, 1),
             "i2v": ("LTXImageToVideoPipeline", models["i2v"], DUAL,
                     dict(DROPIN_CALL, image=image), 2),
-            "exact": ("LTXPipeline", models["t2v"], EXACT, DROPIN_CALL, 3)}
+            "exact": ("LTXPipeline", models["t2v"], EXACT, DROPIN_CALL, 3),
+            "cond_image": ("LTXConditionPipeline", models["cond"], EXACT,
+                           dict(DROPIN_CALL, conditions=cond["image"]), 4),
+            "cond_video": ("LTXConditionPipeline", models["cond"], EXACT,
+                           dict(DROPIN_CALL, conditions=cond["video"]), 5)}
+
+
+def _refused(models):
+    # an image at frame 8: appended tokens, refused on every rank before any collective
+    return ("LTXConditionPipeline", models["cond"],
+            dict(DROPIN_CALL, conditions=_conditions(8)["image"]))
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +234,8 @@ def ranks(models, tmp_path_factory):
     """The module's one spawn of 3 gloo ranks (see ``ltx_generation_rank``)."""
     out = tmp_path_factory.mktemp("ranks")
     res = run_ranks(ltx_generation_rank, 3, models["t2v"], str(out), INVARIANCE, BAD,
-                    (73, 153), _dropin_runs(models), _image_run(models), timeout=600)
+                    (73, 153), _dropin_runs(models), _image_runs(models), _refused(models),
+                    timeout=600)
     return out, res
 
 
@@ -193,13 +261,21 @@ def test_same_video_on_1_2_and_3_ranks(models, ranks):
         assert_lossless_videos_agree(read_video(str(out / name))[0], v1, fz, f1, name)
 
 
-def test_an_image_at_frame_0_gives_the_same_video_on_3_ranks(models, ranks):
-    folder, kw = _image_run(models)
+@pytest.mark.parametrize("name", ["image", "cond_image"])
+def test_an_image_at_frame_0_gives_the_same_video_on_3_ranks(models, ranks, name):
+    folder, kw = _image_runs(models)[name]
     one = vinf.generate(folder, out=None, progress=False, **kw)["latents"]
-    parts = [r["image"] for r in ranks[1]]
+    parts = [r[name] for r in ranks[1]]
     assert [p.shape[2] for p in parts] == [2, 2, 1]
     # other clip shapes than one process's: fp32 rounding (SPEC: 1e-5)
     assert rel_err(torch.cat(parts, dim=2), one) <= 1e-5
+
+
+def test_the_condition_pipeline_after_frame_0_is_refused_on_every_rank(ranks):
+    for r in ranks[1]:
+        assert r["refused"] is not None
+        assert "condition 0 is at frame_index 8" in r["refused"], r["refused"]
+        assert "no frame of the video" in r["refused"]
 
 
 def test_the_distributed_decode_is_the_whole_decode(models, ranks):
@@ -256,9 +332,10 @@ def test_the_cli(models, tmp_path):
 
 
 def test_the_drop_in_on_3_ranks_equals_one_process_and_exact_equals_stock(models, ranks):
-    # The unchanged LTXPipeline / LTXImageToVideoPipeline call after parallelize_pipe: packed
-    # tokens split by their frames (5 latent frames over 3 ranks: 2, 2, 1), num_frames and
-    # the I2V pipeline's per-token timesteps cut to each rank's clip.
+    # The unchanged LTXPipeline / LTXImageToVideoPipeline / LTXConditionPipeline call after
+    # parallelize_pipe: packed tokens split by their frames (5 latent frames over 3 ranks: 2,
+    # 2, 1), num_frames and the per-token timesteps cut to each rank's clip; the condition
+    # pipeline's video_coords, passed whole, place the tokens.
     runs = _dropin_runs(models)
     one = stock_pipe_rank(0, 1, runs)
     for name in runs:
@@ -275,3 +352,9 @@ def test_the_drop_in_on_3_ranks_equals_one_process_and_exact_equals_stock(models
     assert rel_err(one["exact"], ref) <= 1e-5
     ref_dual = stock(generator=torch.Generator().manual_seed(1), **DROPIN_CALL).frames
     assert rel_err(one["t2v"], ref_dual) > 1e-4                   # dual scope is another model
+    cond = diffusers.LTXConditionPipeline.from_pretrained(models["cond"])
+    cond.set_progress_bar_config(disable=True)
+    for name in ("cond_image", "cond_video"):
+        _, _, _, call, seed = runs[name]
+        ref = cond(generator=torch.Generator().manual_seed(seed), **call).frames
+        assert rel_err(one[name], ref) <= 1e-5, name

@@ -32,10 +32,12 @@ class _Split:
     engine frames are pairs of latent frames in 1.5), or, for a family whose adapter names
     a ``frames_argument`` (LTX), along dim 1 of packed frame-major tokens ``(B, F*T, C)``
     whose frame count that argument holds: each rank takes its frames' tokens and passes its
-    own count."""
+    own count. Without that count, an adapter's ``coords_argument`` (LTX's ``video_coords``,
+    as ``LTXConditionPipeline`` calls it) places the tokens, and every rank passes it whole."""
 
     def __init__(self, model, names: tuple, frames_argument: str | None = None):
         self.model, self.names, self.frames_argument = model, names, frames_argument
+        self.coords_argument = getattr(model.vinf_engine.adapter, "coords_argument", None)
         params = list(inspect.signature(type(model).forward).parameters)[1:]
         self.positions = {n: i for i, n in enumerate(params)}
 
@@ -46,7 +48,7 @@ class _Split:
     def before(self, module, args, kwargs):
         eng = self.engine
         args = list(args)
-        wanted = self.names + ((self.frames_argument,) if self.frames_argument else ())
+        wanted = self.names + tuple(a for a in (self.frames_argument, self.coords_argument) if a)
         values = {}
         for name in wanted:
             i = self.positions.get(name, len(args))
@@ -55,7 +57,10 @@ class _Split:
             elif len(args) > i:
                 values[name] = args[i]
         sample, timestep = values.get(self.names[0]), values.get(self.names[1])
-        where = self._frames(sample, values.get(self.frames_argument))
+        count = values.get(self.frames_argument)
+        if count is None and values.get(self.coords_argument) is not None:
+            count = self.engine.adapter.coords_frames(values[self.coords_argument])
+        where = self._frames(sample, count)
         if where is None:
             return None                     # the engine's agreement refuses it on every rank
         F, dim, T = where
@@ -64,10 +69,13 @@ class _Split:
         s = sum(sizes[:eng.rank])
         e = s + sizes[eng.rank]             # an empty clip, for F < ranks: refused collectively
         new = {self.names[0]: sample.narrow(dim, s * T, (e - s) * T)}
-        if self.frames_argument:
+        if self.frames_argument and values.get(self.frames_argument) is not None:
             new[self.frames_argument] = e - s
-        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and F:
-            Tt = timestep.shape[1] // F     # per-token timesteps (TI2V, LTX I2V): this clip's
+        if (isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and F
+                and timestep.shape[1] % F == 0):
+            # per-token timesteps (TI2V, LTX I2V and Condition): this clip's; (B, 1) for F > 1
+            # (LTXConditionPipeline's without a condition) is one per sample, kept
+            Tt = timestep.shape[1] // F
             new[self.names[1]] = timestep[:, s * Tt:e * Tt]
         for name, value in new.items():
             if name in kwargs or self.positions.get(name, len(args)) >= len(args):
@@ -166,6 +174,7 @@ def parallelize_pipe(pipe, config: DualScopeConfig | None = None, process_group=
             undo += [pre.remove, post.remove]
         comm_of = (lambda m=family.denoisers(pipe)[0]: m.vinf_engine.comm)
         share_vae(pipe, comm_of, Patcher(_Recorder(undo)))
+        family.patch_pipe(pipe, Patcher(_Recorder(undo)))
     except BaseException:
         for fn in reversed(undo):
             fn()

@@ -135,7 +135,7 @@ class ClipParallel:
                                device=sample.device)
                 return self._start_traced(layout, t)
             return self._start(layout, _sample_timesteps(timestep, sample.shape[0]))
-        local, row, probe = None, (0, 0, 0, 0, 0, -1, None), None
+        local, row, probe = None, (0, 0, 0, 0, 0, -1, None, False), None
         try:
             if problem:
                 raise ValueError(problem)
@@ -146,7 +146,7 @@ class ClipParallel:
             timestep, probe = _read_with_probe(timestep, sample)
             t = _sample_timesteps(timestep, B)
             dt = _DTYPES.index(sample.dtype) if sample.dtype in _DTYPES else -1
-            row = (F, B, C, H, W, dt, t)
+            row = (F, B, C, H, W, dt, t, _per_token(timestep, B))
         except ValueError as e:
             local = str(e)
         except Exception as e:          # whatever fails here must reach every rank too
@@ -164,14 +164,15 @@ class ClipParallel:
                 "each rank must pass its own clip of the video, in rank order; to run an "
                 "unchanged diffusers pipeline on every rank with the whole video, use "
                 "vinf_engine.parallelize_pipe(pipe)")
-        t = rows[self.rank][6]
+        t, per_token = _agreed_timestep(rows, self.rank)
         problems = []
         empty = [r for r, row in enumerate(rows) if row[0] < 1]
         if empty:
             problems.append(f"rank(s) {empty} hold no frames: the video needs at least one frame "
                             f"per rank ({len(rows)} ranks, {sum(r[0] for r in rows)} frames)")
         for what, cols in (("(batch, channels, height, width)", slice(1, 5)),
-                           ("dtype", slice(5, 6)), ("timestep", slice(6, 7))):
+                           ("dtype", slice(5, 6)),
+                           ("timestep", slice(6, 6 if per_token else 7))):
             vals = [row[cols] for row in rows]
             if any(v != vals[0] for v in vals):
                 problems.append(f"ranks disagree on the clip's {what}: "
@@ -384,6 +385,21 @@ def _read_with_probe(timestep, sample: torch.Tensor) -> tuple:
         both = torch.cat([timestep.detach().reshape(-1).double(), probe]).cpu()
         return both[:-1].view(timestep.shape), float(both[-1])
     return timestep, float(probe)
+
+
+def _agreed_timestep(rows: list, rank: int) -> tuple:
+    """``(the step's timestep per sample, whether any rank's is one per token)`` from the
+    agreement's rows. One timestep per token: a sample's phase is the noise level of its
+    noisiest tokens in the whole video, which a clip of held frames alone does not hold."""
+    if not any(row[7] for row in rows):
+        return rows[rank][6], False
+    return tuple(max(ts) for ts in zip(*(row[6] for row in rows if row[6] is not None))), True
+
+
+def _per_token(timestep, batch: int) -> bool:
+    """Whether ``timestep`` is one per token ``(B, S)``, S > 1 (``_sample_timesteps``)."""
+    return (isinstance(timestep, torch.Tensor) and timestep.dim() == 2
+            and timestep.shape[0] == batch and timestep.shape[1] > 1)
 
 
 def _is_number(v) -> bool:

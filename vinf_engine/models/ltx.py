@@ -5,10 +5,15 @@ each block's self-attention ``attn1`` is the only thing that couples frames; nor
 feed-forward and the text cross-attention ``attn2`` act per token and stay untouched. The
 model takes packed tokens with ``num_frames``, ``height`` and ``width`` (latent) arguments
 rather than a 5-D latent: each rank passes its clip's tokens and its clip's ``num_frames``.
+Or, as ``LTXConditionPipeline`` calls it, with ``video_coords`` (B, 3, N), each token's
+(time, row, column) position: under clip parallelism every rank passes the *whole video's*
+coordinates (one frame-major grid, ``coords_grid``) with its clip's tokens, so that the
+positions of the frames other ranks hold, which it attends to, are known here.
 
     rope             -> ClipLTXRotaryPosEmbed  this clip's frames at their *global* positions
                                                (frame index x temporal compression / frame
-                                               rate / 20, as the stock grid scales them)
+                                               rate / 20, as the stock grid scales them; or
+                                               the whole video's video_coords, sliced)
     blocks[i].attn1  -> LTXDualScopeProcessor  layers.clip_attention over T = h*w tokens per
                                                frame; the halo and global frames' attention
                                                input arrives and the receiver projects, norms
@@ -23,6 +28,7 @@ only, as with Wan: global keys sit at clamped relative offsets by default
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 
@@ -41,7 +47,7 @@ from .base import (AdapterBase, EngineProcessor, Patcher, warn_past_trained_rang
                    window_past_trained_range)
 
 __all__ = ["LTXAdapter", "LTXDualScopeProcessor", "ClipLTXRotaryPosEmbed", "trained_frames",
-           "TRAINED_FRAMES", "window_problem"]
+           "TRAINED_FRAMES", "window_problem", "coords_grid"]
 
 # LTX-Video 0.9.x: LTXPipeline's default 161 video frames = 21 latent frames (relative
 # distances up to 20). The model card recommends under 257 frames (33 latent): a model used
@@ -75,10 +81,11 @@ class _Grid:
         self.rope = rope
         self.h = self.w = None
         self.scale = None
+        self.coords = None          # a ``_Coords``: positions given by video_coords
         self._cache: dict = {}
 
-    def set(self, h: int, w: int, scale):
-        self.h, self.w, self.scale = h, w, scale
+    def set(self, h: int, w: int, scale, coords: "_Coords | None" = None):
+        self.h, self.w, self.scale, self.coords = h, w, scale, coords
         if len(self._cache) > self._MAX_CACHED:
             self._cache.clear()
 
@@ -89,14 +96,68 @@ class _Grid:
     def at(self, frames: tuple, device) -> tuple:
         """Rotations ``(cos, sin)``, each (1, n*h*w, C) fp32, of the tokens of frames at
         temporal positions ``frames`` (integers, global)."""
+        c = self.coords
         if torch.compiler.is_compiling():
-            return self.rope.rotations(frames, self.h, self.w, self.scale, device)
-        key = (self.h, self.w, _scale_key(self.scale), frames, str(device))
+            return self._rotations(frames, device)
+        key = (self.h, self.w, _scale_key(self.scale), frames, str(device),
+               c.key if c is not None else None)
         got = self._cache.get(key)
         if got is None:
-            got = self._cache[key] = self.rope.rotations(frames, self.h, self.w, self.scale,
-                                                         device)
+            got = self._cache[key] = self._rotations(frames, device)
         return got
+
+    def _rotations(self, frames: tuple, device) -> tuple:
+        if self.coords is None:
+            return self.rope.rotations(frames, self.h, self.w, self.scale, device)
+        return self.rope.coord_rotations(self.coords, frames, device)
+
+
+class _Coords(tuple):
+    """The whole video's ``video_coords`` read as one frame-major grid: ``(row, frames, h, w,
+    key)``, ``row`` (3, frames*h*w) fp32 (one batch row: every row is the same), ``key`` a
+    digest of its values (the rotation cache's)."""
+
+    row = property(lambda self: self[0])
+    frames = property(lambda self: self[1])
+    h = property(lambda self: self[2])
+    w = property(lambda self: self[3])
+    key = property(lambda self: self[4])
+
+
+def coords_grid(video_coords) -> tuple:
+    """``(_Coords, None)``, or ``(None, why not)``: ``video_coords`` (B, 3, N) as the stock
+    LTX pipelines make them for a video alone, a frame-major grid: each frame's tokens share
+    one time coordinate, times rise from frame to frame, every frame has the same row-major
+    spatial grid. ``LTXConditionPipeline``'s conditions at ``frame_index > 0`` put their
+    latent tokens before the video's, at their own positions: no grid."""
+    if not isinstance(video_coords, torch.Tensor) or video_coords.dim() != 3 or \
+            video_coords.shape[1] != 3 or video_coords.shape[2] < 1:
+        shape = (tuple(video_coords.shape) if isinstance(video_coords, torch.Tensor)
+                 else type(video_coords).__name__)
+        return None, f"video_coords must be (B, 3, tokens), got {shape}"
+    c = video_coords.detach().float()
+    if c.shape[0] > 1 and not torch.equal(c, c[:1].expand_as(c)):
+        return None, "video_coords differ between batch rows (one video's positions expected)"
+    row = c[0]
+    cpu = row.cpu()
+    N = cpu.shape[1]
+    t = cpu[0]
+    moved = (t != t[0]).nonzero()
+    T = int(moved[0]) if len(moved) else N
+    F = N // T
+    rows, cols = cpu[1, :T].unique(), cpu[2, :T].unique()
+    h, w = len(rows), len(cols)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)
+    tv, sp = t.view(-1)[:F * T].view(F, T), cpu[1:, :F * T].view(2, F, T)
+    if (N % T or h * w != T or not torch.equal(cpu[1:, :T], grid)
+            or not bool((tv == tv[:, :1]).all()) or not bool((tv[1:, 0] > tv[:-1, 0]).all())
+            or not bool((sp == sp[:, :1]).all())):
+        return None, ("video_coords are not one frame-major grid of the video's latent frames "
+                      "(LTXConditionPipeline puts the latent tokens of a condition at "
+                      "frame_index > 0 before the video's, at their own positions: tokens "
+                      "that are no frame of the video, which clip parallelism cannot split)")
+    key = hashlib.sha256(cpu.numpy().tobytes()).hexdigest()[:16]
+    return _Coords((row, F, h, w, key)), None
 
 
 def _angles(rope, grid: torch.Tensor, axis: int, scale) -> torch.Tensor:
@@ -121,9 +182,23 @@ class ClipLTXRotaryPosEmbed(LTXVideoRotaryPosEmbed):
     def forward(self, hidden_states, num_frames=None, height=None, width=None,
                 rope_interpolation_scale=None, video_coords=None):
         eng = self._vinf
-        self._vinf_grid.set(height, width, rope_interpolation_scale)
+        grid = self._vinf_grid
+        if video_coords is None:            # else the grid was set from them (``_begin``)
+            grid.set(height, width, rope_interpolation_scale)
         start = eng.layout.start(eng.rank)
-        return self._vinf_grid.at(tuple(range(start, start + num_frames)), hidden_states.device)
+        n = hidden_states.shape[1] // grid.tokens_per_frame
+        return grid.at(tuple(range(start, start + n)), hidden_states.device)
+
+    def coord_rotations(self, coords: _Coords, frames: tuple, device) -> tuple:
+        """``(cos, sin)`` of the tokens of frames ``frames`` (global indices) at their
+        ``coords``: the stock forward's own ops on those tokens' coordinates."""
+        T = coords.h * coords.w
+        row = coords.row
+        idx = (torch.tensor(frames, device=row.device)[:, None] * T
+               + torch.arange(T, device=row.device)).flatten()
+        picked = row[:, idx][None].to(device)
+        return LTXVideoRotaryPosEmbed.forward(self, torch.empty(1, 0, device=device),
+                                              video_coords=picked)
 
     def rotations(self, frames: tuple, h: int, w: int, scale, device) -> tuple:
         """``(cos, sin)``, each (1, n*h*w, dim) fp32, for the tokens of frames at temporal
@@ -390,9 +465,17 @@ class LTXAdapter(AdapterBase):
 
     name = "LTX-Video (0.9.x)"
     # The forward's clip and timestep parameters; frames lie in the packed tokens, counted by
-    # ``num_frames`` (the drop-in splits them there: ``frames_argument``).
+    # ``num_frames`` (the drop-in splits them there: ``frames_argument``), or by the whole
+    # video's ``video_coords``, which every rank's clip takes whole (``coords_argument``).
     inputs = ("hidden_states", "timestep")
     frames_argument = "num_frames"
+    coords_argument = "video_coords"
+
+    @staticmethod
+    def coords_frames(video_coords) -> int | None:
+        """The video's latent frames that ``video_coords`` place, or None if no grid."""
+        got, _ = coords_grid(video_coords)
+        return None if got is None else got.frames
     comm_modes = ("overlap", "stale", "loopback")
     caches = True                                # uniform blocks: a step cache fits them
 
@@ -459,7 +542,7 @@ class LTXAdapter(AdapterBase):
             if type(block.ff) is FeedForward:
                 # Its hidden layer is 4x the tokens, plus the GELU's temporary: token chunks.
                 patcher.chunk(block.ff, ("hidden_states",), 1, 8)
-        patcher.before_forward(model, _begin(model, engine, L))
+        patcher.before_forward(model, _begin(model, engine, L, grid))
         patcher.flush_after([*blocks, model])
         if engine.cache_config is not None:
             from ..cache import StepCache, cache_blocks
@@ -467,7 +550,7 @@ class LTXAdapter(AdapterBase):
             cache_blocks(patcher, blocks, engine.cache)
 
 
-def _begin(model, engine, L: int):
+def _begin(model, engine, L: int, grid: _Grid):
     """The step's start inside the forward: the agreement on a 5-D view of the packed clip
     (any problem with this rank's arguments told to every rank), and a warning, once per
     length, for a window past the trained range."""
@@ -475,12 +558,28 @@ def _begin(model, engine, L: int):
 
     def begin(args, kwargs):
         v = _call_values(args, kwargs)
-        view, problem = clip_view(v.get("hidden_states"), v.get("num_frames"), v.get("height"),
-                                  v.get("width"))
-        if v.get("video_coords") is not None:
-            problem = ("video_coords (LTXConditionPipeline's sequence conditioning) is not "
-                       "supported under clip parallelism: give num_frames, height and width")
+        x, coords = v.get("hidden_states"), None
+        if v.get("video_coords") is None:
+            view, problem = clip_view(x, v.get("num_frames"), v.get("height"), v.get("width"))
+        else:
+            # LTXConditionPipeline's call: the whole video's positions, this rank's tokens.
+            coords, problem = coords_grid(v["video_coords"])
+            view = None
+            if coords is not None:
+                T = coords.h * coords.w
+                S = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
+                if S % T or not S:
+                    problem = (f"video_coords place {T} tokens per frame; hidden_states holds "
+                               f"{S}, not whole frames")
+                else:
+                    view, problem = clip_view(x, S // T, coords.h, coords.w)
         layout = engine.begin_step(view, v.get("timestep"), problem)
+        if coords is not None:
+            if coords.frames != layout.num_frames:
+                raise ValueError(f"video_coords place {coords.frames} latent frames, but the "
+                                 f"ranks' clips hold {layout.num_frames}: under clip "
+                                 "parallelism every rank passes the whole video's video_coords")
+            grid.set(coords.h, coords.w, None, coords)
         warn_past_trained_range(model, engine.config.window, layout.num_frames, L, warned)
     return begin
 

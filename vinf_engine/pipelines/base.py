@@ -166,6 +166,11 @@ class PipelineFamily(ABC):
                            f"{bad[:3]}")
         return out
 
+    def patch_pipe(self, pipe, patcher) -> None:
+        """Under ``parallelize_pipe``: change the pipeline's own methods (through ``patcher``,
+        undone with the rest), e.g. to refuse, on every rank before any collective, a call
+        whose input clip parallelism cannot split. Nothing by default."""
+
     # ---------------------------------------------------------------- shared behaviour
     def make_scheduler(self, pipe, name: str | None, plan: VideoPlan | None = None):
         """A fresh scheduler (``name``: one of ``schedulers``; None: the pipeline's own);

@@ -1,7 +1,7 @@
-"""The LTX-Video pipeline family: diffusers ``LTXPipeline`` and ``LTXImageToVideoPipeline``
-folders (LTX-Video 0.9.x: T5 text, ``LTXVideoTransformer3DModel``, ``AutoencoderKLLTXVideo``
-with 1:8 temporal and 32x spatial compression, flow-matching Euler with a shift that grows
-with the video's tokens).
+"""The LTX-Video pipeline family: diffusers ``LTXPipeline``, ``LTXImageToVideoPipeline`` and
+``LTXConditionPipeline`` folders (LTX-Video 0.9.x: T5 text, ``LTXVideoTransformer3DModel``,
+``AutoencoderKLLTXVideo`` with 1:8 temporal and 32x spatial compression, flow-matching Euler
+with a shift that grows with the video's tokens).
 
 Video frames are ``8k + 1``: latent frame 0 is one video frame, every later one eight. The
 clips split latent frames; the engine keeps the latents 5-D and packs each rank's clip into
@@ -12,6 +12,14 @@ Images (an image at frame 0, or an extension's ``8k + 1`` context frames) are he
 clean latent frames with timestep 0 on their tokens, as ``LTXImageToVideoPipeline`` holds
 its first frame. The non-causal VAE decodes each rank's clip exactly from a window of
 latent frames on both sides (``vinf_engine.ltx_vae``).
+
+``LTXConditionPipeline`` (0.9.5 on) samples otherwise, and its folders run as it does: its
+linear-quadratic timesteps stepped per token, RoPE at causal time coordinates (a latent frame
+at its first video frame: ``video_coords``), 256 text tokens, and held frames (its
+conditions at ``frame_index`` 0) re-noised at each step by ``0.15 t^2`` (its
+``image_cond_noise_scale``), with the noise drawn per global frame. Its conditions at
+``frame_index > 0`` append their latent tokens to the sequence at their own positions:
+tokens that are no frame of the video, refused (``patch_pipe``).
 """
 from __future__ import annotations
 
@@ -24,12 +32,17 @@ from PIL import Image
 from .base import (Conditioning, PipelineFamily, VideoPlan, component_dirs_problem,
                    load_component, load_scheduler, load_transformers, read_json)
 from .wan import latent_frame_of
+from ..noise import step_noise
 
 __all__ = ["LTXPipelines", "TEXT_LEN", "DEFAULT_FPS", "schedule_shift"]
 
 TEXT_LEN = 128          # LTXPipeline.__call__'s max_sequence_length
+CONDITION_TEXT_LEN = 256    # LTXConditionPipeline.__call__'s
+CONDITION_NOISE = 0.15  # LTXConditionPipeline.__call__'s image_cond_noise_scale
 DEFAULT_FPS = 25.0      # LTXPipeline.__call__'s frame_rate
-_PIPELINES = ("LTXPipeline", "LTXImageToVideoPipeline")
+_KINDS = {"LTXPipeline": "ltx-video", "LTXImageToVideoPipeline": "ltx-video-i2v",
+          "LTXConditionPipeline": "ltx-video-condition"}
+_PIPELINES = tuple(_KINDS)
 
 
 def schedule_shift(pipe, plan, trained: int) -> float:
@@ -68,15 +81,39 @@ def _with_schedule(sched, mu: float):
     return sched
 
 
+def _with_condition_schedule(sched):
+    """``sched`` (flow-matching) stepping as ``LTXConditionPipeline`` does: timesteps
+    ``1000 x linear_quadratic_schedule(n)`` (the scheduler's own terminal stretch on its
+    sigmas, not on them), and each step per token, from ``t / 1000`` to the largest sigma
+    below it, on the negated prediction (the pipeline's ``per_token_timesteps`` step)."""
+    cls = type(sched)
+    sub = _SCHEDULE_CLASSES.get((cls, "condition"))
+    if sub is None:
+        def set_timesteps(self, num_inference_steps=None, device=None, **kw):
+            from diffusers.pipelines.ltx.pipeline_ltx_condition import linear_quadratic_schedule
+            ts = linear_quadratic_schedule(num_inference_steps) * 1000
+            return cls.set_timesteps(self, timesteps=ts, device=device)
+
+        def step(self, model_output, timestep, sample, **kw):
+            t = torch.as_tensor(timestep, device=sample.device).float().reshape(1, 1)
+            return cls.step(self, -model_output, timestep, sample, per_token_timesteps=t)
+        sub = _SCHEDULE_CLASSES[cls, "condition"] = type(f"LTXCondition{cls.__name__}", (cls,), {
+            "set_timesteps": set_timesteps, "step": step,
+            "init_noise_sigma": getattr(cls, "init_noise_sigma", 1.0)})
+    sched.__class__ = sub
+    return sched
+
+
 class LTXPipelines(PipelineFamily):
     name = "LTX-Video"
-    runs = "LTXPipeline and LTXImageToVideoPipeline folders (LTX-Video 0.9.x)"
+    runs = ("LTXPipeline, LTXImageToVideoPipeline and LTXConditionPipeline folders "
+            "(LTX-Video 0.9.x; the last with images or videos at frame 0)")
     # LTXPipeline's own defaults: 50 steps, guidance 3, 25 fps (its frame_rate).
     defaults = dict(steps=50, guidance_scale=3.0, video_fps=DEFAULT_FPS)
     schedulers = {}                      # the pipeline's own flow-matching Euler only
     components = ("transformer", "vae", "text_encoder")
     takes = ("transformer", "LTXVideoTransformer3DModel",
-             "LTXPipeline, LTXImageToVideoPipeline")
+             "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline")
     cuda_dtype = torch.bfloat16
 
     # ---------------------------------------------------------------- folders
@@ -87,9 +124,8 @@ class LTXPipelines(PipelineFamily):
     def inspect(self, path: str, mi: dict) -> tuple:
         pipe_cls = mi.get("_class_name", "?")
         if pipe_cls not in _PIPELINES:
-            return (f"{path!r} holds a {pipe_cls}; vinf_engine runs LTXPipeline and "
-                    "LTXImageToVideoPipeline folders (LTXConditionPipeline's sequence "
-                    "conditioning appends tokens that are no frame of the video)"), {}
+            return (f"{path!r} holds a {pipe_cls}; vinf_engine runs "
+                    f"{', '.join(_PIPELINES)} folders of LTX-Video"), {}
         need = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
         problem = component_dirs_problem(path, mi, need, pipe_cls, self.runs)
         if problem:
@@ -106,8 +142,7 @@ class LTXPipelines(PipelineFamily):
         for c in ("text_encoder", "tokenizer"):
             if mi[c][0] != "transformers":
                 return f"{path!r}: {c} comes from {mi[c][0]!r}; expected a transformers class", {}
-        kind = "ltx-video-i2v" if pipe_cls == "LTXImageToVideoPipeline" else "ltx-video"
-        return None, dict(kind=kind, pipeline=pipe_cls)
+        return None, dict(kind=_KINDS[pipe_cls], pipeline=pipe_cls)
 
     def load(self, path: str, info: dict, dtype, device):
         import diffusers
@@ -132,10 +167,37 @@ class LTXPipelines(PipelineFamily):
                 and type(pipe).__name__ in _PIPELINES)
 
     def kind(self, pipe) -> str:
-        return "ltx-video-i2v" if type(pipe).__name__ == "LTXImageToVideoPipeline" else "ltx-video"
+        return _KINDS[type(pipe).__name__]
 
     def text_limit(self, pipe) -> int:
-        return TEXT_LEN
+        return CONDITION_TEXT_LEN if _condition(pipe) else TEXT_LEN
+
+    def patch_pipe(self, pipe, patcher) -> None:
+        """``LTXConditionPipeline``: its ``prepare_latents`` refuses conditions at
+        ``frame_index > 0`` first thing (the same call on every rank, before the VAE encodes
+        any condition and before the denoiser's first collective)."""
+        if not _condition(pipe):
+            return
+
+        def make(inner):
+            def prepare_latents(conditions=None, condition_strength=None,
+                                condition_frame_index=None, *args, **kwargs):
+                late = [(i, f) for i, f in enumerate(condition_frame_index or ()) if f != 0]
+                if late:
+                    i, f = late[0]
+                    raise ValueError(
+                        f"LTXConditionPipeline condition {i} is at frame_index {f}: a condition "
+                        "after frame 0 appends its latent tokens to the sequence at their own "
+                        "positions, tokens that are no frame of the video, which clip "
+                        "parallelism cannot split across ranks. Under vinf_engine, condition "
+                        "at frame_index 0 (an image, or a video of 8k+1 frames), or extend a "
+                        "video (vinf.generate(..., extend=...)); for images later in the "
+                        "video, a family with mid-video keyframes (Wan image-to-video: "
+                        "vinf.generate(..., images=[(frame, image)]))")
+                return inner(conditions, condition_strength, condition_frame_index, *args,
+                             **kwargs)
+            return prepare_latents
+        patcher.replace_method(pipe, "prepare_latents", make)
 
     def scheduler_problem(self, name: str | None) -> str | None:
         if name is not None:
@@ -149,6 +211,8 @@ class LTXPipelines(PipelineFamily):
     def make_scheduler(self, pipe, name: str | None, plan=None):
         from ..models.ltx import TRAINED_FRAMES
         sched = super().make_scheduler(pipe, name)
+        if _condition(pipe):
+            return _with_condition_schedule(sched)
         if plan is None:                 # checking the steps only: the trained length's shift
             h, w = 512 // 32, 704 // 32
             plan = VideoPlan(frames=161, latent_frames=TRAINED_FRAMES, shape=(1, 1, 1, h, w),
@@ -166,6 +230,10 @@ class LTXPipelines(PipelineFamily):
         if s.steps == 1 and pipe.scheduler.config.get("shift_terminal"):
             p.append("LTX-Video's schedule needs at least 2 steps: its sigmas are stretched to "
                      "end at shift_terminal, which one step (sigma 1) makes 0/0")
+        if _condition(pipe) and pipe.scheduler.config.get("use_dynamic_shifting"):
+            p.append("LTXConditionPipeline sets its timesteps without a shift (mu), and this "
+                     "folder's scheduler has use_dynamic_shifting, with which the stock "
+                     "pipeline fails too: set it false in scheduler/scheduler_config.json")
         if s.guidance_scale_2 is not None:
             p.append("guidance scale 2 is for Wan 2.2's second expert; LTX-Video has one "
                      "transformer")
@@ -222,6 +290,13 @@ class LTXPipelines(PipelineFamily):
             Image.fromarray(f), height=plan.height, width=plan.width)) for f in visual.prefix])
 
     def encode(self, pipe, s, plan, frames: range, device, visual=None):
+        if _condition(pipe):
+            cond = _ConditionPipelineConditioning(pipe, s, plan, frames, device,
+                                                  self.fps_conditioning(s, pipe))
+            if visual:
+                # LTXConditionPipeline normalises a condition's latents without the scaling
+                cond.hold(_clean_start(pipe, plan, visual, device, scaling=1.0), frames)
+            return cond
         cond = _Conditioning(pipe, s, plan, device, self.fps_conditioning(s, pipe))
         if visual:
             cond.hold(_clean_start(pipe, plan, visual, device), frames)
@@ -251,6 +326,10 @@ class LTXPipelines(PipelineFamily):
             yield frames_to_uint8(piece[0].permute(1, 0, 2, 3))
 
 
+def _condition(pipe) -> bool:
+    return type(pipe).__name__ == "LTXConditionPipeline"
+
+
 def _frame_problems(s, kt: int) -> list[str]:
     n = s.video_frames
     if not (n - 1) % kt:
@@ -270,6 +349,8 @@ class _Conditioning(Conditioning):
     """T5 text for one rank's clip and one guided transformer evaluation per step: the clip's
     latents packed into tokens, its latent frame count, the frame rate's RoPE scale."""
 
+    text_len = TEXT_LEN
+
     def __init__(self, pipe, s, plan, device, fps: float):
         super().__init__()
         self.model = pipe.transformer
@@ -282,7 +363,7 @@ class _Conditioning(Conditioning):
             cond, mask, neg, neg_mask = pipe.encode_prompt(
                 prompt=s.scenes[0][1], negative_prompt=s.negative_prompt,
                 do_classifier_free_guidance=self.cfg, num_videos_per_prompt=1,
-                max_sequence_length=TEXT_LEN, device=device)
+                max_sequence_length=self.text_len, device=device)
         self.text = (torch.cat([neg, cond]) if self.cfg else cond).to(self.model.dtype)
         self.mask = torch.cat([neg_mask, mask]) if self.cfg else mask
 
@@ -316,13 +397,65 @@ class _Conditioning(Conditioning):
             ts = t.expand(B)
         tokens = xin.permute(0, 2, 3, 4, 1).flatten(1, 3)          # LTXPipeline._pack_latents
         out = self.model(hidden_states=tokens.to(self.model.dtype), encoder_hidden_states=self.text,
-                         timestep=ts, encoder_attention_mask=self.mask, num_frames=F, height=h,
-                         width=w, rope_interpolation_scale=self.scale, return_dict=False)[0]
+                         timestep=ts, encoder_attention_mask=self.mask, return_dict=False,
+                         **self._positions(F, h, w))[0]
         out = out.float().unflatten(1, (F, h, w)).permute(0, 4, 1, 2, 3)
         return self.guided(out, self.guidance)
 
+    def _positions(self, F: int, h: int, w: int) -> dict:
+        return dict(num_frames=F, height=h, width=w, rope_interpolation_scale=self.scale)
 
-def _clean_start(pipe, plan, visual, device) -> torch.Tensor:
+
+class _ConditionPipelineConditioning(_Conditioning):
+    """``LTXConditionPipeline``'s sampling over one rank's clip: RoPE at the whole video's
+    causal ``video_coords``; held frames (its conditions at frame 0, strength 1) at their
+    clean latents plus ``0.15 * noise * (t / 1000)^2``, the noise of step ``i`` drawn per
+    global frame (``step_noise``), never stepped, timestep 0 on their tokens. The stock
+    pipeline re-noises them before each step and never after the last: the final latents
+    hold the last step's."""
+
+    text_len = CONDITION_TEXT_LEN
+
+    def __init__(self, pipe, s, plan, frames: range, device, fps: float):
+        super().__init__(pipe, s, plan, device, fps)
+        self.seed, self.shape, self.frames, self.device = s.seed, plan.shape, frames, device
+        _, _, L, h, w = plan.shape
+        # The pipeline's own coordinates: latent frame f at video frame max(0, 8f - 7).
+        ids = pipe._prepare_video_ids(1, L, h, w, patch_size=pipe.transformer_spatial_patch_size,
+                                      patch_size_t=pipe.transformer_temporal_patch_size,
+                                      device=device)
+        ids = pipe._scale_video_ids(ids, scale_factor=pipe.vae_spatial_compression_ratio,
+                                    scale_factor_t=pipe.vae_temporal_compression_ratio,
+                                    frame_index=0, device=device).float()
+        ids[:, 0] = ids[:, 0] * (1.0 / fps)
+        self.coords = ids
+
+    def _positions(self, F: int, h: int, w: int) -> dict:
+        return dict(video_coords=self.coords)
+
+    def _held_in(self, x):
+        return x                            # held in the latents themselves (``_noised``)
+
+    def _noised(self, sched, latents, i: int):
+        if self._clean is None:
+            return latents
+        n = self._clean.shape[2]
+        t = sched.timesteps[i]
+        noise = step_noise(self.seed, i, self.shape, range(self.frames.start, self.frames.start + n),
+                           device=latents.device)
+        latents = latents.clone()
+        latents[:, :, :n] = (self._clean.to(latents.dtype) + CONDITION_NOISE * noise
+                             * ((t.to(latents.device) / 1000.0) ** 2))
+        return latents
+
+    def prepare(self, sched, latents):
+        return self._noised(sched, latents, 0)
+
+    def after_step(self, sched, latents, i: int):
+        return self._noised(sched, latents, min(i + 1, len(sched.timesteps) - 1))
+
+
+def _clean_start(pipe, plan, visual, device, scaling: float | None = None) -> torch.Tensor:
     """The clean latents of the video's first latent frames: the images that open it (``8k +
     1`` of them) encoded as a video's start by the causal encoder (its distribution's mode),
     normalised as LTXPipeline normalises, (1, C, k + 1, h, w) fp32."""
@@ -332,4 +465,4 @@ def _clean_start(pipe, plan, visual, device) -> torch.Tensor:
     with torch.no_grad():
         z = vae.encode(video.to(device, vae.dtype)).latent_dist.mode()
     return pipe._normalize_latents(z.float(), vae.latents_mean, vae.latents_std,
-                                   vae.config.scaling_factor)
+                                   vae.config.scaling_factor if scaling is None else scaling)
