@@ -181,7 +181,7 @@ def stalled_rank(rank, world, stall_s):
     clip = split(x, (3, 3), rank)
     if rank == 1:
         # Join the step's agreement, then stall before the first exchange.
-        model.vinf_engine.comm.agree((None, (3, 2, 4, 8, 8, 0, (10.0, 10.0)), 0.0))
+        model.vinf_engine.comm.agree((None, (3, 2, 4, 8, 8, 0, (10.0, 10.0), False), 0.0))
         time.sleep(stall_s)
         return "stalled"
     t0 = time.time()
