@@ -59,6 +59,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .vae_tiles import blend_tile_grid
+
 __all__ = ["decode_plan", "needed_range", "decode_clip", "decode_work", "video_frames_of"]
 
 
@@ -263,17 +265,8 @@ def _tiled(vae, decode: Callable, z: torch.Tensor) -> torch.Tensor:
         rows.append([decode(z[:, :, :, i:i + vae.tile_latent_min_height,
                               j:j + vae.tile_latent_min_width])
                      for j in range(0, width, overlap_width)])
-    result_rows = []
-    for i, row in enumerate(rows):
-        result_row = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                tile = vae.blend_v(rows[i - 1][j], tile, blend_height)
-            if j > 0:
-                tile = vae.blend_h(row[j - 1], tile, blend_width)
-            result_row.append(tile[:, :, :, :row_limit_height, :row_limit_width])
-        result_rows.append(torch.cat(result_row, dim=-1))
-    return torch.cat(result_rows, dim=-2)
+    return blend_tile_grid(vae, rows, (blend_height, blend_width),
+                           (row_limit_height, row_limit_width))
 
 
 def decode_clip(vae, z: torch.Tensor, *, offset: int, frames: range,

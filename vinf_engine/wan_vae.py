@@ -37,6 +37,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from .vae_tiles import blend_tile_grid
+
 __all__ = ["causal_history", "decode_clip", "video_frames_of", "history_range", "temporal_factor",
            "warmup_cost", "encoder_history", "encode_history_range", "encode_clip"]
 
@@ -480,17 +482,8 @@ def _blend_tiles(vae, rows, height: int, width: int) -> torch.Tensor:
     else:
         blend_h = vae.tile_sample_min_height - stride_h
         blend_w = vae.tile_sample_min_width - stride_w
-    result_rows = []
-    for i, row in enumerate(rows):
-        result_row = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                tile = vae.blend_v(rows[i - 1][j], tile, blend_h)
-            if j > 0:
-                tile = vae.blend_h(row[j - 1], tile, blend_w)
-            result_row.append(tile[:, :, :, :stride_h, :stride_w])
-        result_rows.append(torch.cat(result_row, dim=-1))
-    return torch.cat(result_rows, dim=3)[:, :, :, :sample_h, :sample_w]
+    joined = blend_tile_grid(vae, rows, (blend_h, blend_w), (stride_h, stride_w))
+    return joined[:, :, :, :sample_h, :sample_w]
 
 
 # -- encoding ------------------------------------------------------------------------------------
