@@ -22,7 +22,7 @@ import os
 
 from .base import component_dirs_problem, load_component, load_scheduler, load_transformers, read_json
 from .wan import WanPipelines
-from .wan_image import takes_mask
+from .wan_image import load_clip, takes_mask
 
 __all__ = ["SkyReelsV2Pipelines"]
 
@@ -98,7 +98,7 @@ class SkyReelsV2Pipelines(WanPipelines):
         cls = SkyReelsV2Pipeline
         if info["clip"]:
             from diffusers import SkyReelsV2ImageToVideoPipeline as cls
-            parts.update(_load_clip(info["index"], path, dtype))
+            parts.update(load_clip(info["index"], path, dtype))
         pipe = cls(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
@@ -126,24 +126,3 @@ class SkyReelsV2Pipelines(WanPipelines):
         return ["SkyReels-V2 text-to-video takes no image or video to extend: holding clean "
                 "frames needs a timestep per token, which its transformer does not take "
                 "(only per latent frame, for diffusion forcing)"]
-
-
-def _load_clip(index: dict, path: str, dtype) -> dict:
-    """The CLIP image encoder and processor of an image-to-video folder, of the classes its
-    index names (SkyReels' pipeline takes a ``CLIPVisionModelWithProjection`` and a
-    ``CLIPProcessor``; any class with the same call works)."""
-    import transformers
-    from ..errors import GenerationError
-    from .base import load_error
-    out = {}
-    for name in ("image_encoder", "image_processor"):
-        cls = getattr(transformers, index[name][1], None)
-        if cls is None:
-            raise GenerationError(f"{name} class {index[name][1]!r} is not in transformers")
-        kw = dict(dtype=dtype) if name == "image_encoder" else {}
-        try:
-            obj = cls.from_pretrained(os.path.join(path, name), local_files_only=True, **kw)
-        except Exception as e:  # noqa: BLE001 - transformers raises many types
-            raise GenerationError(f"cannot load {name} from {path!r}: {load_error(e)}") from None
-        out[name] = obj.eval() if name == "image_encoder" else obj
-    return out

@@ -106,7 +106,7 @@ class WanPipelines(PipelineFamily):
         if info["pipeline"] == "WanImageToVideoPipeline":
             from diffusers import WanImageToVideoPipeline as cls
             if info.get("clip"):
-                parts.update(load_clip(path, dtype))
+                parts.update(load_clip(mi, path, dtype))
         pipe = cls(**parts, boundary_ratio=mi.get("boundary_ratio"),
                    expand_timesteps=bool(mi.get("expand_timesteps", False)))
         pipe.set_progress_bar_config(disable=True)

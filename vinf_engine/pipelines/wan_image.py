@@ -25,14 +25,19 @@ def takes_mask(pipe) -> bool:
     return pipe.transformer.config.in_channels == 2 * z + pipe.vae_scale_factor_temporal
 
 
-def load_clip(path: str, dtype) -> dict:
-    """The CLIP image encoder and processor of a Wan 2.1 image-to-video folder."""
+def load_clip(index: dict, path: str, dtype) -> dict:
+    """The CLIP image encoder and processor of an image-to-video folder, of the classes its
+    index names (Wan 2.1 I2V: ``CLIPVisionModel``, ``CLIPImageProcessor``; SkyReels-V2:
+    ``CLIPVisionModelWithProjection``, ``CLIPProcessor``; any class with the same call works)."""
     import transformers
     from ..errors import GenerationError
     from .base import load_error
     out = {}
-    for name, cls, kw in (("image_encoder", transformers.CLIPVisionModel, dict(dtype=dtype)),
-                          ("image_processor", transformers.CLIPImageProcessor, {})):
+    for name in ("image_encoder", "image_processor"):
+        cls = getattr(transformers, index[name][1], None)
+        if cls is None:
+            raise GenerationError(f"{name} class {index[name][1]!r} is not in transformers")
+        kw = dict(dtype=dtype) if name == "image_encoder" else {}
         try:
             obj = cls.from_pretrained(os.path.join(path, name), local_files_only=True, **kw)
         except Exception as e:  # noqa: BLE001 - transformers raises many types
