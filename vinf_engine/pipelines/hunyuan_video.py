@@ -202,12 +202,19 @@ class HunyuanVideoPipelines(PipelineFamily):
                     "(HunyuanVideoPipeline's true_cfg_scale) is not supported"]
         return []
 
+    def size(self, s, pipe) -> tuple[int, int]:
+        """The video's (height, width): the run's, else the pipeline's default."""
+        return s.height or DEFAULT_HW[0], s.width or DEFAULT_HW[1]
+
+    def latent_channels(self, pipe) -> int:
+        return pipe.transformer.config.in_channels
+
     def plan(self, s, pipe) -> VideoPlan:
         kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        H, W = s.height or DEFAULT_HW[0], s.width or DEFAULT_HW[1]
+        H, W = self.size(s, pipe)
         n = s.video_frames
         L = (n - 1) // kt + 1
-        shape = (1, pipe.transformer.config.in_channels, L, H // ks, W // ks)
+        shape = (1, self.latent_channels(pipe), L, H // ks, W // ks)
         return VideoPlan(frames=n, latent_frames=L, shape=shape, height=H, width=W,
                          scene_starts=(0,), temporal=kt)
 

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .base import Conditioning, VideoPlan
+from .base import Conditioning
 from .hunyuan_video import HunyuanVideoPipelines
 
 __all__ = ["HunyuanVideo15Pipelines"]
@@ -104,20 +104,17 @@ class HunyuanVideo15Pipelines(HunyuanVideoPipelines):
                      "default size for its target_size)")
         return p
 
-    def plan(self, s, pipe) -> VideoPlan:
-        kt, ks = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    def size(self, s, pipe) -> tuple[int, int]:
         if s.height is None:
             # HunyuanVideo15Pipeline.__call__'s default: the bucket of its target size
             # closest to 16:9
-            H, W = pipe.video_processor.calculate_default_height_width(
+            return pipe.video_processor.calculate_default_height_width(
                 pipe.default_aspect_ratio[1], pipe.default_aspect_ratio[0], pipe.target_size)
-        else:
-            H, W = s.height, s.width
-        n = s.video_frames
-        L = (n - 1) // kt + 1
-        shape = (1, pipe.vae.config.latent_channels, L, H // ks, W // ks)
-        return VideoPlan(frames=n, latent_frames=L, shape=shape, height=H, width=W,
-                         scene_starts=(0,), temporal=kt)
+        return s.height, s.width
+
+    def latent_channels(self, pipe) -> int:
+        # the transformer's input also holds the condition channels the family fills with zeros
+        return pipe.vae.config.latent_channels
 
     def encode(self, pipe, s, plan, frames: range, device, visual=None):
         return _Conditioning(pipe, s, device)
