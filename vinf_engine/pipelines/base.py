@@ -132,8 +132,9 @@ class PipelineFamily(ABC):
     def prefix_frames(self, pipe, visual, plan):
         """The extended video's frames at the run's size, (P, H, W, 3) uint8, as the model
         sees them (the family's own resize), written before the new ones. A family that
-        takes no video to extend never gets here: ``check_visual`` refused it."""
-        raise NotImplementedError(f"{self.name} pipelines take no images or video to extend")
+        takes no video to extend never gets here: ``check_visual`` refused it; called anyway,
+        it refuses the same way."""
+        raise GenerationError(f"{self.name} pipelines take no images or video to extend")
 
     def text_limit(self, pipe) -> int:
         """Tokens of the text encoder's input; longer prompts are cut to it."""
